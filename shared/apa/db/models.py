@@ -1,0 +1,309 @@
+"""Registry schema (SQLAlchemy 2.0 typed models). The schema only changes through `migrations/`.
+
+Tables: `models`, `users`, `samples`, `interactions` (interaction id -> samples holding it),
+`shards`, `adapter_versions`, `erasure_requests`, `erasure_request_shards` (which shards an
+erasure request waits on, and the adapter versions it excluded and got back), `replicas`,
+`audit_log` (append-only, hash chained) and `audit_head` (the chain's last id and hash, so that
+deleting the newest rows is detected too).
+
+Ids: a shard is `<model_id>/<k>` (k = the shard index of the model directory); a sample is
+unique by (model id, sample id) and has an integer surrogate key `samples.id`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+ShardState = Literal["serving", "stale", "retraining"]
+"""serving: its current adapter may be used; stale: its data changed, adapter excluded; retraining:
+stale and a retrain is running."""
+SHARD_STATES: tuple[str, ...] = ("serving", "stale", "retraining")
+
+AdapterState = Literal["serving", "excluded", "retired", "stale"]
+"""serving: the shard's current adapter; excluded: withdrawn because an erasure hit its training
+data; retired: replaced by a newer serving version; stale: registered after newer erasures hit the
+shard (DESIGN §4), never served."""
+ADAPTER_STATES: tuple[str, ...] = ("serving", "excluded", "retired", "stale")
+
+RequestStatus = Literal["received", "excluded", "retraining", "completed"]
+REQUEST_STATUSES: tuple[str, ...] = ("received", "excluded", "retraining", "completed")
+
+Split = Literal["train", "valid", "test"]
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+ID = 128
+"""Length of user, sample, interaction, request, model and replica ids."""
+SHARD_ID = 160
+"""Length of a shard id (`<model_id>/<k>`)."""
+SHA256 = 64
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Now, as an aware UTC datetime (the registry's only clock)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on every backend (SQLite stores naive text; we read it back as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the registry stores aware UTC datetimes only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+BigID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Model(Base):
+    """A trained APA model: one model directory (docs/LAYOUT.md) imported by `apa bootstrap`."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    base_model: Mapped[str | None] = mapped_column(String(512))
+    base_model_digest: Mapped[str | None] = mapped_column(String(128))
+    num_shards: Mapped[int] = mapped_column(Integer)
+    partition_strategy: Mapped[str | None] = mapped_column(String(32))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """model.json as read at bootstrap."""
+    model_dir: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When a whole-user erasure removed all their samples (None: not erased as a whole)."""
+
+
+class Shard(Base):
+    __tablename__ = "shards"
+    __table_args__ = (
+        UniqueConstraint("model_id", "index"),
+        CheckConstraint("state IN ('serving', 'stale', 'retraining')", name="state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(SHARD_ID), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    index: Mapped[int] = mapped_column(Integer)
+    """k: the shard's index in the model directory (shards/<k>/)."""
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    """Bumped by every erasure that removes samples from the shard."""
+    state: Mapped[str] = mapped_column(String(16))
+    retrain_generation: Mapped[int | None] = mapped_column(Integer)
+    """The generation the running retrain started from (None: no retrain running)."""
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Sample(Base):
+    __tablename__ = "samples"
+    __table_args__ = (
+        UniqueConstraint("model_id", "sample_id"),
+        CheckConstraint("split IN ('train', 'valid', 'test')", name="split"),
+        Index("ix_samples_user_id", "user_id"),
+        Index("ix_samples_shard_id", "shard_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    sample_id: Mapped[str] = mapped_column(String(ID))
+    """The sample's id in the model directory (unique across its splits)."""
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    split: Mapped[str] = mapped_column(String(8))
+    shard_id: Mapped[str | None] = mapped_column(ForeignKey("shards.id"))
+    """The train shard holding the sample (None for valid/test samples)."""
+    label: Mapped[int | None] = mapped_column(Integer)
+    content_digest: Mapped[str] = mapped_column(String(SHA256))
+    """sha256 of the canonical JSON of the sample record; kept after erasure as proof."""
+    text: Mapped[str | None] = mapped_column(Text)
+    """The sample record (canonical JSON); deleted (NULL) on erasure."""
+    interaction_ids: Mapped[list[str]] = mapped_column(JSON)
+    """Every interaction the sample contains, history first, the target last."""
+    erased: Mapped[bool] = mapped_column(Boolean, default=False)
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    erasure_request_id: Mapped[str | None] = mapped_column(ForeignKey("erasure_requests.request_id"))
+    """The request that erased the sample."""
+
+
+class Interaction(Base):
+    """Index interaction id -> every sample that contains it (as history or as target)."""
+
+    __tablename__ = "interactions"
+    __table_args__ = (
+        UniqueConstraint("interaction_id", "sample_pk"),
+        CheckConstraint("role IN ('history', 'target')", name="role"),
+        Index("ix_interactions_user_id_interaction_id", "user_id", "interaction_id"),
+        Index("ix_interactions_sample_pk", "sample_pk"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    interaction_id: Mapped[str] = mapped_column(String(ID))
+    sample_pk: Mapped[int] = mapped_column(ForeignKey("samples.id"))
+    """samples.id of the sample holding the interaction."""
+    user_id: Mapped[str] = mapped_column(String(ID))
+    """Owner of the sample (an erasure request only ever reaches its own user's samples)."""
+    role: Mapped[str] = mapped_column(String(8))
+
+
+class AdapterVersion(Base):
+    __tablename__ = "adapter_versions"
+    __table_args__ = (
+        UniqueConstraint("shard_id", "version"),
+        CheckConstraint("state IN ('serving', 'excluded', 'retired', 'stale')", name="state"),
+        Index("ix_adapter_versions_state", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    shard_id: Mapped[str] = mapped_column(ForeignKey("shards.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    """The manifest's version (1, +1 per retrain)."""
+    artifact_uri: Mapped[str] = mapped_column(Text)
+    adapter_sha256: Mapped[str | None] = mapped_column(String(SHA256))
+    """sha256 of adapter_model.safetensors; None for a shard left without samples (no adapter:
+    inference gives it weight 0)."""
+    manifest_digest: Mapped[str] = mapped_column(String(SHA256))
+    """sha256 of the canonical JSON of `manifest`."""
+    sample_digest: Mapped[str] = mapped_column(String(SHA256))
+    """sha256 of the sorted training sample ids joined by newlines."""
+    num_samples: Mapped[int] = mapped_column(Integer)
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The full training manifest, training sample ids included (checked by `apa audit verify`)."""
+    trained_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_generation: Mapped[int] = mapped_column(Integer)
+    """The shard generation the training data was taken at."""
+    state: Mapped[str] = mapped_column(String(16))
+    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    excluded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ErasureRequest(Base):
+    __tablename__ = "erasure_requests"
+    __table_args__ = (
+        CheckConstraint("status IN ('received', 'excluded', 'retraining', 'completed')", name="status"),
+        CheckConstraint("scope IN ('user', 'interactions')", name="scope"),
+        Index("ix_erasure_requests_user_id", "user_id"),
+        Index("ix_erasure_requests_status", "status"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    scope: Mapped[str] = mapped_column(String(16))
+    interactions: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    status: Mapped[str] = mapped_column(String(16))
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    excluded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When the request's samples were erased and every adapter trained on them was excluded."""
+    retraining_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When every affected shard had a retrained adapter serving again."""
+    replicas_confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When every live inference replica reported a loaded set without an excluded adapter."""
+    samples_erased: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ErasureRequestShard(Base):
+    """A shard an erasure request affected: the version it excluded and the one that replaced it."""
+
+    __tablename__ = "erasure_request_shards"
+    __table_args__ = (Index("ix_erasure_request_shards_shard_id", "shard_id"),)
+
+    request_id: Mapped[str] = mapped_column(ForeignKey("erasure_requests.request_id"), primary_key=True)
+    shard_id: Mapped[str] = mapped_column(ForeignKey("shards.id"), primary_key=True)
+    excluded_version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
+    retrained_version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
+    retrained_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Replica(Base):
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    model_id: Mapped[str | None] = mapped_column(String(ID))
+    loaded: Mapped[dict[str, int]] = mapped_column(JSON)
+    """Adapter versions the replica has loaded: shard id -> version."""
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_heartbeat: Mapped[datetime] = mapped_column(UTCDateTime)
+    loaded_changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class AuditLog(Base):
+    """Append-only, hash-chained: hash = sha256(prev_hash + canonical JSON of the row's content)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (
+        Index("ix_audit_log_request_id", "request_id"),
+        Index("ix_audit_log_user_id", "user_id"),
+        Index("ix_audit_log_shard_id", "shard_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=False)
+    """1, 2, 3, ... without gaps (assigned under the chain lock)."""
+    ts: Mapped[datetime] = mapped_column(UTCDateTime)
+    event_type: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(ID))
+    user_id: Mapped[str | None] = mapped_column(String(ID))
+    shard_id: Mapped[str | None] = mapped_column(String(SHARD_ID))
+    adapter_version_id: Mapped[int | None] = mapped_column(Integer)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(SHA256))
+    hash: Mapped[str] = mapped_column(String(SHA256), unique=True)
+
+
+class AuditHead(Base):
+    """One row (id 1): the id and hash of the newest audit row; also the lock that serialises appends."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_id: Mapped[int] = mapped_column(BigID)
+    last_hash: Mapped[str] = mapped_column(String(SHA256))

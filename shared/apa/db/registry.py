@@ -1,0 +1,828 @@
+"""Registry state transitions (DESIGN.md §4) and the compliance views built on them.
+
+Every function takes a Session and works inside the caller's transaction (it never commits):
+the erasure service commits before acknowledging the Kafka message. Each transition first locks
+the audit chain (`audit.lock_chain`), which serialises all registry writers: an erasure and an
+adapter promotion on the same shard can never interleave. Every state change writes audit rows
+through `audit.append`.
+
+State machines:
+  shard:            serving -> stale (erasure) -> retraining (mark_retraining) -> serving (promotion);
+                    a retraining shard hit by a newer erasure goes back to stale.
+  adapter version:  serving -> excluded (erasure hit its data) | retired (a newer version promoted);
+                    a version registered after newer erasures hit its shard is `stale`, never served.
+  erasure request:  received -> excluded -> retraining -> completed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from apa.db import audit
+from apa.db.models import (
+    AdapterVersion,
+    ErasureRequest,
+    ErasureRequestShard,
+    Interaction,
+    Replica,
+    Sample,
+    Shard,
+    User,
+    utcnow,
+)
+from apa.events import ErasureRequested, parse_timestamp
+
+DEFAULT_REPLICA_LIVE_SECONDS = 60.0
+"""A replica whose last heartbeat is older than this no longer counts as serving."""
+
+
+class RegistryError(Exception):
+    """A registry transition was refused."""
+
+
+class NotFoundError(RegistryError, LookupError):
+    """The named request, user, shard or adapter does not exist."""
+
+
+class ConflictError(RegistryError):
+    """The transition contradicts the registry's state (e.g. a request id reused for another user)."""
+
+
+class ManifestRejected(RegistryError, ValueError):
+    """A training manifest that must not be registered; `field` names the manifest field."""
+
+    def __init__(self, field: str, message: str, sample_ids: Sequence[str] = ()) -> None:
+        super().__init__(f"manifest {field}: {message}")
+        self.field = field
+        self.sample_ids = list(sample_ids)
+
+
+def _begin(session: Session) -> None:
+    """Start a transition: take the chain lock (serialising registry writers), then forget what the
+    session cached before the lock, so every decision reads the newest committed state."""
+    audit.lock_chain(session)
+    session.expire_all()
+
+
+def shard_key(model_id: str, index: int) -> str:
+    """The registry id of shard k of a model: `<model_id>/<k>`."""
+    return f"{model_id}/{index}"
+
+
+def sample_digest(sample_ids: Sequence[str]) -> str:
+    """sha256 of the sorted sample ids joined by newlines (docs/LAYOUT.md `sample_digest`)."""
+    return hashlib.sha256("\n".join(sorted(sample_ids)).encode("utf-8")).hexdigest()
+
+
+# --- erasure ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErasureResult:
+    """What `record_erasure` did."""
+
+    request: ErasureRequest
+    created: bool
+    """False when the request id was already recorded (a redelivery: nothing changed)."""
+    erased_samples: list[str]
+    """`<model_id>/<sample_id>` of the samples this call erased."""
+    stale_shards: list[str]
+    """Shards whose data changed in this call: stale now, to be retrained."""
+
+
+def record_erasure(
+    session: Session,
+    event: ErasureRequested,
+    *,
+    now: datetime | None = None,
+    replica_live_seconds: float = DEFAULT_REPLICA_LIVE_SECONDS,
+) -> ErasureResult:
+    """Record an erasure request and exclude its data, in the caller's (one) transaction.
+
+    Idempotent by request id: a second call with the same id changes nothing and returns the
+    existing request (ConflictError if it names another user or other interactions). Otherwise:
+    erase every sample of the user (whole-user scope) or every sample of the user holding one of
+    the interactions, as history or target, in every split; mark their train shards stale, bump
+    their generation and exclude their serving adapter versions; set the request `excluded`
+    (`completed` at once when no shard is affected).
+    """
+    _begin(session)
+    existing = session.get(ErasureRequest, event.request_id, populate_existing=True)
+    if existing is not None:
+        same_interactions = sorted(existing.interactions or []) == sorted(event.interactions or [])
+        if existing.user_id != event.user_id or existing.scope != event.scope or not same_interactions:
+            raise ConflictError(
+                f"request {event.request_id!r} was already recorded for another user or other interactions"
+            )
+        return ErasureResult(existing, created=False, erased_samples=[], stale_shards=[])
+
+    now = now or utcnow()
+    user = session.get(User, event.user_id)
+    if user is None:
+        user = User(id=event.user_id, registered_at=now)
+        session.add(user)
+        session.flush()  # no ORM relationships: flush parents before children
+    request = ErasureRequest(
+        request_id=event.request_id,
+        user_id=event.user_id,
+        scope=event.scope,
+        interactions=list(event.interactions) if event.interactions is not None else None,
+        status="received",
+        requested_at=parse_timestamp(event.requested_at, "requested_at"),
+        received_at=now,
+        samples_erased=0,
+    )
+    session.add(request)
+    session.flush()
+    audit.append(
+        session,
+        "erasure_received",
+        request_id=request.request_id,
+        user_id=request.user_id,
+        payload={
+            "scope": request.scope,
+            "interactions": request.interactions,
+            "requested_at": event.requested_at,
+        },
+        now=now,
+    )
+
+    matched = _matching_samples(session, event)
+    newly_erased = [s for s in matched if not s.erased]
+    for sample in newly_erased:
+        sample.erased = True
+        sample.erased_at = now
+        sample.text = None
+        sample.erasure_request_id = request.request_id
+    request.samples_erased = len(newly_erased)
+    if event.interactions is None and user.erased_at is None:
+        user.erased_at = now
+    session.flush()
+    audit.append(
+        session,
+        "samples_erased",
+        request_id=request.request_id,
+        user_id=request.user_id,
+        payload={
+            "count": len(newly_erased),
+            "already_erased": len(matched) - len(newly_erased),
+            "samples": [
+                {
+                    "model_id": s.model_id,
+                    "sample_id": s.sample_id,
+                    "split": s.split,
+                    "shard_id": s.shard_id,
+                    "content_digest": s.content_digest,
+                }
+                for s in newly_erased
+            ],
+        },
+        now=now,
+    )
+
+    stale_shards = sorted({s.shard_id for s in newly_erased if s.shard_id is not None})
+    excluded_by_shard: dict[str, int | None] = {}
+    for shard_id in stale_shards:
+        excluded_by_shard[shard_id] = _make_stale(session, shard_id, request, now)
+
+    affected = sorted({s.shard_id for s in matched if s.shard_id is not None})
+    for shard_id in affected:
+        link = ErasureRequestShard(
+            request_id=request.request_id,
+            shard_id=shard_id,
+            excluded_version_id=excluded_by_shard.get(shard_id),
+        )
+        shard = session.get(Shard, shard_id)
+        if shard_id not in excluded_by_shard and shard is not None and shard.state == "serving":
+            # Already-erased samples on a shard that has since been retrained: nothing to wait for.
+            current = _serving_version(session, shard_id)
+            link.retrained_version_id = current.id if current else None
+            link.retrained_at = (current.promoted_at if current else None) or now
+        session.add(link)
+    session.flush()
+
+    request.status = "excluded"
+    request.excluded_at = now
+    audit.append(
+        session,
+        "erasure_excluded",
+        request_id=request.request_id,
+        user_id=request.user_id,
+        payload={
+            "affected_shards": affected,
+            "stale_shards": stale_shards,
+            "samples_erased": len(newly_erased),
+        },
+        now=now,
+    )
+    _advance_request(session, request, now)
+    _confirm_replicas(session, now, replica_live_seconds, [request])
+    return ErasureResult(
+        request,
+        created=True,
+        erased_samples=[f"{s.model_id}/{s.sample_id}" for s in newly_erased],
+        stale_shards=stale_shards,
+    )
+
+
+def _matching_samples(session: Session, event: ErasureRequested) -> list[Sample]:
+    """The user's samples the request reaches (never another user's)."""
+    query = select(Sample).where(Sample.user_id == event.user_id)
+    if event.interactions is not None:
+        holding = select(Interaction.sample_pk).where(
+            Interaction.user_id == event.user_id, Interaction.interaction_id.in_(event.interactions)
+        )
+        query = query.where(Sample.id.in_(holding))
+    return list(session.scalars(query.order_by(Sample.id)))
+
+
+def _make_stale(session: Session, shard_id: str, request: ErasureRequest, now: datetime) -> int | None:
+    """Shard data changed: stale, next generation, serving adapter excluded. Returns its id."""
+    shard = session.get(Shard, shard_id, populate_existing=True)
+    if shard is None:  # pragma: no cover - foreign key
+        raise NotFoundError(f"shard {shard_id!r}")
+    previous = shard.state
+    shard.state = "stale"
+    shard.generation += 1
+    shard.updated_at = now
+    excluded = _serving_version(session, shard_id)
+    if excluded is not None:
+        excluded.state = "excluded"
+        excluded.excluded_at = now
+    session.flush()
+    audit.append(
+        session,
+        "shard_stale",
+        request_id=request.request_id,
+        user_id=request.user_id,
+        shard_id=shard_id,
+        adapter_version_id=excluded.id if excluded else None,
+        payload={
+            "previous_state": previous,
+            "generation": shard.generation,
+            "excluded_version": excluded.version if excluded else None,
+        },
+        now=now,
+    )
+    return excluded.id if excluded else None
+
+
+def _serving_version(session: Session, shard_id: str) -> AdapterVersion | None:
+    return session.scalars(
+        select(AdapterVersion).where(AdapterVersion.shard_id == shard_id, AdapterVersion.state == "serving")
+    ).first()
+
+
+def _advance_request(session: Session, request: ErasureRequest, now: datetime) -> None:
+    """Move an excluded/retraining request on: retraining when one of its pending shards retrains,
+    completed when none is pending."""
+    if request.status == "completed":
+        return
+    pending = list(
+        session.scalars(
+            select(Shard)
+            .join(ErasureRequestShard, ErasureRequestShard.shard_id == Shard.id)
+            .where(
+                ErasureRequestShard.request_id == request.request_id,
+                ErasureRequestShard.retrained_version_id.is_(None),
+            )
+        )
+    )
+    if not pending:
+        request.status = "completed"
+        request.completed_at = now
+        audit.append(
+            session,
+            "erasure_completed",
+            request_id=request.request_id,
+            user_id=request.user_id,
+            payload={},
+            now=now,
+        )
+    elif request.status == "excluded" and any(s.state == "retraining" for s in pending):
+        request.status = "retraining"
+        request.retraining_at = now
+        audit.append(
+            session,
+            "erasure_retraining",
+            request_id=request.request_id,
+            user_id=request.user_id,
+            payload={"retraining_shards": sorted(s.id for s in pending if s.state == "retraining")},
+            now=now,
+        )
+    session.flush()
+
+
+# --- retraining ------------------------------------------------------------------------------------
+
+
+def mark_retraining(session: Session, shard_id: str, *, now: datetime | None = None) -> int:
+    """A retrain of a stale shard starts. Returns the shard generation it trains on: pass it to
+    `register_adapter_version(started_generation=...)` so a result overtaken by newer erasures is
+    not promoted. ConflictError if the shard is serving (nothing to retrain)."""
+    _begin(session)
+    now = now or utcnow()
+    shard = session.get(Shard, shard_id, populate_existing=True)
+    if shard is None:
+        raise NotFoundError(f"shard {shard_id!r}")
+    if shard.state == "serving":
+        raise ConflictError(f"shard {shard_id!r} is serving; only a stale shard is retrained")
+    shard.state = "retraining"
+    shard.retrain_generation = shard.generation
+    shard.updated_at = now
+    session.flush()
+    audit.append(
+        session, "shard_retraining", shard_id=shard_id, payload={"generation": shard.generation}, now=now
+    )
+    for request in _open_requests_waiting_on(session, shard_id):
+        _advance_request(session, request, now)
+    return shard.generation
+
+
+def _open_requests_waiting_on(session: Session, shard_id: str) -> list[ErasureRequest]:
+    return list(
+        session.scalars(
+            select(ErasureRequest)
+            .join(ErasureRequestShard, ErasureRequestShard.request_id == ErasureRequest.request_id)
+            .where(
+                ErasureRequestShard.shard_id == shard_id,
+                ErasureRequestShard.retrained_version_id.is_(None),
+                ErasureRequest.status.in_(("excluded", "retraining")),
+            )
+            .order_by(ErasureRequest.received_at, ErasureRequest.request_id)
+        )
+    )
+
+
+def _validate_manifest(shard: Shard, manifest: Mapping[str, Any]) -> tuple[int, list[str], str | None]:
+    """(version, sample ids, adapter sha256) of a well-formed manifest; ManifestRejected otherwise.
+    A shard whose every sample was erased has a manifest without samples and without adapter."""
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ManifestRejected("version", "must be an integer >= 1")
+    sample_ids = manifest.get("sample_ids")
+    if not isinstance(sample_ids, list) or not all(isinstance(i, str) for i in sample_ids):
+        raise ManifestRejected("sample_ids", "must be a list of sample ids")
+    if len(set(sample_ids)) != len(sample_ids):
+        raise ManifestRejected("sample_ids", "contains duplicates")
+    sha = manifest.get("adapter_sha256")
+    if sha is None:
+        if sample_ids:
+            raise ManifestRejected("adapter_sha256", "is required when the manifest has samples")
+    elif not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ManifestRejected("adapter_sha256", "must be a lowercase hex sha256")
+    if "shard_id" in manifest and manifest["shard_id"] not in (shard.index, shard.id, str(shard.index)):
+        raise ManifestRejected("shard_id", f"is {manifest['shard_id']!r}, not shard {shard.id!r}")
+    if "sample_digest" in manifest and manifest["sample_digest"] != sample_digest(sample_ids):
+        raise ManifestRejected("sample_digest", "does not match the sorted sample ids")
+    if manifest.get("trained_at") is not None:
+        try:
+            parse_timestamp(manifest["trained_at"], "trained_at")
+        except ValueError:
+            raise ManifestRejected("trained_at", "must be an ISO-8601 timestamp") from None
+    return version, sample_ids, sha
+
+
+def register_adapter_version(
+    session: Session,
+    shard_id: str,
+    manifest: Mapping[str, Any],
+    artifact_uri: str,
+    *,
+    started_generation: int | None = None,
+    now: datetime | None = None,
+) -> AdapterVersion:
+    """Register a trained adapter of a shard and promote it to serving when it is current.
+
+    Refuses (ManifestRejected) a manifest holding an erased sample, or a sample that is not the
+    shard's. The version is promoted only when the shard's generation still equals the one its
+    training data was taken at (`started_generation`, default: the generation `mark_retraining`
+    recorded); otherwise it is registered in state `stale` and the shard stays stale (DESIGN §4:
+    a retrain that finishes after newer erasures is not promoted). Promotion sets the shard
+    serving, retires the previous serving version and completes the erasure requests whose shards
+    are all serving again. Registering the same manifest twice returns the existing version.
+    """
+    _begin(session)
+    now = now or utcnow()
+    shard = session.get(Shard, shard_id, populate_existing=True)
+    if shard is None:
+        raise NotFoundError(f"shard {shard_id!r}")
+    version, sample_ids, adapter_sha = _validate_manifest(shard, manifest)
+    manifest_dict = audit.json_roundtrip(dict(manifest))
+    digest = audit.manifest_digest(manifest_dict)
+
+    existing = session.scalars(
+        select(AdapterVersion).where(AdapterVersion.shard_id == shard_id, AdapterVersion.version == version)
+    ).first()
+    if existing is not None:
+        if existing.manifest_digest == digest:
+            return existing
+        raise ConflictError(f"shard {shard_id!r} already has a different version {version}")
+
+    known = {
+        sid: erased
+        for sid, erased in session.execute(
+            select(Sample.sample_id, Sample.erased).where(Sample.shard_id == shard_id)
+        )
+    }
+    unknown = sorted(i for i in sample_ids if i not in known)
+    if unknown:
+        raise ManifestRejected("sample_ids", f"{len(unknown)} samples are not in shard {shard_id}", unknown)
+    erased = sorted(i for i in sample_ids if known[i])
+    if erased:
+        raise ManifestRejected("sample_ids", f"{len(erased)} samples were erased", erased)
+
+    generation = started_generation
+    if generation is None:
+        generation = shard.retrain_generation if shard.retrain_generation is not None else shard.generation
+    promote = generation == shard.generation
+    trained_at = manifest.get("trained_at")
+    adapter = AdapterVersion(
+        shard_id=shard_id,
+        version=version,
+        artifact_uri=artifact_uri,
+        adapter_sha256=adapter_sha,
+        manifest_digest=digest,
+        sample_digest=sample_digest(sample_ids),
+        num_samples=len(sample_ids),
+        manifest=manifest_dict,
+        trained_at=parse_timestamp(trained_at, "trained_at") if trained_at else None,
+        registered_at=now,
+        started_generation=generation,
+        state="serving" if promote else "stale",
+    )
+    session.add(adapter)
+    session.flush()
+    audit.append(
+        session,
+        "adapter_registered",
+        shard_id=shard_id,
+        adapter_version_id=adapter.id,
+        payload={
+            "version": version,
+            "artifact_uri": artifact_uri,
+            "adapter_sha256": adapter_sha,
+            "manifest_digest": digest,
+            "sample_digest": adapter.sample_digest,
+            "num_samples": len(sample_ids),
+            "started_generation": generation,
+            "shard_generation": shard.generation,
+            "promoted": promote,
+        },
+        now=now,
+    )
+    if promote:
+        _promote(session, shard, adapter, now)
+    return adapter
+
+
+def _promote(session: Session, shard: Shard, adapter: AdapterVersion, now: datetime) -> None:
+    retired = [
+        v
+        for v in session.scalars(
+            select(AdapterVersion).where(
+                AdapterVersion.shard_id == shard.id,
+                AdapterVersion.state == "serving",
+                AdapterVersion.id != adapter.id,
+            )
+        )
+    ]
+    for old in retired:
+        old.state = "retired"
+        old.retired_at = now
+    adapter.state = "serving"
+    adapter.promoted_at = now
+    shard.state = "serving"
+    shard.retrain_generation = None
+    shard.updated_at = now
+    session.flush()
+    audit.append(
+        session,
+        "adapter_promoted",
+        shard_id=shard.id,
+        adapter_version_id=adapter.id,
+        payload={
+            "version": adapter.version,
+            "generation": shard.generation,
+            "retired": [v.version for v in retired],
+        },
+        now=now,
+    )
+    for request in _open_requests_waiting_on(session, shard.id):
+        link = session.get(ErasureRequestShard, (request.request_id, shard.id))
+        assert link is not None
+        link.retrained_version_id = adapter.id
+        link.retrained_at = now
+        session.flush()
+        audit.append(
+            session,
+            "erasure_shard_retrained",
+            request_id=request.request_id,
+            user_id=request.user_id,
+            shard_id=shard.id,
+            adapter_version_id=adapter.id,
+            payload={"version": adapter.version},
+            now=now,
+        )
+        _advance_request(session, request, now)
+
+
+# --- replicas --------------------------------------------------------------------------------------
+
+
+def record_replica_heartbeat(
+    session: Session,
+    replica_id: str,
+    loaded: Mapping[str, int],
+    *,
+    model_id: str | None = None,
+    now: datetime | None = None,
+    live_seconds: float = DEFAULT_REPLICA_LIVE_SECONDS,
+) -> Replica:
+    """An inference replica reports the adapter versions it has loaded (shard id -> version).
+
+    A change of the loaded set is audited. Erasure requests are marked `replicas_confirmed` once
+    no live replica (heartbeat within `live_seconds`) has a non-serving version of one of their
+    shards loaded.
+    """
+    if not isinstance(replica_id, str) or not replica_id:
+        raise ValueError("replica_id must be a non-empty string")
+    clean: dict[str, int] = {}
+    for shard_id, version in loaded.items():
+        if not isinstance(shard_id, str) or not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"loaded: expected shard id -> version number, got {shard_id!r}: {version!r}")
+        clean[shard_id] = version
+    _begin(session)
+    now = now or utcnow()
+    replica = session.get(Replica, replica_id, populate_existing=True)
+    changed = replica is None or replica.loaded != clean or replica.model_id != model_id
+    if replica is None:
+        replica = Replica(
+            id=replica_id, first_seen=now, loaded=clean, loaded_changed_at=now, last_heartbeat=now
+        )
+        session.add(replica)
+    replica.last_heartbeat = now
+    if changed:
+        replica.loaded = clean
+        replica.model_id = model_id
+        replica.loaded_changed_at = now
+        session.flush()
+        audit.append(
+            session,
+            "replica_loaded",
+            payload={"replica_id": replica_id, "model_id": model_id, "loaded": clean},
+            now=now,
+        )
+    session.flush()
+    pending = list(
+        session.scalars(
+            select(ErasureRequest)
+            .where(ErasureRequest.replicas_confirmed_at.is_(None), ErasureRequest.excluded_at.is_not(None))
+            .order_by(ErasureRequest.received_at)
+        )
+    )
+    _confirm_replicas(session, now, live_seconds, pending)
+    return replica
+
+
+def _confirm_replicas(
+    session: Session, now: datetime, live_seconds: float, requests: Sequence[ErasureRequest]
+) -> None:
+    if not requests:
+        return
+    live = list(
+        session.scalars(
+            select(Replica).where(Replica.last_heartbeat >= now - timedelta(seconds=live_seconds))
+        )
+    )
+    serving = {
+        (shard_id, version)
+        for shard_id, version in session.execute(
+            select(AdapterVersion.shard_id, AdapterVersion.version).where(AdapterVersion.state == "serving")
+        )
+    }
+    for request in requests:
+        if request.replicas_confirmed_at is not None or request.excluded_at is None:
+            continue
+        shards = set(
+            session.scalars(
+                select(ErasureRequestShard.shard_id).where(
+                    ErasureRequestShard.request_id == request.request_id
+                )
+            )
+        )
+        holding = [
+            r.id for r in live if any(s in r.loaded and (s, r.loaded[s]) not in serving for s in shards)
+        ]
+        if holding:
+            continue
+        request.replicas_confirmed_at = now
+        session.flush()
+        audit.append(
+            session,
+            "replicas_confirmed",
+            request_id=request.request_id,
+            user_id=request.user_id,
+            payload={"live_replicas": sorted(r.id for r in live), "shards": sorted(shards)},
+            now=now,
+        )
+
+
+# --- queries for services ----------------------------------------------------------------------------
+
+
+def stale_shards(session: Session, model_id: str | None = None) -> list[Shard]:
+    """Shards that are stale or retraining (a restarted service resumes their retrains)."""
+    query = select(Shard).where(Shard.state.in_(("stale", "retraining")))
+    if model_id is not None:
+        query = query.where(Shard.model_id == model_id)
+    return list(session.scalars(query.order_by(Shard.model_id, Shard.index)))
+
+
+def remaining_samples(session: Session, shard_id: str) -> list[Sample]:
+    """The shard's samples that are not erased: what a retrain trains on (sorted by sample id)."""
+    return list(
+        session.scalars(
+            select(Sample)
+            .where(Sample.shard_id == shard_id, Sample.erased.is_(False))
+            .order_by(Sample.sample_id)
+        )
+    )
+
+
+def erased_sample_ids(session: Session, model_id: str) -> set[str]:
+    """Ids of the model's erased samples, every split (valid ones leave the neighbour pool)."""
+    return set(session.scalars(select(Sample.sample_id).where(Sample.model_id == model_id, Sample.erased)))
+
+
+def serving_adapters(session: Session, model_id: str) -> dict[str, AdapterVersion]:
+    """shard id -> its serving adapter version, for the shards of a model that are serving."""
+    rows = session.scalars(
+        select(AdapterVersion)
+        .join(Shard, Shard.id == AdapterVersion.shard_id)
+        .where(Shard.model_id == model_id, Shard.state == "serving", AdapterVersion.state == "serving")
+    )
+    return {v.shard_id: v for v in rows}
+
+
+# --- views (JSON-ready dicts for the API and the CLI) ------------------------------------------------
+
+
+def _iso(ts: datetime | None) -> str | None:
+    return audit.format_ts(ts) if ts is not None else None
+
+
+def shard_view(shard: Shard, serving: AdapterVersion | None = None) -> dict[str, Any]:
+    return {
+        "shard_id": shard.id,
+        "model_id": shard.model_id,
+        "index": shard.index,
+        "state": shard.state,
+        "generation": shard.generation,
+        "retrain_generation": shard.retrain_generation,
+        "serving_version": serving.version if serving else None,
+        "updated_at": _iso(shard.updated_at),
+    }
+
+
+def adapter_view(adapter: AdapterVersion) -> dict[str, Any]:
+    return {
+        "id": adapter.id,
+        "shard_id": adapter.shard_id,
+        "version": adapter.version,
+        "state": adapter.state,
+        "artifact_uri": adapter.artifact_uri,
+        "adapter_sha256": adapter.adapter_sha256,
+        "manifest_digest": adapter.manifest_digest,
+        "sample_digest": adapter.sample_digest,
+        "num_samples": adapter.num_samples,
+        "started_generation": adapter.started_generation,
+        "trained_at": _iso(adapter.trained_at),
+        "registered_at": _iso(adapter.registered_at),
+        "promoted_at": _iso(adapter.promoted_at),
+        "excluded_at": _iso(adapter.excluded_at),
+        "retired_at": _iso(adapter.retired_at),
+    }
+
+
+def _version_ref(session: Session, version_id: int | None) -> dict[str, Any] | None:
+    if version_id is None:
+        return None
+    adapter = session.get(AdapterVersion, version_id)
+    if adapter is None:  # pragma: no cover - foreign key
+        return None
+    return {
+        "id": adapter.id,
+        "shard_id": adapter.shard_id,
+        "version": adapter.version,
+        "state": adapter.state,
+    }
+
+
+def request_view(session: Session, request: ErasureRequest) -> dict[str, Any]:
+    """A request with its timestamps and, per affected shard, the excluded and retrained versions."""
+    links = session.scalars(
+        select(ErasureRequestShard)
+        .where(ErasureRequestShard.request_id == request.request_id)
+        .order_by(ErasureRequestShard.shard_id)
+    )
+    return {
+        "request_id": request.request_id,
+        "user_id": request.user_id,
+        "scope": request.scope,
+        "interactions": request.interactions,
+        "status": request.status,
+        "samples_erased": request.samples_erased,
+        "requested_at": _iso(request.requested_at),
+        "received_at": _iso(request.received_at),
+        "excluded_at": _iso(request.excluded_at),
+        "retraining_at": _iso(request.retraining_at),
+        "completed_at": _iso(request.completed_at),
+        "replicas_confirmed_at": _iso(request.replicas_confirmed_at),
+        "shards": [
+            {
+                "shard_id": link.shard_id,
+                "excluded_version": _version_ref(session, link.excluded_version_id),
+                "retrained_version": _version_ref(session, link.retrained_version_id),
+                "retrained_at": _iso(link.retrained_at),
+            }
+            for link in links
+        ],
+    }
+
+
+def erasure_status(session: Session, request_id: str) -> dict[str, Any]:
+    """A request's status and the timeline of its audit events; NotFoundError if unknown."""
+    request = session.get(ErasureRequest, request_id)
+    if request is None:
+        raise NotFoundError(f"erasure request {request_id!r}")
+    view = request_view(session, request)
+    view["timeline"] = [audit.row_view(r) for r in audit.rows_for(session, request_ids=[request_id])]
+    return view
+
+
+def user_erasure_status(session: Session, user_id: str) -> dict[str, Any]:
+    """For a compliance officer: is the user erased, when was their data excluded from serving,
+    when was every affected shard retrained, which adapter versions were involved. Only this
+    user's requests and audit rows are read. NotFoundError if the registry never heard of them."""
+    user = session.get(User, user_id)
+    requests = list(
+        session.scalars(
+            select(ErasureRequest)
+            .where(ErasureRequest.user_id == user_id)
+            .order_by(ErasureRequest.received_at)
+        )
+    )
+    if user is None and not requests:
+        raise NotFoundError(f"user {user_id!r}")
+    views = [request_view(session, r) for r in requests]
+    held = session.execute(select(Sample.split, Sample.erased).where(Sample.user_id == user_id))
+    counts = {"held": 0, "erased": 0}
+    for _split, erased in held:
+        counts["erased" if erased else "held"] += 1
+    all_excluded = bool(requests) and all(r.excluded_at is not None for r in requests)
+    all_completed = bool(requests) and all(r.completed_at is not None for r in requests)
+    all_confirmed = bool(requests) and all(r.replicas_confirmed_at is not None for r in requests)
+    excluded_versions = {
+        s["excluded_version"]["id"]: s["excluded_version"]
+        for v in views
+        for s in v["shards"]
+        if s["excluded_version"]
+    }
+    retrained_versions = {
+        s["retrained_version"]["id"]: s["retrained_version"]
+        for v in views
+        for s in v["shards"]
+        if s["retrained_version"]
+    }
+    return {
+        "user_id": user_id,
+        "erased": user is not None and user.erased_at is not None,
+        "erased_at": _iso(user.erased_at) if user else None,
+        "samples_held": counts["held"],
+        "samples_erased": counts["erased"],
+        "excluded_from_serving_at": _iso(max(r.excluded_at for r in requests if r.excluded_at))
+        if all_excluded
+        else None,
+        "replicas_confirmed_at": _iso(
+            max(r.replicas_confirmed_at for r in requests if r.replicas_confirmed_at)
+        )
+        if all_confirmed
+        else None,
+        "all_shards_retrained_at": _iso(max(r.completed_at for r in requests if r.completed_at))
+        if all_completed
+        else None,
+        "adapter_versions": {
+            "excluded": [excluded_versions[k] for k in sorted(excluded_versions)],
+            "retrained": [retrained_versions[k] for k in sorted(retrained_versions)],
+        },
+        "requests": views,
+        "timeline": [audit.row_view(r) for r in audit.rows_for(session, user_id=user_id)],
+    }

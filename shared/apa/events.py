@@ -1,0 +1,265 @@
+"""Event schemas and the event bus (Kafka in production, in-process for the demo and tests).
+
+`ErasureRequested` is the JSON schema of topic `apa.erasure-requests` (DESIGN.md §5):
+`{request_id, user_id, interactions?: [...], requested_at}`, keyed by user id. Parsing
+validates and raises `EventValidationError` (a ValueError) naming the bad field, so a consumer
+can send the message to the dead-letter topic with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from apa.settings import Settings
+
+MAX_ID_LENGTH = 128
+"""Longest request, user or interaction id accepted (they are database keys)."""
+
+
+class EventValidationError(ValueError):
+    """A malformed event; `field` names the offending field ("body" for the whole message)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def utc_now_iso() -> str:
+    """The current time as ISO-8601 UTC with an explicit offset."""
+    return datetime.now(UTC).isoformat()
+
+
+def parse_timestamp(value: object, field_name: str) -> datetime:
+    """An ISO-8601 timestamp as an aware UTC datetime (naive input is taken as UTC)."""
+    if not isinstance(value, str) or not value:
+        raise EventValidationError(field_name, "must be an ISO-8601 timestamp string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise EventValidationError(field_name, f"not an ISO-8601 timestamp: {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _check_id(value: object, field_name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise EventValidationError(field_name, "must be a non-empty string")
+    if len(value) > MAX_ID_LENGTH:
+        raise EventValidationError(field_name, f"longer than {MAX_ID_LENGTH} characters")
+    if value != value.strip():
+        raise EventValidationError(field_name, "must not start or end with whitespace")
+    return value
+
+
+@dataclass(frozen=True)
+class ErasureRequested:
+    """A GDPR erasure request: all of a user's data, or only the given interactions of that user."""
+
+    request_id: str
+    """Unique id of the request; processing is idempotent by it."""
+    user_id: str
+    """Whose data to erase (also the Kafka message key)."""
+    interactions: list[str] | None = None
+    """Interaction ids to erase; None erases the whole user."""
+    requested_at: str = field(default_factory=utc_now_iso)
+    """When the account system received the request (ISO-8601)."""
+
+    def __post_init__(self) -> None:
+        _check_id(self.request_id, "request_id")
+        _check_id(self.user_id, "user_id")
+        if self.interactions is not None:
+            if not isinstance(self.interactions, list) or not self.interactions:
+                raise EventValidationError(
+                    "interactions", "must be a non-empty list of ids, or absent to erase the whole user"
+                )
+            for i, interaction in enumerate(self.interactions):
+                _check_id(interaction, f"interactions[{i}]")
+        parse_timestamp(self.requested_at, "requested_at")
+
+    @property
+    def scope(self) -> Literal["user", "interactions"]:
+        """`user` (everything of the user) or `interactions` (only the listed ones)."""
+        return "user" if self.interactions is None else "interactions"
+
+    @property
+    def requested_datetime(self) -> datetime:
+        """`requested_at` as an aware UTC datetime."""
+        return parse_timestamp(self.requested_at, "requested_at")
+
+    @classmethod
+    def create(cls, user_id: str, interactions: list[str] | None = None) -> ErasureRequested:
+        """A new request with a random id, requested now."""
+        return cls(request_id=str(uuid.uuid4()), user_id=user_id, interactions=interactions)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as a JSON-ready dict (`interactions` omitted for a whole-user request)."""
+        out: dict[str, Any] = {"request_id": self.request_id, "user_id": self.user_id}
+        if self.interactions is not None:
+            out["interactions"] = list(self.interactions)
+        out["requested_at"] = self.requested_at
+        return out
+
+    def to_json(self) -> str:
+        """The wire format of topic `apa.erasure-requests`."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: object) -> ErasureRequested:
+        """Validate a decoded message; raises EventValidationError naming the bad field."""
+        if not isinstance(data, Mapping):
+            raise EventValidationError("body", "must be a JSON object")
+        for required in ("request_id", "user_id", "requested_at"):
+            if required not in data:
+                raise EventValidationError(required, "is required")
+        interactions = data.get("interactions")
+        if interactions is not None and not isinstance(interactions, list):
+            raise EventValidationError("interactions", "must be a list of ids")
+        return cls(
+            request_id=data["request_id"],
+            user_id=data["user_id"],
+            interactions=list(interactions) if interactions is not None else None,
+            requested_at=data["requested_at"],
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes | bytearray) -> ErasureRequested:
+        """Parse and validate the wire format; raises EventValidationError naming the bad field."""
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EventValidationError("body", f"not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class ShardEvent:
+    """A shard state change on topic `apa.shard-events` (keyed by shard id)."""
+
+    shard_id: str
+    """Registry shard id (`<model_id>/<k>`)."""
+    state: Literal["stale", "retraining", "serving"]
+    """The shard's new state; `serving` means a retrained adapter is ready to load."""
+    generation: int
+    """The shard's data generation (bumped by every erasure that touches it)."""
+    adapter_version: int | None = None
+    """The serving adapter version when `state` is `serving`."""
+    at: str = field(default_factory=utc_now_iso)
+    """When the change happened (ISO-8601)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shard_id": self.shard_id,
+            "state": self.state,
+            "generation": self.generation,
+            "adapter_version": self.adapter_version,
+            "at": self.at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> ShardEvent:
+        """Validate a decoded message; raises EventValidationError naming the bad field."""
+        if not isinstance(data, Mapping):
+            raise EventValidationError("body", "must be a JSON object")
+        shard_id = _check_id(data.get("shard_id"), "shard_id")
+        state = data.get("state")
+        if state not in ("stale", "retraining", "serving"):
+            raise EventValidationError("state", "must be one of stale, retraining, serving")
+        generation = data.get("generation")
+        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+            raise EventValidationError("generation", "must be a non-negative integer")
+        version = data.get("adapter_version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise EventValidationError("adapter_version", "must be an integer or null")
+        at = data.get("at", utc_now_iso())
+        parse_timestamp(at, "at")
+        return cls(shard_id=shard_id, state=state, generation=generation, adapter_version=version, at=at)
+
+
+@runtime_checkable
+class EventBus(Protocol):
+    """Publishes JSON events; Kafka in production, in-process for the demo and tests."""
+
+    def publish(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        """Publish `value` (a JSON-ready dict) on `topic` with partition key `key`; returns once
+        the broker has acknowledged it."""
+        ...
+
+
+Handler = Callable[[str, str, dict[str, Any]], None]
+"""A subscriber of the in-memory bus: called with (topic, key, value)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One published event, as the in-memory bus keeps it."""
+
+    topic: str
+    key: str
+    value: dict[str, Any]
+
+
+class InMemoryEventBus:
+    """An in-process bus: keeps every message and calls subscribers synchronously on publish."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._messages: list[Message] = []
+        self._subscribers: dict[str, list[Handler]] = {}
+
+    def publish(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        value = json.loads(json.dumps(value))  # same guarantees as the wire: JSON only, a copy
+        with self._lock:
+            self._messages.append(Message(topic, key, value))
+            handlers = list(self._subscribers.get(topic, ()))
+        for handler in handlers:
+            handler(topic, key, value)
+
+    def subscribe(self, topic: str, handler: Handler) -> None:
+        """Call `handler(topic, key, value)` for every later message on `topic`."""
+        with self._lock:
+            self._subscribers.setdefault(topic, []).append(handler)
+
+    def messages(self, topic: str | None = None) -> list[Message]:
+        """Messages published so far, oldest first (all topics when `topic` is None)."""
+        with self._lock:
+            return [m for m in self._messages if topic is None or m.topic == topic]
+
+
+class KafkaEventBus:
+    """Publishes to Kafka with kafka-python: acks from all in-sync replicas, key = the given key
+    (the user id for erasure events, so one user's events stay ordered on one partition)."""
+
+    def __init__(self, bootstrap_servers: str, *, timeout_s: float = 30.0, **producer_kwargs: Any) -> None:
+        from kafka import KafkaProducer
+
+        self.timeout_s = timeout_s
+        self._producer = KafkaProducer(
+            bootstrap_servers=[s.strip() for s in bootstrap_servers.split(",") if s.strip()],
+            acks="all",
+            retries=5,
+            key_serializer=lambda k: k.encode("utf-8"),
+            value_serializer=lambda v: json.dumps(v, sort_keys=True).encode("utf-8"),
+            **producer_kwargs,
+        )
+
+    def publish(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        self._producer.send(topic, key=key, value=value).get(timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self._producer.flush(timeout=self.timeout_s)
+        self._producer.close(timeout=self.timeout_s)
+
+
+def build_event_bus(settings: Settings) -> EventBus:
+    """Kafka when `APA_KAFKA_BOOTSTRAP` is set, else a fresh in-process bus."""
+    if settings.kafka_bootstrap:
+        return KafkaEventBus(settings.kafka_bootstrap)
+    return InMemoryEventBus()

@@ -1,0 +1,116 @@
+"""Service settings from `APA_*` environment variables: the one place that reads the environment.
+
+Every field of `Settings` is read from the variable `APA_<FIELD NAME IN UPPER CASE>`
+(`database_url` <- `APA_DATABASE_URL`). Services, the CLI and the migrations take a `Settings`
+object; nothing else in the code base looks at `os.environ`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "APA_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration shared by the registry, erasure, trainer and inference services."""
+
+    database_url: str = "sqlite:///./apa.db"
+    """SQLAlchemy URL of the registry database (Postgres in production, SQLite embedded)."""
+    api_token: str | None = None
+    """Bearer token every HTTP API requires (except health probes)."""
+    allow_unauthenticated: bool = False
+    """Dev mode only: let the HTTP APIs start without `api_token` and skip authentication."""
+    kafka_bootstrap: str | None = None
+    """Kafka bootstrap servers (`host:port,...`); unset means the in-process event bus."""
+    erasure_topic: str = "apa.erasure-requests"
+    """Topic of `ErasureRequested` events, keyed by user id."""
+    shard_events_topic: str = "apa.shard-events"
+    """Topic of shard state changes (stale / ready)."""
+    dead_letter_topic: str = "apa.erasure-requests.dlq"
+    """Where malformed erasure events go, with the reason."""
+    erasure_consumer_group: str = "apa-erasure"
+    """Kafka consumer group of the erasure service."""
+    celery_broker: str | None = None
+    """Celery broker URL (redis://, amqp://); unset means tasks run eagerly in-process."""
+    celery_result_backend: str | None = None
+    """Celery result backend URL; unset means none."""
+    artifact_root: str = "./artifacts"
+    """Root of the adapter artifact store (a shared volume path)."""
+    model_dir: str | None = None
+    """Model directory (docs/LAYOUT.md) the services serve and retrain."""
+    model_id: str | None = None
+    """Registry id of the served model; default: the model directory's name."""
+    registry_url: str = "http://127.0.0.1:8000"
+    """Base URL of the registry HTTP API (replicas report their loaded adapters there)."""
+    replica_id: str | None = None
+    """This inference replica's id; default: host name and process id."""
+    replica_live_seconds: float = 60.0
+    """A replica whose last heartbeat is older than this no longer counts as serving."""
+    migrations_dir: str | None = None
+    """Alembic `migrations/` directory; default: the one next to the installed `apa` sources."""
+    log_level: str = "INFO"
+    """Python logging level of the services."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `APA_*` variables of `environ` (default: the process environment).
+
+        Keyword `overrides` win over the environment. Raises ValueError naming the variable
+        when a value cannot be parsed.
+        """
+        env = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            var = ENV_PREFIX + field.name.upper()
+            if var in env:
+                values[field.name] = _parse(var, env[var], hints[field.name])
+        values.update(overrides)
+        return cls(**values)
+
+    def require_api_token(self) -> str | None:
+        """The API token; raises ValueError when there is none and dev mode is not allowed."""
+        if self.api_token:
+            return self.api_token
+        if self.allow_unauthenticated:
+            return None
+        raise ValueError(
+            f"{ENV_PREFIX}API_TOKEN is not set; set it, or set {ENV_PREFIX}ALLOW_UNAUTHENTICATED=1 "
+            "for local development"
+        )
+
+
+def _parse(var: str, raw: str, hint: Any) -> Any:
+    """Convert the text of variable `var` to the field type `hint`."""
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    if optional and raw.strip() == "":
+        return None
+    try:
+        if hint is bool:
+            lowered = raw.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"{var}={raw!r}: {exc}") from exc

@@ -1,0 +1,354 @@
+"""The registry HTTP API through Flask's test client: auth, validation, compliance views, OpenAPI."""
+
+# ruff: noqa: F811 - pytest fixtures imported from db_fixtures are redefined as test arguments
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy.engine import Engine
+
+from apa.db import registry
+from apa.db.bootstrap import bootstrap
+from apa.db.session import downgrade, make_engine, session_scope
+from apa.events import ErasureRequested, InMemoryEventBus
+from apa.settings import Settings
+from db_fixtures import (  # noqa: F401 - fixtures
+    MODEL_ID,
+    fake_model_template,
+    make_manifest,
+    migrated_sqlite_template,
+    model_dir,
+    pg_engine,
+    pg_url,
+    shard_id,
+    sqlite_copy,
+)
+from services.registry.app import create_app
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _settings(engine: Engine, **overrides: Any) -> Settings:
+    return Settings(
+        database_url=engine.url.render_as_string(hide_password=False), api_token=TOKEN, **overrides
+    )
+
+
+@pytest.fixture()
+def bus() -> InMemoryEventBus:
+    return InMemoryEventBus()
+
+
+@pytest.fixture(scope="module")
+def registry_template(
+    migrated_sqlite_template: Path,
+    fake_model_template: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """The fake model bootstrapped; alice and bob erased (alice completed, bob still pending)."""
+    path = tmp_path_factory.mktemp("registry") / "registry.db"
+    engine = sqlite_copy(migrated_sqlite_template, path)
+    with session_scope(engine) as session:
+        bootstrap(session, fake_model_template, model_id=MODEL_ID)
+        registry.record_erasure(session, ErasureRequested("req-alice", "alice", ["alice:1"]))
+        registry.record_erasure(session, ErasureRequested("req-bob", "bob"))
+    with session_scope(engine) as session:
+        generation = registry.mark_retraining(session, shard_id(0))
+        registry.register_adapter_version(
+            session,
+            shard_id(0),
+            make_manifest(0, ["t-c1"], version=2),
+            "file:///v2",
+            started_generation=generation,
+        )
+    engine.dispose()
+    return path
+
+
+@pytest.fixture()
+def registry_db(registry_template: Path, tmp_path: Path) -> Iterator[Engine]:
+    """A private copy of the registry template database."""
+    engine = sqlite_copy(registry_template, tmp_path / "registry.db")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture()
+def app(registry_db: Engine, bus: InMemoryEventBus) -> Flask:
+    return create_app(_settings(registry_db), engine=registry_db, event_bus=bus)
+
+
+@pytest.fixture()
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def _openapi_paths(app: Flask) -> set[tuple[str, str]]:
+    routes = set()
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:  # type: ignore[operator]
+            routes.add((path, method.lower()))
+    return routes
+
+
+# --- auth --------------------------------------------------------------------------------------------
+
+
+def test_every_endpoint_but_health_requires_the_bearer_token(app: Flask, client: FlaskClient) -> None:
+    for path, method in _openapi_paths(app):
+        url = (
+            path.replace("{request_id}", "req-alice")
+            .replace("{user_id}", "alice")
+            .replace("{replica_id}", "r1")
+        )
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            response = client.open(url, method=method, headers=headers, json={})
+            if path in ("/healthz", "/readyz"):
+                assert response.status_code == 200, (path, response.json)
+            else:
+                assert response.status_code == 401, (method, path, headers)
+                assert response.json == {"error": "missing or wrong bearer token", "field": "Authorization"}
+                assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_app_refuses_to_start_without_a_token_unless_dev_mode(registry_db: Engine) -> None:
+    with pytest.raises(ValueError, match="APA_API_TOKEN"):
+        create_app(Settings(database_url="sqlite://"), engine=registry_db)
+    dev = create_app(Settings(allow_unauthenticated=True), engine=registry_db)
+    assert dev.test_client().get("/shards").status_code == 200
+
+
+# --- health ------------------------------------------------------------------------------------------
+
+
+def test_readyz_reports_ready_at_head_and_503_when_migrations_are_missing(
+    client: FlaskClient, tmp_path: Path
+) -> None:
+    assert client.get("/healthz").json == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json["status"] == "ready"
+
+    empty = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    unmigrated = create_app(_settings(empty), engine=empty).test_client()
+    response = unmigrated.get("/readyz")
+    assert response.status_code == 503 and "head is" in response.json["reason"]
+    assert unmigrated.get("/healthz").status_code == 200
+    empty.dispose()
+
+
+# --- compliance views --------------------------------------------------------------------------------
+
+
+def test_erasure_status_returns_status_and_audit_timeline(client: FlaskClient) -> None:
+    body = client.get("/erasures/req-alice", headers=AUTH).json
+    assert body["status"] == "completed" and body["user_id"] == "alice"
+    assert [s["shard_id"] for s in body["shards"]] == [shard_id(0)]
+    assert body["shards"][0]["excluded_version"]["version"] == 1
+    assert body["shards"][0]["retrained_version"]["version"] == 2
+    events = [row["event_type"] for row in body["timeline"]]
+    assert events[0] == "erasure_received" and events[-1] == "erasure_completed"
+    assert all(len(row["hash"]) == 64 and row["request_id"] == "req-alice" for row in body["timeline"])
+
+
+def test_unknown_erasure_is_a_404_naming_the_field(client: FlaskClient) -> None:
+    response = client.get("/erasures/nope", headers=AUTH)
+    assert response.status_code == 404 and response.json["field"] == "request_id"
+
+
+def test_user_erasure_status_answers_the_compliance_questions(client: FlaskClient) -> None:
+    alice = client.get("/users/alice/erasure-status", headers=AUTH).json
+    assert alice["erased"] is False  # an interaction erasure, not the whole user
+    assert alice["samples_erased"] == 1 and alice["samples_held"] == 3
+    assert alice["excluded_from_serving_at"] is not None
+    assert alice["all_shards_retrained_at"] is not None
+    assert alice["adapter_versions"]["excluded"][0]["version"] == 1
+    assert alice["adapter_versions"]["retrained"][0]["version"] == 2
+
+    bob = client.get("/users/bob/erasure-status", headers=AUTH).json
+    assert bob["erased"] is True and bob["erased_at"] is not None
+    assert bob["excluded_from_serving_at"] is not None
+    assert bob["all_shards_retrained_at"] is None  # shard 1 still stale
+    assert client.get("/users/nobody/erasure-status", headers=AUTH).status_code == 404
+
+
+def test_user_erasure_status_never_contains_another_users_data(client: FlaskClient) -> None:
+    for user, others in (("alice", ("bob", "carol", "req-bob")), ("bob", ("alice", "carol", "req-alice"))):
+        text = client.get(f"/users/{user}/erasure-status", headers=AUTH).get_data(as_text=True)
+        for other in others:
+            assert other not in text, f"{user}'s status mentions {other}"
+        body = json.loads(text)
+        assert {row["user_id"] for row in body["timeline"]} == {user}
+
+
+def test_audit_is_paged_by_id_with_hashes(client: FlaskClient) -> None:
+    first = client.get("/audit?limit=3", headers=AUTH).json
+    assert [r["id"] for r in first["rows"]] == [1, 2, 3] and first["has_more"] is True
+    second = client.get(f"/audit?since={first['next_since']}&limit=2", headers=AUTH).json
+    assert [r["id"] for r in second["rows"]] == [4, 5]
+    assert second["rows"][0]["prev_hash"] == first["rows"][-1]["hash"]
+    everything = client.get("/audit?limit=1000", headers=AUTH).json
+    assert everything["has_more"] is False and everything["next_since"] == everything["rows"][-1]["id"]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("since=-1", "since"),
+        ("since=abc", "since"),
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=2.5", "limit"),
+    ],
+)
+def test_bad_audit_paging_is_a_400_naming_the_field(client: FlaskClient, query: str, field: str) -> None:
+    response = client.get(f"/audit?{query}", headers=AUTH)
+    assert response.status_code == 400 and response.json["field"] == field
+
+
+def test_shards_and_adapters_are_listed_and_filtered(client: FlaskClient) -> None:
+    shards = client.get("/shards", headers=AUTH).json["shards"]
+    assert [(s["shard_id"], s["state"], s["serving_version"]) for s in shards] == [
+        (shard_id(0), "serving", 2),
+        (shard_id(1), "stale", None),
+    ]
+    stale = client.get("/shards?state=stale", headers=AUTH).json["shards"]
+    assert [s["shard_id"] for s in stale] == [shard_id(1)]
+    adapters = client.get(f"/adapters?shard_id={shard_id(0)}", headers=AUTH).json["adapters"]
+    assert [(a["version"], a["state"]) for a in adapters] == [(1, "excluded"), (2, "serving")]
+    assert all(len(a["adapter_sha256"]) == 64 and len(a["manifest_digest"]) == 64 for a in adapters)
+    assert client.get("/adapters?state=bogus", headers=AUTH).json["field"] == "state"
+    assert client.get("/shards?state=bogus", headers=AUTH).status_code == 400
+
+
+# --- POST /erasures ----------------------------------------------------------------------------------
+
+
+def test_post_erasure_publishes_the_event_keyed_by_user(client: FlaskClient, bus: InMemoryEventBus) -> None:
+    response = client.post("/erasures", headers=AUTH, json={"user_id": "carol", "interactions": ["carol:2"]})
+    assert response.status_code == 202
+    request_id = response.json["request_id"]
+    assert response.headers["Location"] == f"/erasures/{request_id}"
+    [message] = bus.messages("apa.erasure-requests")
+    assert message.key == "carol"
+    event = ErasureRequested.from_dict(message.value)
+    assert (event.request_id, event.user_id, event.interactions) == (request_id, "carol", ["carol:2"])
+
+
+def test_post_erasure_reusing_another_users_request_id_is_a_409(
+    client: FlaskClient, bus: InMemoryEventBus
+) -> None:
+    response = client.post("/erasures", headers=AUTH, json={"user_id": "carol", "request_id": "req-bob"})
+    assert response.status_code == 409 and response.json["field"] == "request_id"
+    assert bus.messages() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "user_id"),
+        ({"user_id": ""}, "user_id"),
+        ({"user_id": 7}, "user_id"),
+        ({"user_id": "u", "interactions": "i1"}, "interactions"),
+        ({"user_id": "u", "interactions": []}, "interactions"),
+        ({"user_id": "u", "interactions": ["ok", 3]}, "interactions[1]"),
+        ({"user_id": "u", "requested_at": "yesterday"}, "requested_at"),
+        ({"user_id": "u", "request_id": "x" * 200}, "request_id"),
+        ({"user_id": "u", "colour": "red"}, "colour"),
+        ([1, 2], "body"),
+    ],
+)
+def test_bad_erasure_input_is_a_400_naming_the_field(
+    client: FlaskClient, bus: InMemoryEventBus, body: Any, field: str
+) -> None:
+    response = client.post("/erasures", headers=AUTH, json=body)
+    assert response.status_code == 400, response.json
+    assert response.json["field"] == field and response.json["error"]
+    assert bus.messages() == []
+
+
+def test_non_json_or_oversized_body_is_a_4xx(client: FlaskClient) -> None:
+    response = client.post("/erasures", headers={**AUTH, "Content-Type": "text/plain"}, data="user_id=u")
+    assert response.status_code == 400 and response.json["field"] == "body"
+    huge = client.post("/erasures", headers=AUTH, json={"user_id": "u", "interactions": ["i" * 100] * 20000})
+    assert huge.status_code == 413 and huge.is_json
+
+
+def test_without_kafka_posted_erasures_are_recorded_in_the_registry(registry_db: Engine) -> None:
+    client = create_app(_settings(registry_db), engine=registry_db).test_client()
+    response = client.post("/erasures", headers=AUTH, json={"user_id": "carol", "request_id": "req-carol"})
+    assert response.status_code == 202
+    status = client.get("/erasures/req-carol", headers=AUTH).json
+    assert status["status"] == "excluded" and status["samples_erased"] == 3
+    again = client.post("/erasures", headers=AUTH, json={"user_id": "carol", "request_id": "req-carol"})
+    assert again.status_code == 202  # idempotent redelivery
+
+
+def test_unreachable_event_bus_is_a_503(registry_db: Engine) -> None:
+    class Down:
+        def publish(self, topic: str, key: str, value: dict[str, Any]) -> None:
+            raise ConnectionError("broker down")
+
+    client = create_app(_settings(registry_db), engine=registry_db, event_bus=Down()).test_client()
+    response = client.post("/erasures", headers=AUTH, json={"user_id": "u"})
+    assert response.status_code == 503 and response.is_json
+
+
+# --- replicas ----------------------------------------------------------------------------------------
+
+
+def test_replica_heartbeat_is_recorded_and_listed(client: FlaskClient) -> None:
+    response = client.post(
+        "/replicas/replica-1/heartbeat", headers=AUTH, json={"loaded": {shard_id(0): 2}, "model_id": MODEL_ID}
+    )
+    assert response.status_code == 200 and response.json["loaded"] == {shard_id(0): 2}
+    listed = client.get("/replicas", headers=AUTH).json["replicas"]
+    assert [r["replica_id"] for r in listed] == ["replica-1"]
+    bad = client.post("/replicas/replica-1/heartbeat", headers=AUTH, json={"loaded": {shard_id(0): "2"}})
+    assert bad.status_code == 400 and bad.json["field"] == "loaded"
+
+
+# --- OpenAPI and errors ------------------------------------------------------------------------------
+
+
+def test_openapi_document_lists_every_route(app: Flask, client: FlaskClient) -> None:
+    doc = client.get("/openapi.json", headers=AUTH).json
+    assert doc["openapi"].startswith("3.")
+    documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
+    assert documented == _openapi_paths(app)
+    for path in ("/healthz", "/readyz"):
+        assert doc["paths"][path]["get"]["security"] == []
+
+
+def test_unknown_route_and_method_are_json_errors(client: FlaskClient) -> None:
+    missing = client.get("/nope", headers=AUTH)
+    assert missing.status_code == 404 and missing.is_json and "error" in missing.json
+    wrong = client.delete("/shards", headers=AUTH)
+    assert wrong.status_code == 405 and wrong.is_json
+
+
+# --- Postgres ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_api_on_postgres_reports_an_erasure_and_readiness(pg_engine: Engine, model_dir: Path) -> None:
+    with session_scope(pg_engine) as session:
+        bootstrap(session, model_dir, model_id=MODEL_ID)
+        registry.record_erasure(session, ErasureRequested("r1", "carol"))
+    client = create_app(_settings(pg_engine), engine=pg_engine, event_bus=InMemoryEventBus()).test_client()
+    assert client.get("/readyz").status_code == 200
+    body = client.get("/erasures/r1", headers=AUTH).json
+    assert body["status"] == "excluded" and body["samples_erased"] == 3
+    downgrade(pg_engine, "base")
+    assert client.get("/readyz").status_code == 503
