@@ -213,3 +213,22 @@ def test_unlearn_refuses_to_finish_if_a_manifest_keeps_an_erased_sample(model_di
     monkeypatch.setattr(training.ModelDir, "save_adapter", leaky_save)
     with pytest.raises(UnlearningError, match="still holds erased"):
         unlearn(root, {splits["train"][0].sample_id}, backbone=bb, progress=False)
+
+
+def test_length_grouped_batches_cover_every_sample_once_and_hold_similar_lengths():
+    from apa.training import _epoch_order
+
+    samples = make_samples(40, seed=4)
+    config = TrainConfig(batch_size=8, micro_batch_size=8, group_by_length=True)
+    order = _epoch_order(samples, config, torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(40))
+    lengths = sorted(len(s.prompt) for s in samples)
+    batches = [order[i : i + 8] for i in range(0, 40, 8)]
+    spans = sorted(
+        max(len(samples[i].prompt) for i in b) - min(len(samples[i].prompt) for i in b) for b in batches
+    )
+    assert spans[-1] <= max(lengths[i + 7] - lengths[i] for i in range(0, 33, 8))
+    plain = _epoch_order(
+        samples, TrainConfig(batch_size=8, micro_batch_size=8), torch.Generator().manual_seed(0)
+    )
+    assert plain != order

@@ -50,6 +50,8 @@ class BackboneConfig:
     """How `embed` pools the prompt's token states: the last token, or the mean over real tokens."""
     embed_layer: int = -1
     """Which hidden layer `embed` reads (-1: the last, after the final norm)."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -160,9 +162,10 @@ class Backbone:
         model_id: str = "custom",
         model_digest: str = "",
     ) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
         self.config = config or BackboneConfig()
+        self.device = resolve_device(self.config.device)
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
         self.model_id = model_id
         self.model_digest = model_digest
         # Pad on the left so that every row's last position is its response position; the
@@ -212,12 +215,16 @@ class Backbone:
             max_length=self.config.max_length,
             add_special_tokens=add_special_tokens,
         )
-        return with_positions(dict(enc))
+        return self.to_device(with_positions(dict(enc)))
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move a batch of tensors to the model's device."""
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast on CPU when configured, else a no-op."""
+        """bf16 autocast (CPU or CUDA) when configured, else a no-op."""
         if self.config.bf16_autocast:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def batches(self, texts: Sequence[str], batch_size: int | None = None) -> Iterator[list[int]]:
@@ -252,7 +259,7 @@ class Backbone:
         out = np.zeros(len(prompts), dtype=np.float64)
         for idx in _progress(list(self.batches(prompts, batch_size)), progress, "score"):
             logits = self.yes_no_logits(net, self.encode([prompts[i] for i in idx]))
-            out[idx] = torch.softmax(logits, dim=-1)[:, 0].double().numpy()
+            out[idx] = torch.softmax(logits, dim=-1)[:, 0].double().cpu().numpy()
         return out
 
     @torch.no_grad()
@@ -271,8 +278,15 @@ class Backbone:
                 mask = batch["attention_mask"].unsqueeze(-1).float()
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             for row, i in enumerate(idx):
-                rows[i] = pooled[row].numpy()
+                rows[i] = pooled[row].cpu().numpy()
         return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def with_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

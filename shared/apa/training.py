@@ -8,7 +8,6 @@ manifests hold an erased sample; "Retraining" (one adapter on everything) is K=1
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from apa.backbone import (
     with_positions,
 )
 from apa.data import Sample, load_splits, write_jsonl
+from apa.data.samples import sample_digest
 from apa.metrics import auc
 from apa.partition import Partition, PartitionConfig, partition
 
@@ -71,6 +71,8 @@ class TrainConfig:
     """Train under bf16 autocast on CPU (loss and Yes/No logits in fp32)."""
     top_layers: int | None = None
     """LoRA only on the top N transformer layers (None: all layers); a speed/quality trade-off."""
+    group_by_length: bool = False
+    """Form each step's batch from samples of similar length (less padding); batch order stays random."""
 
     def __post_init__(self) -> None:
         for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "micro_batch_size"):
@@ -132,7 +134,9 @@ def answer_batch(backbone: Backbone, samples: Sequence[Sample]) -> dict[str, tor
         input_ids[i, width - len(row) :] = torch.tensor(row)
         mask[i, width - len(row) :] = 1
         labels[i, span - len(ans) :] = torch.tensor(ans)
-    return with_positions({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
+    return backbone.to_device(
+        with_positions({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
+    )
 
 
 def answer_loss(backbone: Backbone, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -225,7 +229,7 @@ def train_adapter(
     try:
         for epoch in range(1, config.epochs + 1):
             peft_model.train()
-            order = torch.randperm(len(train), generator=generator).tolist()
+            order = _epoch_order(train, config, generator)
             losses: list[float] = []
             epoch_started = time.perf_counter()
             steps = range(0, len(order), config.batch_size)
@@ -267,10 +271,20 @@ def train_adapter(
     return result
 
 
+def _epoch_order(train: Sequence[Sample], config: TrainConfig, generator: torch.Generator) -> list[int]:
+    """A seeded random order; with `group_by_length`, random batches of length-sorted neighbours."""
+    order = torch.randperm(len(train), generator=generator).tolist()
+    if not config.group_by_length:
+        return order
+    by_length = sorted(order, key=lambda i: len(train[i].prompt))
+    batches = [by_length[i : i + config.batch_size] for i in range(0, len(by_length), config.batch_size)]
+    return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+
+
 def _lora_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
 def _bar(items: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
@@ -282,11 +296,6 @@ def _bar(items: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
 
 
 # -- model directories ---------------------------------------------------------------------------
-
-
-def sample_digest(sample_ids: Iterable[str]) -> str:
-    """sha256 of the sorted sample ids joined by newlines: what a manifest commits to."""
-    return hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()
 
 
 def _now() -> str:
@@ -638,6 +647,7 @@ def train_command(
     model: str = "embedded",
     bf16: bool = True,
     top_layers: int | None = None,
+    group_by_length: bool = False,
     evaluate: bool = True,
 ) -> int:
     """Partition the training split, train one LoRA adapter per shard, print test AUC.
@@ -657,6 +667,7 @@ def train_command(
         model: Backbone: `embedded`, a model directory, a .gguf file or a hub id.
         bf16: bf16 autocast on CPU for training and scoring.
         top_layers: LoRA on the top N layers only (faster, lower quality).
+        group_by_length: Batch samples of similar length together (less padding).
         evaluate: Print test AUC when done.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -673,6 +684,7 @@ def train_command(
         seed=seed,
         bf16_autocast=bf16,
         top_layers=top_layers,
+        group_by_length=group_by_length,
     )
     pconf = PartitionConfig(strategy=strategy, num_shards=num_shards, seed=seed)
     report = build_model(backbone, splits, out, pconf, tconf, progress=True)

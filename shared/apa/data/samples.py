@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -152,3 +153,9 @@ def load_splits(directory: str | Path) -> dict[str, list[Sample]]:
     root = Path(directory)
     seen: dict[str, str] = {}
     return {split: _read_jsonl(root / f"{split}.jsonl", split, seen) for split in SPLITS}
+
+
+def sample_digest(sample_ids: Iterable[str]) -> str:
+    """sha256 of the sorted sample ids joined by newlines: what an adapter manifest commits to
+    (docs/LAYOUT.md `sample_digest`)."""
+    return hashlib.sha256("\n".join(sorted(sample_ids)).encode("utf-8")).hexdigest()

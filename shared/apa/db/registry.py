@@ -16,7 +16,6 @@ State machines:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,6 +24,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from apa.data.samples import sample_digest
 from apa.db import audit
 from apa.db.models import (
     AdapterVersion,
@@ -74,11 +74,6 @@ def _begin(session: Session) -> None:
 def shard_key(model_id: str, index: int) -> str:
     """The registry id of shard k of a model: `<model_id>/<k>`."""
     return f"{model_id}/{index}"
-
-
-def sample_digest(sample_ids: Sequence[str]) -> str:
-    """sha256 of the sorted sample ids joined by newlines (docs/LAYOUT.md `sample_digest`)."""
-    return hashlib.sha256("\n".join(sorted(sample_ids)).encode("utf-8")).hexdigest()
 
 
 # --- erasure ---------------------------------------------------------------------------------------
