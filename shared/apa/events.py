@@ -241,6 +241,9 @@ class KafkaEventBus:
         from kafka import KafkaProducer
 
         self.timeout_s = timeout_s
+        # send() itself blocks up to max_block_ms (default 60 s) waiting for metadata when the
+        # broker is unreachable; bound it by timeout_s too, so a publish fails within ~2x timeout_s.
+        producer_kwargs.setdefault("max_block_ms", int(timeout_s * 1000))
         self._producer = KafkaProducer(
             bootstrap_servers=[s.strip() for s in bootstrap_servers.split(",") if s.strip()],
             acks="all",
@@ -261,5 +264,5 @@ class KafkaEventBus:
 def build_event_bus(settings: Settings) -> EventBus:
     """Kafka when `APA_KAFKA_BOOTSTRAP` is set, else a fresh in-process bus."""
     if settings.kafka_bootstrap:
-        return KafkaEventBus(settings.kafka_bootstrap)
+        return KafkaEventBus(settings.kafka_bootstrap, timeout_s=settings.kafka_timeout_s)
     return InMemoryEventBus()

@@ -40,6 +40,14 @@ class Settings:
     """Where malformed erasure events go, with the reason."""
     erasure_consumer_group: str = "apa-erasure"
     """Kafka consumer group of the erasure service."""
+    kafka_session_timeout_ms: int = 10000
+    """Consumer-group session timeout: a crashed consumer's partitions move on after this (Kafka: >= 6000)."""
+    kafka_heartbeat_interval_ms: int = 3000
+    """Consumer-group heartbeat interval (well under `kafka_session_timeout_ms`)."""
+    kafka_max_poll_interval_ms: int = 60000
+    """Longest gap between polls (handling one batch) before the group drops the consumer."""
+    kafka_timeout_s: float = 30.0
+    """Bound on one Kafka producer send, commit or broker-readiness wait, in seconds."""
     celery_broker: str | None = None
     """Celery broker URL (redis://, amqp://); unset means tasks run eagerly in-process."""
     celery_result_backend: str | None = None
