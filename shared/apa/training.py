@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -422,7 +422,7 @@ class BuildReport:
 
 def build_model(
     backbone: Backbone,
-    splits: dict[str, list[Sample]],
+    splits: Mapping[str, list[Sample]],
     out: str | Path,
     partition_config: PartitionConfig,
     train_config: TrainConfig,

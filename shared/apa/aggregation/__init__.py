@@ -3,10 +3,19 @@
 `weights` turns requests into ω (n_requests x K) — `adaptive` (Eq. 7-8), `average`, `major`,
 `semantic` — and caches each adapter's validation predictions; `mixture` applies ω inside peft's
 LoRA layers for a whole batch at once (`decomposition`, `non_decomposition`) or averages
-predictions (`prediction`, SISA), and exports a static merged adapter.
+predictions (`prediction`, SISA), and exports a static merged adapter; `scorer` puts them together
+for serving: `AggregatedScorer` loads a model directory's adapters once and scores request batches.
 """
 
 from apa.aggregation.mixture import LEVELS, Level, MixtureLoRA, export_merged_adapter, lora_layers
+from apa.aggregation.scorer import (
+    VALID_EMBEDDINGS_FILE,
+    AggregatedScorer,
+    base_only,
+    cached_embeddings,
+    embedding_key,
+    prediction_key,
+)
 from apa.aggregation.weights import (
     VALID_PREDICTIONS_FILE,
     AllShardsExcludedError,
@@ -22,6 +31,12 @@ from apa.aggregation.weights import (
 
 __all__ = [
     "LEVELS",
+    "VALID_EMBEDDINGS_FILE",
+    "AggregatedScorer",
+    "base_only",
+    "cached_embeddings",
+    "embedding_key",
+    "prediction_key",
     "VALID_PREDICTIONS_FILE",
     "AllShardsExcludedError",
     "Level",

@@ -1,0 +1,485 @@
+"""`apa bench`: how fast APA serves and unlearns, as JSON + PNG (timings live here, never in tests).
+
+* `inference`: throughput (samples/s) and per-request latency (p50/p95) of scoring with one LoRA
+  adapter merged into the base model, the same adapter unmerged, APA's batched per-request mixture
+  at the decomposition / non-decomposition level (with given ω, and end to end: base-model
+  embedding + adaptive ω + mixture), and SISA's prediction averaging (K passes), for each K and
+  batch size. The adapters are random LoRA weights (r=8, alpha=16, q_proj/v_proj, as trained):
+  the bench measures speed only and needs no training.
+* `train`: seconds to train one of K shards vs the whole training set (K=1), same settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from apa.aggregation import MixtureLoRA, WeightConfig, aggregation_weights, base_only
+from apa.backbone import Backbone, BackboneConfig, unwrap_causal_lm
+from apa.data import Sample, read_jsonl
+from apa.experiments import machine_info, write_json
+from apa.partition import PartitionConfig, partition
+from apa.prompts import MOVIE_INSTRUCTION, answer_text
+from apa.training import TrainConfig, lora_config, train_adapter
+
+log = logging.getLogger(__name__)
+
+RANDOM_ADAPTERS_NOTE = (
+    "adapters are random LoRA weights (r=8, alpha=16, q_proj/v_proj): the bench measures speed, not quality"
+)
+MIXTURE_VS_SINGLE_TARGET = 0.85
+"""Mixture throughput / one merged adapter's, at batch 16."""
+MIXTURE_VS_SISA_TARGET = 3.4
+"""Mixture throughput / SISA's, at K=4."""
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+
+def synthetic_samples(n: int, split: str = "test", seed: int = 0) -> list[Sample]:
+    """TALLRec-shaped movie samples with made-up titles (when no prepared data is at hand)."""
+    rng = random.Random(seed)
+    titles = [f"Movie {i} ({1980 + i % 20})" for i in range(200)]
+    out = []
+    for i in range(n):
+        history = rng.sample(titles, 10)
+        target = rng.choice(titles)
+        label = rng.randint(0, 1)
+        text = (
+            "User Preference: "
+            + ", ".join(f'"{t}"' for t in history[:6])
+            + "\nUser Unpreference: "
+            + ", ".join(f'"{t}"' for t in history[6:])
+            + f'\nWhether the user will like the target movie "{target}"?'
+        )
+        out.append(
+            Sample(
+                sample_id=f"bench:{split}:{seed}:{i}",
+                user_id=f"u{i % 16}",
+                split=split,  # type: ignore[arg-type]
+                instruction=MOVIE_INSTRUCTION,
+                input=text,
+                output=answer_text(label),
+                label=label,
+                interaction_ids=tuple(f"bench:{i}:{j}" for j in range(11)),
+            )
+        )
+    return out
+
+
+def bench_samples(data: str, split: str, n: int, seed: int) -> tuple[list[Sample], str]:
+    """`n` samples of `split` from a prepared data directory (cycled if fewer), or synthetic ones."""
+    root = Path(data)
+    if (root / f"{split}.jsonl").is_file():
+        samples = read_jsonl(root / f"{split}.jsonl")
+        if samples:
+            return [samples[i % len(samples)] for i in range(n)], str(root / f"{split}.jsonl")
+    return synthetic_samples(n, split, seed), "synthetic"
+
+
+def _as_list(value: int | list[int] | None, default: list[int]) -> list[int]:
+    values = default if value is None else [value] if isinstance(value, int) else list(value)
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"expected positive integers, got {value!r}")
+    return sorted(set(values))
+
+
+def random_adapters(backbone: Backbone, k: int, seed: int = 0) -> Any:
+    """A peft model over `backbone.model` with K random LoRA adapters `shard_0..K-1` (B is not zero)."""
+    from peft import get_peft_model
+
+    cfg = lora_config(TrainConfig(), int(getattr(backbone.model.config, "num_hidden_layers", 0) or 0))
+    peft_model = get_peft_model(backbone.model, cfg, adapter_name="shard_0")
+    for j in range(1, k):
+        peft_model.add_adapter(f"shard_{j}", cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+            param.requires_grad_(False)
+    peft_model.eval()
+    return peft_model
+
+
+# ------------------------------------------------------------------------------------------------
+# measuring
+
+
+def measure(fn: Callable[[list[int]], Any], n: int, batch_size: int, repeats: int) -> dict[str, float]:
+    """Serve requests 0..n-1 in batches of `batch_size`, `repeats` times, after one warm-up batch.
+    A request's latency is its batch's wall time (it waits for the whole batch)."""
+    chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    fn(chunks[0])
+    latencies: list[float] = []
+    total = 0.0
+    for _ in range(repeats):
+        for chunk in chunks:
+            started = time.perf_counter()
+            fn(chunk)
+            seconds = time.perf_counter() - started
+            total += seconds
+            latencies.extend([seconds] * len(chunk))
+    return {
+        "samples_per_second": len(latencies) / max(total, 1e-12),
+        "latency_ms_p50": 1000 * float(np.percentile(latencies, 50)),
+        "latency_ms_p95": 1000 * float(np.percentile(latencies, 95)),
+        "seconds": total,
+        "requests": len(latencies),
+    }
+
+
+def bench_inference(
+    backbone: Backbone,
+    prompts: Sequence[str],
+    shard_counts: Sequence[int],
+    batch_sizes: Sequence[int],
+    repeats: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Every method x K x batch size; the peft model is unloaded afterwards."""
+    prompts = list(prompts)
+    n = len(prompts)
+    k_max = max(shard_counts)
+    peft_model = random_adapters(backbone, k_max, seed)
+    names = [f"shard_{j}" for j in range(k_max)]
+    rng = np.random.default_rng(seed)
+    results: list[dict[str, Any]] = []
+    try:
+        merged = copy.deepcopy(peft_model).merge_and_unload(adapter_names=["shard_0"])
+        merged.eval()
+        # the base-model embedding width, for a synthetic validation pool
+        width = int(unwrap_causal_lm(backbone.model).get_input_embeddings().weight.shape[1])
+        one_pass = MixtureLoRA(peft_model, names[:1])
+
+        def score_batch(model: Any) -> Callable[[list[str]], np.ndarray]:
+            return lambda p: backbone.score(p, model=model, batch_size=max(1, len(p)))
+
+        def single_lora(idx: list[int]) -> Any:
+            with one_pass.only("shard_0"):
+                return backbone.score([prompts[i] for i in idx], model=peft_model, batch_size=len(idx))
+
+        jobs: list[tuple[str, int, Callable[[list[int]], Any]]] = [
+            ("single_merged", 1, lambda idx: score_batch(merged)([prompts[i] for i in idx])),
+            ("single_lora", 1, single_lora),
+        ]
+        for k in shard_counts:
+            mix = MixtureLoRA(peft_model, names[:k])
+            omega = rng.dirichlet(np.ones(k), size=n)  # dense: every adapter carries weight in every row
+            pool = {  # a validation pool for adaptive ω (random: only its cost matters here)
+                "valid_embeddings": rng.normal(size=(256, width)),
+                "valid_labels": rng.integers(0, 2, 256).astype(float),
+                "valid_predictions": rng.uniform(size=(256, k)),
+            }
+            jobs += _mixture_jobs(backbone, peft_model, mix, prompts, omega, pool, k)
+        total = len(jobs) * len(batch_sizes)
+        bar = _progress(total, progress)
+        for method, k, fn in jobs:
+            for batch_size in batch_sizes:
+                row = {"method": method, "num_shards": k, "batch_size": batch_size}
+                row.update(measure(fn, n, batch_size, repeats))
+                results.append(row)
+                if bar is not None:
+                    bar.set_postfix_str(f"{method} K={k} b={batch_size}")
+                    bar.update()
+        if bar is not None:
+            bar.close()
+    finally:
+        peft_model.unload()
+        backbone.model.eval()
+    return {"results": results, "ratios": ratios(results, shard_counts, batch_sizes)}
+
+
+def _mixture_jobs(
+    backbone: Backbone,
+    peft_model: Any,
+    mix: MixtureLoRA,
+    prompts: list[str],
+    omega: np.ndarray,
+    pool: dict[str, np.ndarray],
+    k: int,
+) -> list[tuple[str, int, Callable[[list[int]], Any]]]:
+    def score_fn(p: list[str]) -> np.ndarray:  # one forward batch, row-aligned with ω
+        return backbone.score(p, model=peft_model, batch_size=max(1, len(p)))
+
+    adaptive = WeightConfig(strategy="adaptive", tau=1000.0, top_n=20)
+
+    def mixture(level: Any) -> Callable[[list[int]], Any]:
+        def run(idx: list[int]) -> Any:
+            return mix.score(score_fn, [prompts[i] for i in idx], omega[idx], level, batch_size=len(idx))
+
+        return run
+
+    def end_to_end(level: Any) -> Callable[[list[int]], Any]:
+        def run(idx: list[int]) -> Any:
+            batch = [prompts[i] for i in idx]
+            with base_only(peft_model):
+                emb = backbone.embed(batch, batch_size=len(batch))
+            w = aggregation_weights(
+                adaptive,
+                emb,
+                valid_embeddings=pool["valid_embeddings"],
+                valid_labels=pool["valid_labels"],
+                valid_predictions=pool["valid_predictions"],
+            )
+            return mix.score(score_fn, batch, w, level, batch_size=len(idx))
+
+        return run
+
+    def sisa(idx: list[int]) -> Any:
+        return mix.predict(score_fn, [prompts[i] for i in idx])
+
+    return [
+        ("mixture_D", k, mixture("decomposition")),
+        ("mixture_ND", k, mixture("non_decomposition")),
+        ("apa_D_end_to_end", k, end_to_end("decomposition")),
+        ("apa_ND_end_to_end", k, end_to_end("non_decomposition")),
+        ("sisa", k, sisa),
+    ]
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="bench inference", unit="run")
+
+
+def ratios(
+    results: list[dict[str, Any]], shard_counts: Sequence[int], batch_sizes: Sequence[int]
+) -> dict[str, Any]:
+    """Throughput ratios from the same run: mixture / one merged adapter at batch 16 (or the largest
+    batch), and mixture / SISA at K=4 (or the smallest K), per batch size."""
+    speed = {(r["method"], r["num_shards"], r["batch_size"]): r["samples_per_second"] for r in results}
+    big = 16 if 16 in batch_sizes else max(batch_sizes)
+    k4 = 4 if 4 in shard_counts else min(shard_counts)
+    mixtures = ("mixture_D", "mixture_ND", "apa_D_end_to_end", "apa_ND_end_to_end")
+    vs_single = {
+        f"K={k}": {m: speed[(m, k, big)] / speed[("single_merged", 1, big)] for m in mixtures}
+        for k in shard_counts
+    }
+    vs_sisa = {
+        f"batch={b}": {m: speed[(m, k4, b)] / speed[("sisa", k4, b)] for m in mixtures} for b in batch_sizes
+    }
+    return {
+        "mixture_vs_single": {
+            "batch_size": big,
+            "target": MIXTURE_VS_SINGLE_TARGET,
+            "ratios": vs_single,
+            "meets_target": {
+                key: {m: v >= MIXTURE_VS_SINGLE_TARGET for m, v in row.items()}
+                for key, row in vs_single.items()
+            },
+        },
+        "mixture_vs_sisa": {
+            "num_shards": k4,
+            "target": MIXTURE_VS_SISA_TARGET,
+            "ratios": vs_sisa,
+            "meets_target": {
+                key: {m: v >= MIXTURE_VS_SISA_TARGET for m, v in row.items()} for key, row in vs_sisa.items()
+            },
+        },
+    }
+
+
+def plot_inference(report: dict[str, Any], path: Path) -> None:
+    from apa.experiments import _pyplot
+
+    plt = _pyplot()
+    results = report["results"]
+    batch_sizes = sorted({r["batch_size"] for r in results})
+    ks = sorted({r["num_shards"] for r in results if r["num_shards"] > 1})
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.5 * len(batch_sizes), 4), squeeze=False)
+    speed = {(r["method"], r["num_shards"], r["batch_size"]): r["samples_per_second"] for r in results}
+    for ax, b in zip(axes[0], batch_sizes, strict=True):
+        for method in ("mixture_D", "mixture_ND", "apa_D_end_to_end", "apa_ND_end_to_end", "sisa"):
+            ax.plot(ks, [speed[(method, k, b)] for k in ks], "o-", label=method)
+        for method, style in (("single_merged", "--"), ("single_lora", ":")):
+            ax.axhline(speed[(method, 1, b)], color="k", linestyle=style, linewidth=1, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("K (adapters)")
+        ax.set_ylabel("samples / s")
+        ax.set_title(f"batch {b}")
+        ax.legend(fontsize=7)
+    fig.suptitle("inference throughput (random adapters)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_inference(report: dict[str, Any]) -> None:
+    print(f"{'method':<20} {'K':>3} {'batch':>5} {'samples/s':>10} {'p50 ms':>9} {'p95 ms':>9}")
+    for r in report["results"]:
+        print(
+            f"{r['method']:<20} {r['num_shards']:>3} {r['batch_size']:>5} {r['samples_per_second']:>10.2f} "
+            f"{r['latency_ms_p50']:>9.1f} {r['latency_ms_p95']:>9.1f}"
+        )
+    single = report["ratios"]["mixture_vs_single"]
+    print(
+        f"\nmixture / single merged adapter at batch {single['batch_size']} (target >= {single['target']}):"
+    )
+    for key, row in single["ratios"].items():
+        print(f"  {key:<6} " + "  ".join(f"{m} {v:.2f}" for m, v in row.items()))
+    sisa = report["ratios"]["mixture_vs_sisa"]
+    print(f"mixture / SISA at K={sisa['num_shards']} (target >= {sisa['target']}x):")
+    for key, row in sisa["ratios"].items():
+        print(f"  {key:<9} " + "  ".join(f"{m} {v:.2f}x" for m, v in row.items()))
+    print(f"\nnote: {RANDOM_ADAPTERS_NOTE}")
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+
+def bench_train(
+    backbone: Backbone,
+    samples: Sequence[Sample],
+    shard_counts: Sequence[int],
+    epochs: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one adapter on all `samples` (K=1) and one on shard 0 of a random K-partition, per K."""
+    config = TrainConfig.preset("cpu", epochs=epochs, seed=seed, valid_eval_size=0)  # no validation
+    train_adapter(backbone, list(samples[:2]), [], replace_epochs(config, 1))  # warm-up, untimed
+
+    def timed(subset: Sequence[Sample], desc: str) -> dict[str, float]:
+        started = time.perf_counter()
+        result = train_adapter(backbone, list(subset), [], config, progress, desc)
+        seconds = time.perf_counter() - started
+        return {
+            "samples": len(subset),
+            "seconds": seconds,
+            "samples_per_second": result.samples_per_second,
+        }
+
+    full = timed(samples, "K=1")
+    shards = []
+    by_id = {s.sample_id: s for s in samples}
+    for k in shard_counts:
+        parts = partition([s.sample_id for s in samples], PartitionConfig("random", num_shards=k, seed=seed))
+        one = timed([by_id[i] for i in parts.shards[0]], f"K={k} shard 0")
+        shards.append(
+            {
+                "num_shards": k,
+                **one,
+                "ratio_to_full": one["seconds"] / max(full["seconds"], 1e-12),
+                "expected_ratio": 1.0 / k,
+                "speedup": full["seconds"] / max(one["seconds"], 1e-12),
+            }
+        )
+    return {"train_config": config.to_json(), "full": full, "shards": shards}
+
+
+def replace_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
+    return TrainConfig.from_json({**config.to_json(), "epochs": epochs})
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def bench_command(
+    what: Literal["inference", "train"],
+    model: str = "embedded",
+    out: str = "runs/bench",
+    data: str = "data/ml-100k",
+    num_shards: int | list[int] | None = None,
+    batch_sizes: int | list[int] | None = None,
+    num_requests: int = 32,
+    repeats: int = 2,
+    train_size: int = 64,
+    epochs: int = 1,
+    seed: int = 0,
+) -> int:
+    """Benchmark APA: `inference` (throughput, latency) or `train` (one shard vs everything).
+
+    Args:
+        what: inference or train.
+        model: Backbone: embedded, a local model directory, a .gguf file or a hub id.
+        out: Directory for inference.json / inference.png or train.json.
+        data: Prepared data directory (test prompts for inference, training samples for train);
+            synthetic TALLRec-shaped samples when it holds none.
+        num_shards: K values, e.g. 4 or [4,8,16] (inference default [4,8,16]; train default 4).
+        batch_sizes: inference batch sizes, e.g. [1,16] (default).
+        num_requests: inference: requests served per repeat.
+        repeats: inference: passes over the requests (after one warm-up batch).
+        train_size: train: samples in the full training set (K=1).
+        epochs: train: epochs for both runs.
+        seed: Seed of the random adapters, weights, partition and training.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        default_ks = [4, 8, 16] if what == "inference" else [4]
+        ks = _as_list(num_shards, default_ks)
+        sizes = _as_list(batch_sizes, [1, 16])
+        for name, value in (("num_requests", num_requests), ("repeats", repeats), ("train_size", train_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if what == "train" and max(ks) > train_size:
+            raise ValueError(f"num_shards {max(ks)} exceeds train_size {train_size}")
+    except ValueError as err:
+        print(f"apa bench: error: {err}", file=sys.stderr)
+        return 2
+    backbone = Backbone.load(BackboneConfig(model=model))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = {"model": {**backbone.describe(), "source": model}, "machine": machine_info(backbone)}
+    if what == "inference":
+        samples, source = bench_samples(data, "test", num_requests, seed)
+        report = bench_inference(backbone, [s.prompt for s in samples], ks, sizes, repeats, seed)
+        report = {
+            "note": RANDOM_ADAPTERS_NOTE,
+            **header,
+            "prompts": source,
+            "num_requests": num_requests,
+            "repeats": repeats,
+            "num_shards": ks,
+            "batch_sizes": sizes,
+            **report,
+        }
+        write_json(out_dir / "inference.json", report)
+        plot_inference(report, out_dir / "inference.png")
+        print_inference(report)
+        print(f"results in {out_dir / 'inference.json'} and {out_dir / 'inference.png'}")
+    else:
+        samples, source = bench_samples(data, "train", train_size, seed)
+        report = {**header, "samples": source, "train_size": train_size, "epochs": epochs}
+        report.update(bench_train(backbone, samples, ks, epochs, seed))
+        write_json(out_dir / "train.json", report)
+        full = report["full"]
+        print(f"K=1: {full['samples']} samples in {full['seconds']:.1f} s")
+        for row in report["shards"]:
+            print(
+                f"K={row['num_shards']}: one shard ({row['samples']} samples) in {row['seconds']:.1f} s = "
+                f"{row['ratio_to_full']:.3f} of K=1 (expected ~{row['expected_ratio']:.3f}), "
+                f"{row['speedup']:.2f}x faster"
+            )
+        print(f"results in {out_dir / 'train.json'}")
+    return 0
+
+
+__all__ = [
+    "MIXTURE_VS_SINGLE_TARGET",
+    "MIXTURE_VS_SISA_TARGET",
+    "bench_command",
+    "bench_inference",
+    "bench_train",
+    "measure",
+    "random_adapters",
+    "ratios",
+    "synthetic_samples",
+]

@@ -1,0 +1,952 @@
+"""The paper's study (§4): Table 1 and Figures 3-6, written as JSON + PNG (Table 1 also as markdown).
+
+* Table 1: Retraining (K=1), SISA (random partition), GraphEraser (bekm), RecEraser (user), all three
+  with prediction averaging, and APA(D) / APA(ND) (semantic partition, adaptive weights; D and ND
+  share the same adapters): test AUC, mean sub-model AUC before aggregation, Δ = AUC - Retraining.
+* Fig. 3: unlearning time (retraining one shard without an erased user's samples, measured now, vs
+  training the K=1 model) and inference time on the test samples at batch 1 and batched.
+* Fig. 4: APA(D) with each partition strategy; Fig. 5: each weight strategy; Fig. 6: shard size
+  (K ∈ {K/2, K, 2K}, the paper's 512/256/128 of N=1024) vs AUC and unlearning time.
+
+Trained shard sets are cached as model directories under `OUT/models/<strategy>-K<k>-N<n>-s<seed>/`
+(rebuilt only when incomplete or built from other data/settings), and every scoring pass under
+`OUT/cache/` (keyed by adapter sha256s, samples, base model and settings), so `all` trains each
+(strategy, K) once and a later single figure re-uses what an earlier run computed; delete
+`OUT/cache` to re-measure inference times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from apa.aggregation import AggregatedScorer, Level, WeightConfig, cached_embeddings, embedding_key
+from apa.aggregation.scorer import prediction_key
+from apa.backbone import Backbone, BackboneConfig
+from apa.data import DataConfig, Sample, load_splits, prepare, sample_splits
+from apa.data.pipeline import Dataset
+from apa.metrics import auc
+from apa.partition import PartitionConfig, StrategyName
+from apa.training import ModelDir, TrainConfig, build_model, sample_digest, train_adapter
+
+log = logging.getLogger(__name__)
+
+Preset = Literal["quick", "paper"]
+What = Literal["table1", "fig3", "fig4", "fig5", "fig6", "all"]
+FIGURES: tuple[str, ...] = ("table1", "fig3", "fig4", "fig5", "fig6")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # quick: 2 CPU cores, embedded SmolLM2-135M, < 30 min (budget in `quick_budget`)
+    "quick": {"train_size": 96, "valid_size": 32, "test_size": 64, "num_shards": 4, "epochs": 1},
+    # paper: §4.1 sizes, shard size 256 -> K = 4, TALLRec training settings (a GPU)
+    "paper": {"train_size": 1024, "valid_size": 500, "test_size": 1000, "num_shards": 4, "epochs": None},
+}
+TIMING_SAMPLES = {"quick": 8, "paper": 500}
+"""Test samples timed one at a time for Fig. 3 (the paper: 500 random test samples)."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything a study run depends on (recorded in results.json)."""
+
+    preset: str
+    dataset: str
+    train_size: int
+    valid_size: int
+    test_size: int
+    num_shards: int
+    """K of Table 1 and Fig. 3-5."""
+    shard_counts: tuple[int, ...]
+    """The K values of Fig. 6."""
+    train: TrainConfig
+    weights: WeightConfig
+    """APA's adaptive weights: τ = 1000, n = 20 (movie) / 100 (book) as in §4.1.4, n capped for small pools."""
+    timing_samples: int
+    seed: int
+
+    @classmethod
+    def from_preset(
+        cls,
+        preset: Preset,
+        dataset: str = "ml-100k",
+        *,
+        num_shards: int | None = None,
+        train_size: int | None = None,
+        valid_size: int | None = None,
+        test_size: int | None = None,
+        epochs: int | None = None,
+        seed: int = 0,
+    ) -> ExperimentConfig:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        base = PRESETS[preset]
+        n = train_size if train_size is not None else base["train_size"]
+        nv = valid_size if valid_size is not None else base["valid_size"]
+        nt = test_size if test_size is not None else base["test_size"]
+        k = num_shards if num_shards is not None else base["num_shards"]
+        for name, value in (("train_size", n), ("valid_size", nv), ("test_size", nt), ("num_shards", k)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if k < 2 or k > n:
+            raise ValueError(f"num_shards must be in [2, train_size={n}], got {k}")
+        e = epochs if epochs is not None else base["epochs"]
+        if preset == "quick":
+            # one epoch has nothing to early-stop on: skip validation scoring during training
+            train = TrainConfig.preset("cpu", epochs=e, seed=seed, valid_eval_size=0 if e == 1 else 200)
+        else:
+            train = TrainConfig.preset("tallrec", epochs=e, seed=seed)
+        top_n = 100 if dataset == "bookcrossing" else 20
+        if preset == "quick":
+            top_n = min(top_n, max(1, nv // 4))
+        counts = tuple(sorted({c for c in (max(2, k // 2), k, 2 * k) if c <= n}))
+        return cls(
+            preset=preset,
+            dataset=dataset,
+            train_size=n,
+            valid_size=nv,
+            test_size=nt,
+            num_shards=k,
+            shard_counts=counts,
+            train=train,
+            weights=WeightConfig(strategy="adaptive", tau=1000.0, top_n=top_n),
+            timing_samples=min(TIMING_SAMPLES[preset], nt),
+            seed=seed,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["train"] = self.train.to_json()
+        data["shard_counts"] = list(self.shard_counts)
+        return data
+
+
+def quick_budget(
+    config: ExperimentConfig, score_per_s: float = 3.5, train_per_s: float = 1.1
+) -> dict[str, float]:
+    """Estimated seconds of a full `all` run (prompts scored, samples trained) at the given speeds;
+    the defaults are the embedded model's measured speeds on 2 CPU cores with bf16 autocast."""
+    n, nv, nt, k = config.train_size, config.valid_size, config.test_size, config.num_shards
+    epochs = config.train.epochs
+    extra = [c for c in config.shard_counts if c != k]
+    trained = n * (1 + 4 + len(extra)) + n / k  # K=1, four K-shard partitions, Fig. 6, Fig. 3 retrain
+    adapters = 4 * k + sum(extra)  # validation predictions for adaptive weights
+    passes = 1 + 4 * k + 2 + 3 + 3 + len(extra)  # test passes: Table 1, Fig. 4, Fig. 5, Fig. 6
+    scored = n + nv + nt + adapters * nv + passes * nt
+    timed = config.timing_samples * (1 + k + 4) * 1.5  # batch 1 is ~1.5x slower per prompt
+    estimate = {
+        "train_seconds": trained * epochs / train_per_s,
+        "score_seconds": (scored + timed) / score_per_s,
+    }
+    estimate["total_seconds"] = estimate["train_seconds"] + estimate["score_seconds"]
+    return estimate
+
+
+@dataclass(frozen=True)
+class Method:
+    """One column of Table 1."""
+
+    name: str
+    strategy: StrategyName
+    num_shards: int
+    level: Literal["single", "prediction", "decomposition", "non_decomposition"]
+
+
+def table1_methods(k: int) -> list[Method]:
+    return [
+        Method("Retraining", "random", 1, "single"),
+        Method("SISA", "random", k, "prediction"),
+        Method("GraphEraser", "bekm", k, "prediction"),
+        Method("RecEraser", "user", k, "prediction"),
+        Method("APA(D)", "semantic", k, "decomposition"),
+        Method("APA(ND)", "semantic", k, "non_decomposition"),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: numpy scalars/arrays to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False))
+    tmp.replace(path)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _bar(items: Sequence[Any], desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="step")
+
+
+def machine_info(backbone: Backbone) -> dict[str, Any]:
+    device = next(backbone.model.parameters()).device
+    return {
+        "device": str(device),
+        "cuda_available": torch.cuda.is_available(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "bf16_autocast": backbone.config.bf16_autocast,
+    }
+
+
+def load_data(data: str, dataset: Dataset, sizes: dict[str, int], seed: int) -> dict[str, list[Sample]]:
+    """`data/{train,valid,test}.jsonl` (from `apa prepare`), or else raw data of `dataset` prepared
+    on the fly (ml-100k without files: recbole's copy); then `sizes` drawn under `seed`."""
+    root = Path(data)
+    if (root / "train.jsonl").is_file():
+        splits: dict[str, list[Sample]] = load_splits(root)
+    else:
+        path = str(root) if root.exists() else None
+        log.info("%s holds no train.jsonl: preparing %s from %s", root, dataset, path or "recbole's copy")
+        config = DataConfig(
+            dataset=dataset,
+            path=path,
+            seed=seed,
+            train_size=sizes["train"],
+            valid_size=sizes["valid"],
+            test_size=sizes["test"],
+        )
+        splits = {str(k): v for k, v in prepare(config).items()}
+    drawn = sample_splits(splits, sizes, seed)  # type: ignore[arg-type]
+    return {str(k): v for k, v in drawn.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# the study
+
+
+class Study:
+    """Builds (or re-uses) the model directories and computes each table/figure into `out`."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        splits: dict[str, list[Sample]],
+        config: ExperimentConfig,
+        out: str | Path,
+        progress: bool = True,
+    ) -> None:
+        self.backbone = backbone
+        self.splits = splits
+        self.config = config
+        self.out = Path(out)
+        self.progress = progress
+        self.test = splits["test"]
+        self.labels = np.array([s.label for s in self.test])
+        self.prompts = [s.prompt for s in self.test]
+        self.digests = {name: sample_digest(s.sample_id for s in samples) for name, samples in splits.items()}
+        self._scorer_open = False
+        self.built: dict[str, dict[str, Any]] = {}
+
+    # -- model directories ------------------------------------------------------------------------
+
+    def dir_name(self, strategy: str, k: int) -> str:
+        label = "retraining" if k == 1 else strategy
+        return f"{label}-K{k}-N{len(self.splits['train'])}-s{self.config.seed}"
+
+    def _complete(self, root: Path, strategy: str, k: int) -> bool:
+        md = ModelDir(root)
+        try:
+            info = md.info
+            if info["num_shards"] != k or info["base_model_digest"] != self.backbone.model_digest:
+                return False
+            if info["train_config"] != self.config.train.to_json():
+                return False
+            if k > 1 and info["partition_config"]["strategy"] != strategy:
+                return False
+            for name, digest in self.digests.items():
+                if sample_digest(s.sample_id for s in md.splits()[name]) != digest:
+                    return False
+            return all(
+                (md.adapter_dir(j) / "adapter_model.safetensors").is_file() and md.manifest(j)["version"] == 1
+                for j in range(k)
+            )
+        except (OSError, KeyError, ValueError):
+            return False
+
+    def model_dir(self, strategy: StrategyName, k: int) -> ModelDir:
+        """The trained shard set for (strategy, K): from the cache, or built now."""
+        if self._scorer_open:
+            raise RuntimeError("cannot train while a scorer holds adapters on the backbone")
+        name = self.dir_name(strategy, k)
+        root = self.out / "models" / name
+        if not self._complete(root, strategy, k):
+            shutil.rmtree(root, ignore_errors=True)
+            log.info("building %s", name)
+            embeddings = None
+            if k > 1 and strategy in ("semantic", "bekm", "user"):
+                embeddings = self.embeddings("train")
+            build_model(
+                self.backbone,
+                self.splits,
+                root,
+                PartitionConfig(strategy=strategy, num_shards=k, seed=self.config.seed),
+                self.config.train,
+                progress=self.progress,
+                embeddings=embeddings,
+            )
+        md = ModelDir(root)
+        manifests = md.manifests()
+        self.built[name] = {
+            "strategy": strategy if k > 1 else "all-data",
+            "num_shards": k,
+            "shard_sizes": [m["num_samples"] for m in manifests],
+            "shard_train_seconds": [m["train_seconds"] for m in manifests],
+            "best_epochs": [m["best_epoch"] for m in manifests],
+        }
+        return md
+
+    def embeddings(self, split: str) -> np.ndarray:
+        """Base-model embeddings of a split, cached by sample id (shared by every model directory)."""
+        samples = self.splits[split]
+        return cached_embeddings(
+            self.backbone,
+            self.out / "cache" / f"{split}-embeddings.npz",
+            [s.sample_id for s in samples],
+            [s.prompt for s in samples],
+            progress=self.progress,
+        )
+
+    @contextmanager
+    def scorer(self, md: ModelDir) -> Iterator[AggregatedScorer]:
+        self._scorer_open = True
+        try:
+            with AggregatedScorer(
+                self.backbone, md, embedding_cache=self.out / "cache" / "valid-embeddings.npz"
+            ) as scorer:
+                yield scorer
+        finally:
+            self._scorer_open = False
+
+    # -- cached measurements -------------------------------------------------------------------------
+
+    def _memo(self, key: dict[str, Any], compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+        """(array, seconds it took) for `key`: from `OUT/cache/<sha>.npz`, or computed and timed now."""
+        full = {**key, "base": embedding_key(self.backbone), "scoring": prediction_key(self.backbone)}
+        path = self.out / "cache" / f"{_digest(full)[:24]}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as data:
+                return np.array(data["value"]), float(data["seconds"])
+        started = time.perf_counter()
+        value = np.asarray(compute())
+        seconds = time.perf_counter() - started
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, value=value, seconds=np.array(seconds), key=np.array(json.dumps(full, default=str)))
+        os.replace(tmp, path)
+        return value, seconds
+
+    def _adapter_key(self, md: ModelDir) -> list[str]:
+        return [str(m["adapter_sha256"]) for m in md.manifests()]
+
+    def test_embeddings(self) -> tuple[np.ndarray, float]:
+        """Base-model embeddings of the test prompts and the seconds they took (part of APA's cost)."""
+        if self._scorer_open:
+            raise RuntimeError("embed the test split before opening a scorer")
+        return self._memo(
+            {"what": "test-embeddings", "test": self.digests["test"]},
+            lambda: self.backbone.embed(self.prompts, progress=self.progress),
+        )
+
+    def adapter_predictions(self, md: ModelDir) -> tuple[np.ndarray, float]:
+        """(n_test x K) P_k(Yes) of each adapter alone: K passes (Bef. Agg. and SISA's averaging)."""
+
+        def compute() -> np.ndarray:
+            with self.scorer(md) as scorer:
+                return scorer.adapter_predictions(self.prompts)
+
+        return self._memo(
+            {"what": "adapter-predictions", "adapters": self._adapter_key(md), "test": self.digests["test"]},
+            compute,
+        )
+
+    def aggregated(self, md: ModelDir, level: Level, weights: WeightConfig) -> tuple[np.ndarray, float]:
+        """APA's P(Yes) on the test split and its inference seconds: embedding + ω + one pass per batch
+        (the one-time validation predictions are a setup cost, not timed)."""
+        needs_embeddings = weights.strategy != "average"
+        emb, embed_seconds = self.test_embeddings() if needs_embeddings else (None, 0.0)
+
+        def compute() -> np.ndarray:
+            with self.scorer(md) as scorer:
+                if weights.strategy in ("adaptive", "major"):
+                    scorer.valid_prediction_matrix()  # warm the caches, untimed
+                    scorer.valid_embeddings()
+                started = time.perf_counter()
+                omega = scorer.weights(self.prompts, weights, request_embeddings=emb)
+                weight_seconds = time.perf_counter() - started
+                started = time.perf_counter()
+                p, _ = scorer.score(self.prompts, level, omega=omega)
+                pass_seconds = time.perf_counter() - started
+            return np.concatenate([p, [weight_seconds, pass_seconds]])
+
+        key = {
+            "what": "aggregated",
+            "adapters": self._adapter_key(md),
+            "test": self.digests["test"],
+            "valid": self.digests["valid"],
+            "level": level,
+            "weights": asdict(weights),
+        }
+        value, _ = self._memo(key, compute)
+        scores, (weight_seconds, pass_seconds) = value[:-2], value[-2:]
+        return scores, embed_seconds + float(weight_seconds) + float(pass_seconds)
+
+    def _auc(self, scores: np.ndarray) -> float:
+        return auc(self.labels, scores)
+
+    def _before_aggregation(self, each: np.ndarray) -> tuple[float, list[float]]:
+        per_shard = [self._auc(each[:, j]) for j in range(each.shape[1])]
+        finite = [a for a in per_shard if math.isfinite(a)]
+        return (float(np.mean(finite)) if finite else float("nan")), per_shard
+
+    # -- Table 1 ----------------------------------------------------------------------------------------
+
+    def table1(self) -> dict[str, Any]:
+        k = self.config.num_shards
+        methods = table1_methods(k)
+        dirs = {(m.strategy, m.num_shards): self.model_dir(m.strategy, m.num_shards) for m in methods}
+        rows: list[dict[str, Any]] = []
+        for method in _bar(methods, "table1", self.progress):
+            md = dirs[(method.strategy, method.num_shards)]
+            each, each_seconds = self.adapter_predictions(md)
+            before, per_shard = self._before_aggregation(each)
+            if method.level == "single":
+                scores, seconds = each[:, 0], each_seconds
+            elif method.level == "prediction":
+                scores, seconds = each.mean(axis=1), each_seconds  # SISA: mean of the K adapters
+            else:
+                scores, seconds = self.aggregated(md, method.level, self.config.weights)
+            rows.append(
+                {
+                    "method": method.name,
+                    "partition": method.strategy if method.num_shards > 1 else "none",
+                    "num_shards": method.num_shards,
+                    "aggregation": method.level,
+                    "auc": self._auc(scores),
+                    "before_aggregation_auc": None if method.num_shards == 1 else before,
+                    "shard_auc": per_shard,
+                    "inference_seconds": seconds,
+                    "model_dir": str(md.root),
+                }
+            )
+        reference = rows[0]["auc"]
+        for row in rows:
+            row["delta"] = row["auc"] - reference
+        result = {
+            "dataset": self.config.dataset,
+            "num_shards": k,
+            "test_samples": len(self.test),
+            "retraining_auc": reference,
+            "weights": asdict(self.config.weights),
+            "rows": rows,
+        }
+        write_json(self.out / "table1.json", result)
+        (self.out / "table1.md").write_text(table1_markdown(result))
+        plot_table1(result, self.out / "table1.png")
+        return result
+
+    # -- Fig. 3 ------------------------------------------------------------------------------------------
+
+    def retrain_one_shard(self, md: ModelDir) -> dict[str, Any]:
+        """Unlearning a random user with APA: retrain, from scratch, the shard holding their first
+        training sample on its remainder (timed now; the model directory is left untouched)."""
+        train = self.splits["train"]
+        rng = np.random.default_rng(self.config.seed)
+        user = train[int(rng.integers(len(train)))].user_id
+        parts = md.partition()
+        shard = parts.shard_of(next(s.sample_id for s in train if s.user_id == user))
+        members = set(parts.shards[shard])
+        remainder = [s for s in train if s.sample_id in members and s.user_id != user]
+        valid = [s for s in self.splits["valid"] if s.user_id != user]
+        started = time.perf_counter()
+        result = train_adapter(
+            self.backbone, remainder, valid, self.config.train, self.progress, f"retrain shard {shard}"
+        )
+        seconds = time.perf_counter() - started
+        return {
+            "erased_user": user,
+            "shard": shard,
+            "shard_samples": len(members),
+            "retrained_samples": len(remainder),
+            "seconds": seconds,
+            "train_seconds": result.train_seconds,
+        }
+
+    def fig3(self) -> dict[str, Any]:
+        k = self.config.num_shards
+        retrain_md = self.model_dir("random", 1)
+        sisa_md = self.model_dir("random", k)
+        apa_md = self.model_dir("semantic", k)
+        full_seconds = float(retrain_md.manifest(0)["train_seconds"])
+        unlearn = self.retrain_one_shard(apa_md)
+        shard_seconds = [float(m["train_seconds"]) for m in apa_md.manifests()]
+        unlearning = {
+            "retraining_seconds": full_seconds,
+            "apa_seconds": unlearn["seconds"],
+            "apa_retrain": unlearn,
+            "apa_mean_shard_build_seconds": float(np.mean(shard_seconds)),
+            "speedup": full_seconds / max(unlearn["seconds"], 1e-9),
+        }
+        # batched: the full test passes (measured in Table 1 and cached)
+        n = len(self.test)
+        _, single_s = self.adapter_predictions(retrain_md)
+        _, sisa_s = self.adapter_predictions(sisa_md)
+        _, apa_d_s = self.aggregated(apa_md, "decomposition", self.config.weights)
+        _, apa_nd_s = self.aggregated(apa_md, "non_decomposition", self.config.weights)
+        batched = {"Retraining": single_s, "SISA": sisa_s, "APA(D)": apa_d_s, "APA(ND)": apa_nd_s}
+        # batch 1: a random subset, end to end per request (APA: embed + ω + one pass)
+        rng = np.random.default_rng(self.config.seed)
+        subset = sorted(rng.choice(n, self.config.timing_samples, replace=False).tolist())
+        prompts = [self.prompts[i] for i in subset]
+        one: dict[str, float] = {}
+        runs: list[tuple[str, ModelDir, Level, WeightConfig]] = [
+            ("Retraining", retrain_md, "prediction", WeightConfig(strategy="average")),
+            ("SISA", sisa_md, "prediction", WeightConfig(strategy="average")),
+            ("APA(D)", apa_md, "decomposition", self.config.weights),
+            ("APA(ND)", apa_md, "non_decomposition", self.config.weights),
+        ]
+        for label, md, level, weights in runs:
+            with self.scorer(md) as scorer:
+                if weights.strategy in ("adaptive", "major"):
+                    scorer.valid_prediction_matrix()  # setup, untimed
+                    scorer.valid_embeddings()
+                one[label] = _timed_per_request(scorer, prompts, level, weights)
+        inference = {
+            name: {
+                "batched_ms_per_sample": 1000 * batched[name] / n,
+                "batched_total_seconds": batched[name],
+                "batch1_ms_per_sample": 1000 * one[name],
+            }
+            for name in batched
+        }
+        result = {
+            "num_shards": k,
+            "unlearning": unlearning,
+            "inference": inference,
+            "batched_batch_size": self.backbone.config.batch_size,
+            "batched_samples": n,
+            "batch1_samples": len(prompts),
+            "note": "SISA = K passes (prediction averaging); APA includes embedding the request and ω.",
+        }
+        write_json(self.out / "fig3.json", result)
+        plot_fig3(result, self.out / "fig3.png")
+        return result
+
+    # -- Fig. 4 and 5 -----------------------------------------------------------------------------------
+
+    def fig4(self) -> dict[str, Any]:
+        k = self.config.num_shards
+        strategies: list[StrategyName] = ["semantic", "random", "user", "bekm"]
+        dirs = {s: self.model_dir(s, k) for s in strategies}
+        rows = []
+        for strategy in _bar(strategies, "fig4", self.progress):
+            scores, _ = self.aggregated(dirs[strategy], "decomposition", self.config.weights)
+            before, _ = self._before_aggregation(self.adapter_predictions(dirs[strategy])[0])
+            rows.append({"partition": strategy, "auc": self._auc(scores), "before_aggregation_auc": before})
+        result = {
+            "num_shards": k,
+            "level": "decomposition",
+            "weights": asdict(self.config.weights),
+            "rows": rows,
+        }
+        write_json(self.out / "fig4.json", result)
+        plot_bars(
+            [r["partition"] for r in rows],
+            [r["auc"] for r in rows],
+            "AUC",
+            f"APA(D) by partition strategy (K={k})",
+            self.out / "fig4.png",
+        )
+        return result
+
+    def fig5(self) -> dict[str, Any]:
+        k = self.config.num_shards
+        md = self.model_dir("semantic", k)
+        rows = []
+        for strategy in _bar(["adaptive", "average", "major", "semantic"], "fig5", self.progress):
+            weights = replace(self.config.weights, strategy=strategy)
+            scores, _ = self.aggregated(md, "decomposition", weights)
+            rows.append({"weights": strategy, "auc": self._auc(scores)})
+        result = {"num_shards": k, "partition": "semantic", "level": "decomposition", "rows": rows}
+        write_json(self.out / "fig5.json", result)
+        plot_bars(
+            [r["weights"] for r in rows],
+            [r["auc"] for r in rows],
+            "AUC",
+            f"APA(D) by weight strategy (semantic, K={k})",
+            self.out / "fig5.png",
+        )
+        return result
+
+    # -- Fig. 6 ------------------------------------------------------------------------------------------
+
+    def fig6(self) -> dict[str, Any]:
+        n = len(self.splits["train"])
+        retrain_md = self.model_dir("random", 1)
+        dirs = {k: self.model_dir("semantic", k) for k in self.config.shard_counts}
+        points = []
+        for k in _bar(list(self.config.shard_counts), "fig6", self.progress):
+            md = dirs[k]
+            scores, _ = self.aggregated(md, "decomposition", self.config.weights)
+            seconds = [float(m["train_seconds"]) for m in md.manifests()]
+            points.append(
+                {
+                    "num_shards": k,
+                    "shard_size": math.ceil(n / k),
+                    "auc": self._auc(scores),
+                    "unlearning_seconds": float(np.mean(seconds)),
+                    "unlearning_seconds_max": float(np.max(seconds)),
+                }
+            )
+        each, _ = self.adapter_predictions(retrain_md)
+        result = {
+            "train_size": n,
+            "points": points,
+            "retraining": {
+                "auc": self._auc(each[:, 0]),
+                "unlearning_seconds": float(retrain_md.manifest(0)["train_seconds"]),
+            },
+            "note": "unlearning_seconds: mean time to train one shard from scratch (what a retrain costs).",
+        }
+        write_json(self.out / "fig6.json", result)
+        plot_fig6(result, self.out / "fig6.png")
+        return result
+
+
+def _timed_per_request(
+    scorer: AggregatedScorer, prompts: Sequence[str], level: Level, weights: WeightConfig
+) -> float:
+    """Mean seconds to serve one request alone (embedding, ω and the forward pass(es) at batch 1),
+    after one untimed warm-up."""
+    if not prompts:
+        return float("nan")
+    scorer.score([prompts[0]], level, weights, batch_size=1)
+    started = time.perf_counter()
+    for p in prompts:
+        scorer.score([p], level, weights, batch_size=1)
+    return (time.perf_counter() - started) / len(prompts)
+
+
+# ------------------------------------------------------------------------------------------------
+# output: markdown and plots
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
+
+
+def table1_markdown(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    head = "| " + " | ".join([result["dataset"], *(r["method"] for r in rows)]) + " |"
+    sep = "|" + "---|" * (len(rows) + 1)
+    bef = "| Bef. Agg. | " + " | ".join(_fmt(r["before_aggregation_auc"]) for r in rows) + " |"
+    auc_row = "| AUC | " + " | ".join(_fmt(r["auc"]) for r in rows) + " |"
+    delta = "| Δ | " + " | ".join("-" if i == 0 else f"{r['delta']:+.4f}" for i, r in enumerate(rows)) + " |"
+    note = (
+        f"\nK = {result['num_shards']}, {result['test_samples']} test samples; "
+        "Δ = AUC - Retraining's AUC; Bef. Agg. = mean AUC of the sub-models.\n"
+    )
+    return "\n".join([head, sep, bef, auc_row, delta]) + "\n" + note
+
+
+def plot_table1(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    rows = result["rows"]
+    names = [r["method"] for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    after = [r["auc"] if r["auc"] is not None else np.nan for r in rows]
+    before = [np.nan if r["before_aggregation_auc"] is None else r["before_aggregation_auc"] for r in rows]
+    ax.bar(x - 0.2, before, 0.4, label="Bef. Agg. (mean sub-model)", color="#bbbbbb", hatch="//")
+    ax.bar(x + 0.2, after, 0.4, label="AUC", color="#3070b0")
+    if result["retraining_auc"] is not None and math.isfinite(result["retraining_auc"]):
+        ax.axhline(result["retraining_auc"], color="k", linestyle="--", linewidth=1, label="Retraining")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("test AUC")
+    ax.set_title(f"Table 1: unlearning methods ({result['dataset']}, K={result['num_shards']})")
+    _auc_limits(ax, after + before)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _auc_limits(ax: Any, values: Sequence[float]) -> None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if finite:
+        ax.set_ylim(max(0.0, min(finite) - 0.05), min(1.0, max(finite) + 0.05))
+
+
+def plot_fig3(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    u = result["unlearning"]
+    a.bar(["Retraining", "APA"], [u["retraining_seconds"], u["apa_seconds"]], color=["#888888", "#3070b0"])
+    a.set_ylabel("seconds")
+    a.set_title(f"(a) unlearning time ({u['speedup']:.1f}x faster)")
+    inf = result["inference"]
+    names = list(inf)
+    x = np.arange(len(names))
+    b.bar(x - 0.2, [inf[n]["batch1_ms_per_sample"] for n in names], 0.4, label="batch 1")
+    b.bar(
+        x + 0.2,
+        [inf[n]["batched_ms_per_sample"] for n in names],
+        0.4,
+        label=f"batch {result['batched_batch_size']}",
+    )
+    b.set_xticks(x, names)
+    b.set_ylabel("ms per test sample")
+    b.set_title("(b) inference time")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bars(names: Sequence[str], values: Sequence[float], ylabel: str, title: str, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ys = [np.nan if v is None else v for v in values]
+    ax.bar(list(names), ys, color=["#3070b0"] + ["#999999"] * (len(names) - 1))
+    for i, v in enumerate(ys):
+        if math.isfinite(v):
+            ax.text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
+    _auc_limits(ax, ys)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_fig6(result: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    points = result["points"]
+    x = np.arange(len(points))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(x, [p["unlearning_seconds"] for p in points], color="#bbbbbb", label="unlearning time")
+    ax.set_xticks(x, [f"{p['shard_size']}\n(K={p['num_shards']})" for p in points])
+    ax.set_xlabel("shard size (samples)")
+    ax.set_ylabel("unlearning seconds (one shard)")
+    twin = ax.twinx()
+    aucs = [np.nan if p["auc"] is None else p["auc"] for p in points]
+    twin.plot(x, aucs, "o-", color="#3070b0", label="APA(D) AUC")
+    ref = result["retraining"]["auc"]
+    if ref is not None and math.isfinite(ref):
+        twin.axhline(ref, color="k", linestyle="--", linewidth=1, label="Retraining AUC")
+    twin.set_ylabel("test AUC")
+    _auc_limits(twin, aucs + ([ref] if ref is not None else []))
+    ax.set_title("Fig. 6: shard size vs AUC and unlearning time")
+    bars, lines = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
+    twin.legend(bars[0] + lines[0], bars[1] + lines[1], loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _print_summary(name: str, result: dict[str, Any]) -> None:
+    if name == "table1":
+        print(table1_markdown(result))
+    elif name == "fig3":
+        u = result["unlearning"]
+        print(
+            f"unlearning: retraining {u['retraining_seconds']:.1f} s, APA one shard "
+            f"{u['apa_seconds']:.1f} s ({u['speedup']:.2f}x)"
+        )
+        for method, t in result["inference"].items():
+            print(
+                f"  {method:<11} batch 1: {t['batch1_ms_per_sample']:8.1f} ms/sample   "
+                f"batched: {t['batched_ms_per_sample']:8.1f} ms/sample"
+            )
+    elif name in ("fig4", "fig5"):
+        for row in result["rows"]:
+            label = row.get("partition") or row.get("weights")
+            print(f"  {label:<10} AUC {_fmt(row['auc'])}")
+    elif name == "fig6":
+        for p in result["points"]:
+            print(
+                f"  K={p['num_shards']:<3} shard size {p['shard_size']:<5} AUC {_fmt(p['auc'])}  "
+                f"unlearning {p['unlearning_seconds']:.1f} s"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def experiment_command(
+    what: What = "all",
+    data: str = "data/ml-100k",
+    out: str = "runs/experiments",
+    preset: Preset = "quick",
+    num_shards: int | None = None,
+    train_size: int | None = None,
+    valid_size: int | None = None,
+    test_size: int | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    model: str = "embedded",
+    dataset: Dataset = "ml-100k",
+) -> int:
+    """Reproduce the paper's study: Table 1 and Fig. 3-6 as JSON + PNG (and table1.md) in OUT.
+
+    Args:
+        what: table1, fig3, fig4, fig5, fig6, or all. Trained shard sets are cached in OUT/models
+            and shared by every figure.
+        data: Directory with train/valid/test.jsonl (from `apa prepare`); without them, raw data of
+            `dataset` (ml-100k: recbole's copy when the directory does not exist).
+        out: Output directory.
+        preset: quick (2 CPU cores, < 30 min on the embedded model: N=96, 32 valid, 64 test, K=4,
+            1 epoch) or paper (1024/500/1000, K=4, TALLRec training settings; for a GPU).
+        num_shards: K for Table 1 and Fig. 3-5 (Fig. 6 uses K/2, K, 2K).
+        train_size: Training samples (the paper: 1024).
+        valid_size: Validation samples (the paper: 500).
+        test_size: Test samples (the paper: 1000).
+        epochs: Training epochs (quick: 1; paper: up to 200 with early stopping).
+        seed: Seed of sampling, partitions, LoRA init and data order.
+        model: Backbone: embedded, a local model directory, a .gguf file or a hub id.
+        dataset: ml-100k or bookcrossing (sets the neighbour size n: 20 or 100, as in the paper).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.perf_counter()
+    try:
+        config = ExperimentConfig.from_preset(
+            preset,
+            dataset,
+            num_shards=num_shards,
+            train_size=train_size,
+            valid_size=valid_size,
+            test_size=test_size,
+            epochs=epochs,
+            seed=seed,
+        )
+        sizes = {"train": config.train_size, "valid": config.valid_size, "test": config.test_size}
+        splits = load_data(data, dataset, sizes, seed)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"apa experiment: error: {err}", file=sys.stderr)
+        return 1
+    actual = {name: len(samples) for name, samples in splits.items()}
+    if actual != sizes:  # a split smaller than asked is used whole: record what was really used
+        config = replace(
+            config,
+            train_size=actual["train"],
+            valid_size=actual["valid"],
+            test_size=actual["test"],
+            shard_counts=tuple(c for c in config.shard_counts if c <= actual["train"]),
+            timing_samples=min(config.timing_samples, actual["test"]),
+        )
+    if not config.shard_counts or len(splits["train"]) < config.num_shards:
+        print(
+            f"apa experiment: error: {len(splits['train'])} training samples for K={config.num_shards}",
+            file=sys.stderr,
+        )
+        return 1
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone = Backbone.load(BackboneConfig(model=model))
+    if torch.cuda.is_available() and next(backbone.model.parameters()).device.type == "cpu":
+        log.warning("CUDA is available but the backbone runs on CPU (Backbone has no device support yet)")
+    study = Study(backbone, splits, config, out_dir)
+    if preset == "quick":
+        estimate = quick_budget(config)
+        print(
+            f"quick preset: estimated {estimate['total_seconds'] / 60:.0f} min on 2 CPU cores (embedded model)"
+        )
+    summary_path = out_dir / "results.json"
+    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    figures: dict[str, Any] = (
+        dict(previous.get("figures", {})) if previous.get("config") == _clean(config.to_json()) else {}
+    )
+    names = list(FIGURES) if what == "all" else [what]
+    for name in names:
+        print(f"== {name} ==")
+        t0 = time.perf_counter()
+        result = getattr(study, name)()
+        _print_summary(name, result)
+        outputs = [f"{name}.json", f"{name}.png"] + (["table1.md"] if name == "table1" else [])
+        figures[name] = {"outputs": outputs, "seconds": time.perf_counter() - t0, "finished_at": _now()}
+    summary = {
+        "config": config.to_json(),
+        "data": str(data),
+        "sizes": {name: len(samples) for name, samples in splits.items()},
+        "model": {**backbone.describe(), "source": model},
+        "machine": machine_info(backbone),
+        "models": {**previous.get("models", {}), **study.built},
+        "figures": figures,
+        "ran": names,
+        "seconds": time.perf_counter() - started,
+        "finished_at": _now(),
+    }
+    write_json(summary_path, summary)
+    print(f"results in {out_dir}/ ({summary['seconds']:.0f} s)")
+    return 0
+
+
+__all__ = [
+    "FIGURES",
+    "PRESETS",
+    "ExperimentConfig",
+    "Method",
+    "Study",
+    "experiment_command",
+    "load_data",
+    "quick_budget",
+    "table1_methods",
+]

@@ -1,0 +1,123 @@
+"""`apa bench inference|train` end to end on a tiny random Llama (fields only: timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import build_tiny_llama, build_tiny_tokenizer
+
+from apa.bench import ratios, synthetic_samples
+from apa.cli import main
+from apa.data import write_jsonl
+from model_fixtures import make_samples
+
+METHODS = {
+    "single_merged",
+    "single_lora",
+    "mixture_D",
+    "mixture_ND",
+    "apa_D_end_to_end",
+    "apa_ND_end_to_end",
+    "sisa",
+}
+TIMING_FIELDS = {"samples_per_second", "latency_ms_p50", "latency_ms_p95", "seconds", "requests"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(len(tokenizer)).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def test_bench_inference_reports_every_method_k_and_batch_size(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    args = ["--model", str(tiny_model_dir), "--out", str(out), "--data", str(tmp_path / "no-data")]
+    opts = ["--num-shards", "[2,4]", "--batch-sizes", "[1,4]", "--num-requests", "6", "--repeats", "1"]
+    assert main(["bench", "inference", *args, *opts]) == 0
+
+    report = json.loads((out / "inference.json").read_text())
+    assert (out / "inference.png").read_bytes()[:4] == b"\x89PNG"
+    assert "random LoRA" in report["note"] and report["prompts"] == "synthetic"
+    assert report["num_shards"] == [2, 4] and report["batch_sizes"] == [1, 4]
+    seen = {(r["method"], r["num_shards"], r["batch_size"]) for r in report["results"]}
+    for method in METHODS:
+        ks = [1] if method.startswith("single") else [2, 4]
+        assert {(method, k, b) for k in ks for b in (1, 4)} <= seen, method
+    for row in report["results"]:
+        assert TIMING_FIELDS <= set(row) and row["requests"] == 6
+        assert row["samples_per_second"] > 0 and row["latency_ms_p95"] >= row["latency_ms_p50"] > 0
+    single, sisa = report["ratios"]["mixture_vs_single"], report["ratios"]["mixture_vs_sisa"]
+    assert single["batch_size"] == 4 and single["target"] == 0.85  # no batch 16 asked: the largest
+    assert set(single["ratios"]) == {"K=2", "K=4"}
+    assert sisa["num_shards"] == 4 and sisa["target"] == 3.4 and set(sisa["ratios"]) == {"batch=1", "batch=4"}
+    assert set(sisa["ratios"]["batch=4"]) == {
+        "mixture_D",
+        "mixture_ND",
+        "apa_D_end_to_end",
+        "apa_ND_end_to_end",
+    }
+    assert report["machine"]["torch_threads"] >= 1
+    # the base model is left without LoRA layers (adapters unloaded after the bench)
+
+
+def test_bench_train_times_one_shard_against_everything(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", make_samples(16, "train", seed=1))
+    out = tmp_path / "bench"
+    args = ["--model", str(tiny_model_dir), "--out", str(out), "--data", str(data)]
+    assert main(["bench", "train", *args, "--train-size", "16", "--num-shards", "4", "--epochs", "1"]) == 0
+
+    report = json.loads((out / "train.json").read_text())
+    assert report["train_size"] == 16 and report["epochs"] == 1 and report["samples"].endswith("train.jsonl")
+    assert report["full"]["samples"] == 16 and report["full"]["seconds"] > 0
+    (shard,) = report["shards"]
+    assert shard["num_shards"] == 4 and shard["samples"] == 4 and shard["expected_ratio"] == 0.25
+    assert shard["ratio_to_full"] == pytest.approx(shard["seconds"] / report["full"]["seconds"])
+    assert report["train_config"]["epochs"] == 1 and report["train_config"]["valid_eval_size"] == 0
+
+
+def test_ratios_compare_runs_of_the_same_bench() -> None:
+    rows: list[dict[str, Any]] = [
+        {"method": "single_merged", "num_shards": 1, "batch_size": 16, "samples_per_second": 10.0}
+    ]
+    for k in (4, 8):
+        for m, v in [
+            ("mixture_D", 9.0),
+            ("mixture_ND", 8.0),
+            ("apa_D_end_to_end", 5.0),
+            ("apa_ND_end_to_end", 4.0),
+        ]:
+            rows.append({"method": m, "num_shards": k, "batch_size": 16, "samples_per_second": v})
+        rows.append({"method": "sisa", "num_shards": k, "batch_size": 16, "samples_per_second": 2.0})
+    result = ratios(rows, [4, 8], [16])
+    assert result["mixture_vs_single"]["ratios"]["K=4"]["mixture_D"] == pytest.approx(0.9)
+    assert result["mixture_vs_single"]["meets_target"]["K=4"] == {
+        "mixture_D": True,
+        "mixture_ND": False,
+        "apa_D_end_to_end": False,
+        "apa_ND_end_to_end": False,
+    }
+    assert result["mixture_vs_sisa"]["ratios"]["batch=16"]["mixture_D"] == pytest.approx(4.5)
+    assert result["mixture_vs_sisa"]["meets_target"]["batch=16"]["mixture_ND"] is True
+
+
+def test_synthetic_samples_are_valid_tallrec_samples() -> None:
+    samples = synthetic_samples(5, "train", seed=3)
+    assert len({s.sample_id for s in samples}) == 5
+    assert all("### Response:" in s.prompt and s.split == "train" for s in samples)

@@ -1,0 +1,123 @@
+"""`apa experiment all` end to end on a tiny random Llama saved to disk: every table and figure."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import build_tiny_llama, build_tiny_tokenizer
+
+import apa.experiments as experiments
+from apa.cli import main
+from apa.data import write_jsonl
+from apa.experiments import ExperimentConfig, quick_budget
+from model_fixtures import make_samples
+
+METHODS = ["Retraining", "SISA", "GraphEraser", "RecEraser", "APA(D)", "APA(ND)"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama and its tokenizer saved with save_pretrained: a local model directory."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(len(tokenizer)).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_jsonl(root / "train.jsonl", make_samples(24, "train", seed=1))
+    write_jsonl(root / "valid.jsonl", make_samples(12, "valid", seed=2))
+    write_jsonl(root / "test.jsonl", make_samples(16, "test", seed=3))
+    return root
+
+
+def test_experiment_all_writes_every_table_and_figure(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    out = tmp_path / "runs"
+    args = ["--data", str(data_dir), "--out", str(out), "--model", str(tiny_model_dir)]
+    sizes = ["--num-shards", "2", "--train-size", "20", "--valid-size", "12", "--test-size", "16"]
+    assert main(["experiment", "--what", "all", *args, *sizes]) == 0
+
+    for name in ["table1.json", "table1.md", "results.json"] + [
+        f"{f}.{ext}" for f in ("table1", "fig3", "fig4", "fig5", "fig6") for ext in ("json", "png")
+    ]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = json.loads((out / "table1.json").read_text())
+    assert [r["method"] for r in table["rows"]] == METHODS
+    reference = table["rows"][0]["auc"]
+    assert reference == table["retraining_auc"]
+    for row in table["rows"]:
+        assert 0.0 <= row["auc"] <= 1.0
+        assert row["delta"] == pytest.approx(row["auc"] - reference)
+        if row["method"] != "Retraining":
+            assert row["num_shards"] == 2 and 0.0 <= row["before_aggregation_auc"] <= 1.0
+    assert "| Δ |" in (out / "table1.md").read_text()
+
+    fig3 = json.loads((out / "fig3.json").read_text())
+    assert set(fig3["inference"]) == {"Retraining", "SISA", "APA(D)", "APA(ND)"}
+    assert fig3["unlearning"]["apa_retrain"]["shard"] in (0, 1)
+    assert fig3["unlearning"]["retraining_seconds"] > 0 and fig3["unlearning"]["apa_seconds"] > 0
+    fig4 = json.loads((out / "fig4.json").read_text())
+    assert [r["partition"] for r in fig4["rows"]] == ["semantic", "random", "user", "bekm"]
+    fig5 = json.loads((out / "fig5.json").read_text())
+    assert [r["weights"] for r in fig5["rows"]] == ["adaptive", "average", "major", "semantic"]
+    fig6 = json.loads((out / "fig6.json").read_text())
+    assert [p["num_shards"] for p in fig6["points"]] == [2, 4]
+    assert [p["shard_size"] for p in fig6["points"]] == [10, 5]
+    # shared results: APA(D) of Table 1 is Fig. 4's semantic bar, Fig. 5's adaptive bar and Fig. 6's K=2 point
+    apa_d = table["rows"][4]["auc"]
+    assert fig4["rows"][0]["auc"] == fig5["rows"][0]["auc"] == fig6["points"][0]["auc"] == apa_d
+
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["sizes"] == {"train": 20, "valid": 12, "test": 16}
+    assert summary["machine"]["torch_threads"] >= 1
+    assert summary["machine"]["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")
+    assert summary["model"]["model_id"] == tiny_model_dir.name
+    assert set(summary["figures"]) == {"table1", "fig3", "fig4", "fig5", "fig6"}
+    # one model directory per (strategy, K): K=1, four partitions at K=2, semantic at K=4
+    assert len(list((out / "models").iterdir())) == 6
+
+    # a second run re-uses the trained shard sets and the cached scores: no training at all
+    def no_training(*_: Any, **__: Any) -> None:
+        raise AssertionError("a complete model directory was rebuilt")
+
+    monkeypatch.setattr(experiments, "build_model", no_training)
+    assert main(["experiment", "--what", "table1", *args, *sizes]) == 0
+    assert json.loads((out / "table1.json").read_text())["rows"] == table["rows"]
+
+
+def test_quick_preset_fits_the_cpu_budget() -> None:
+    config = ExperimentConfig.from_preset("quick")
+    assert (config.train_size, config.valid_size, config.test_size, config.num_shards) == (96, 32, 64, 4)
+    assert config.shard_counts == (2, 4, 8)
+    assert quick_budget(config)["total_seconds"] < 30 * 60
+    paper = ExperimentConfig.from_preset("paper")
+    assert (paper.train_size, paper.valid_size, paper.test_size, paper.num_shards) == (1024, 500, 1000, 4)
+    assert paper.weights.top_n == 20 and paper.weights.tau == 1000.0
+    assert ExperimentConfig.from_preset("paper", "bookcrossing").weights.top_n == 100
+
+
+def test_missing_data_is_an_error_not_a_crash(tmp_path: Path, capsys: Any) -> None:
+    code = experiments.experiment_command(
+        "table1", data=str(tmp_path / "nowhere"), out=str(tmp_path / "o"), dataset="bookcrossing"
+    )
+    assert code == 1 and "error" in capsys.readouterr().err
