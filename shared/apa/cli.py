@@ -55,11 +55,25 @@ def _bool_params(func: Callable[..., Any]) -> set[str]:
     }
 
 
+def _list_params(func: Callable[..., Any]) -> set[str]:
+    hints = typing.get_type_hints(func)
+
+    def is_list(hint: Any) -> bool:
+        if typing.get_origin(hint) is list:
+            return True
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            return any(is_list(h) for h in typing.get_args(hint))
+        return False
+
+    return {name for name, hint in hints.items() if is_list(hint)}
+
+
 def normalise_args(func: Callable[..., Any], args: list[str]) -> list[str]:
-    """Accept `--train-limit` for `--train_limit`, and bool options bare (`--full`) or negated
-    (`--no-full`), as users of other CLIs expect."""
+    """Accept `--train-limit` for `--train_limit`, bool options bare (`--full`) or negated
+    (`--no-full`), and list options repeated (`--user-id 1 --user-id 2`), as users expect."""
     params = set(inspect.signature(func).parameters)
     flags = _bool_params(func)
+    lists = _list_params(func)
     out: list[str] = []
     for i, arg in enumerate(args):
         if not arg.startswith("--"):
@@ -72,6 +86,8 @@ def normalise_args(func: Callable[..., Any], args: list[str]) -> list[str]:
             out.append(f"--{name[3:]}=false")
         elif name in flags and not eq and nxt.lower() not in {"true", "false"}:
             out.append(f"--{name}=true")
+        elif name in lists and not eq and not nxt.startswith(("[", "--")):
+            out.append(f"--{name}+")  # append one item; `--name '[a,b]'` still sets the whole list
         elif name in params:
             out.append(f"--{name}{eq}{value}")
         else:
@@ -91,7 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
     func = resolve(name)
-    result = CLI(func, args=normalise_args(func, rest), as_positional=True, prog=f"apa {name}")
+    try:
+        result = CLI(func, args=normalise_args(func, rest), as_positional=True, prog=f"apa {name}")
+    except (FileNotFoundError, ValueError, LookupError) as exc:  # bad input: a message, not a traceback
+        print(f"apa {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ == "OperationalError" and "no such table" in str(exc):
+            print(
+                f"apa {name}: error: the registry database has no schema; run `apa db upgrade` first",
+                file=sys.stderr,
+            )
+            return 2
+        raise
     return int(result) if isinstance(result, int) else 0
 
 
