@@ -13,6 +13,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -37,6 +38,8 @@ from apa.metrics import auc
 from apa.partition import Partition, PartitionConfig, partition
 
 log = logging.getLogger(__name__)
+# peft asks transformers about gradient checkpointing through a deprecated alias on every wrap
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 Preset = Literal["cpu", "tallrec"]
 
