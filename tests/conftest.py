@@ -63,6 +63,26 @@ def build_tiny_llama(vocab_size: int, seed: int = 0):  # type: ignore[no-untyped
     return model
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():  # type: ignore[no-untyped-def]
+    """Tiny models run fastest on one thread (two threads on two busy cores thrash); the real-model
+    tests raise it again for themselves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A tiny random Llama and its tokenizer saved with save_pretrained: a local model directory."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llama(len(tokenizer)).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():  # type: ignore[no-untyped-def]
     return build_tiny_tokenizer()

@@ -51,15 +51,6 @@ OMEGA = torch.tensor(
 # helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The tiny model is faster on one thread than with two contended ones (ms vs 100s of ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def encode(tokenizer: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
     """Left-padded batch with position ids that skip the padding (as the real backbone does)."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 
 from apa.bench import ratios, synthetic_samples
 from apa.cli import main
@@ -26,23 +23,6 @@ METHODS = {
     "sisa",
 }
 TIMING_FIELDS = {"samples_per_second", "latency_ms_p50", "latency_ms_p95", "seconds", "requests"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_tiny_tokenizer()
-    build_tiny_llama(len(tokenizer)).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
 
 
 def test_bench_inference_reports_every_method_k_and_batch_size(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import build_tiny_llama, build_tiny_tokenizer
 
 import apa.experiments as experiments
 from apa.cli import main
@@ -18,24 +16,6 @@ from apa.experiments import ExperimentConfig, quick_budget
 from model_fixtures import make_samples
 
 METHODS = ["Retraining", "SISA", "GraphEraser", "RecEraser", "APA(D)", "APA(ND)"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama and its tokenizer saved with save_pretrained: a local model directory."""
-    root = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_tiny_tokenizer()
-    build_tiny_llama(len(tokenizer)).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
+import torch
 
 from apa.backbone import Backbone, BackboneConfig
 from apa.data import DataConfig, prepare
@@ -13,8 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def backbone() -> Backbone:
-    return Backbone.load(BackboneConfig(bf16_autocast=False, batch_size=4))
+def backbone() -> Iterator[Backbone]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # conftest pins tiny-model tests to one thread
+    yield Backbone.load(BackboneConfig(bf16_autocast=False, batch_size=4))
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

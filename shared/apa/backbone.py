@@ -313,37 +313,28 @@ def no_adapter(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def hidden_state(
+    model: nn.Module, batch: dict[str, torch.Tensor], layer: int = -1, autocast: Any = contextlib.nullcontext
+) -> torch.Tensor:
+    """Hidden states (n, seq, d) of one layer (-1: the final normed output), computed by the
+    decoder alone: the full-vocabulary LM head never runs."""
+    decoder = unwrap_causal_lm(model).get_decoder()
+    with autocast():
+        out = decoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            output_hidden_states=layer != -1,
+        )
+    return out.last_hidden_state if layer == -1 else out.hidden_states[layer]  # type: ignore[no-any-return]
+
+
 def last_hidden_state(
     model: nn.Module, batch: dict[str, torch.Tensor], autocast: Any = contextlib.nullcontext
 ) -> torch.Tensor:
-    """Final (normed) hidden states (n, seq, d), computed without the full-vocabulary head."""
-    decoder = unwrap_causal_lm(model).get_decoder()
-    with autocast():
-        out = decoder(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        )
-    return out.last_hidden_state  # type: ignore[no-any-return]
-
-
-def hidden_state(
-    model: nn.Module, batch: dict[str, torch.Tensor], layer: int, autocast: Any = contextlib.nullcontext
-) -> torch.Tensor:
-    """Hidden states of one layer (-1: the final normed output)."""
-    if layer == -1:
-        return last_hidden_state(model, batch, autocast)
-    decoder = unwrap_causal_lm(model).get_decoder()
-    with autocast():
-        out = decoder(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            output_hidden_states=True,
-        )
-    return out.hidden_states[layer]  # type: ignore[no-any-return]
+    """Final (normed) hidden states (n, seq, d)."""
+    return hidden_state(model, batch, -1, autocast)
 
 
 def _progress(items: list[Any], enabled: bool, desc: str) -> Any:
