@@ -101,3 +101,19 @@ def test_synthetic_samples_are_valid_tallrec_samples() -> None:
     samples = synthetic_samples(5, "train", seed=3)
     assert len({s.sample_id for s in samples}) == 5
     assert all("### Response:" in s.prompt and s.split == "train" for s in samples)
+
+
+def test_bench_backbone_reports_bf16_and_logit_variants(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "test.jsonl", make_samples(12, "test", seed=1))
+    write_jsonl(data / "train.jsonl", make_samples(24, "train", seed=2))
+    out = tmp_path / "bench"
+    args = ["--model", str(tiny_model_dir), "--out", str(out), "--data", str(data), "--num-requests", "12"]
+    assert main(["bench", "backbone", *args]) == 0
+    report = json.loads((out / "backbone.json").read_text())
+    assert set(report["scoring"]) >= {"fp32", "bf16_autocast", "speedup_bf16", "max_abs_p_yes_difference"}
+    assert 0.0 <= report["scoring"]["fp32"]["auc"] <= 1.0
+    assert report["score_samples"] == 12
+    assert set(report["training"]) == {"fp32_answer_logits", "bf16_answer_logits", "bf16_full_logits"}
+    assert report["training"]["fp32_answer_logits"]["speedup_vs_fp32"] == 1.0

@@ -17,6 +17,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from apa.aggregation import MixtureLoRA, WeightConfig, aggregation_weights, base
 from apa.backbone import Backbone, BackboneConfig, unwrap_causal_lm
 from apa.data import Sample, read_jsonl
 from apa.experiments import machine_info, write_json
+from apa.metrics import auc
 from apa.partition import PartitionConfig, partition
 from apa.prompts import MOVIE_INSTRUCTION, answer_text
 from apa.training import TrainConfig, lora_config, train_adapter
@@ -384,6 +386,97 @@ def bench_train(
     return {"train_config": config.to_json(), "full": full, "shards": shards}
 
 
+# ------------------------------------------------------------------------------------------------
+# backbone: what bf16 autocast and answer-only logits buy on this machine
+
+
+def _full_logits_loss(backbone: Backbone, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The naive Eq. 4: full-vocabulary logits at every position, then the answer slice."""
+    span = batch["labels"].shape[1]
+    with backbone.autocast():
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits[:, -span - 1 : -1]
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100
+    )
+
+
+def bench_backbone(
+    backbone: Backbone,
+    test: Sequence[Sample],
+    train: Sequence[Sample],
+    model_dir: str | None = None,
+    train_steps: int = 2,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Scoring samples/s and AUC with and without bf16 autocast (with the shard-0 adapter of
+    `model_dir` when given, else the base model), and LoRA training samples/s for fp32, bf16, and
+    bf16 with full-vocabulary logits."""
+    from peft import get_peft_model
+
+    from apa.training import ModelDir, _num_layers, answer_batch, answer_loss
+
+    prompts, labels = [s.prompt for s in test], [s.label for s in test]
+    original = backbone.config
+    peft_model = ModelDir(model_dir).load_adapters(backbone, [0]) if model_dir else None
+    scoring: dict[str, Any] = {}
+    try:
+        for name, bf16 in (("fp32", False), ("bf16_autocast", True)):
+            backbone.config = replace(original, bf16_autocast=bf16)
+            backbone.score(prompts[:batch_size], model=peft_model)  # warm-up
+            started = time.perf_counter()
+            scores = backbone.score(prompts, model=peft_model, progress=True)
+            seconds = time.perf_counter() - started
+            scoring[name] = {
+                "samples_per_second": len(prompts) / seconds,
+                "auc": auc(labels, scores),
+                "scores": scores,
+            }
+        diff = np.abs(scoring["fp32"].pop("scores") - scoring["bf16_autocast"].pop("scores"))
+        scoring["max_abs_p_yes_difference"] = float(diff.max())
+        scoring["speedup_bf16"] = (
+            scoring["bf16_autocast"]["samples_per_second"] / scoring["fp32"]["samples_per_second"]
+        )
+    finally:
+        if peft_model is not None:
+            peft_model.unload()
+    training: dict[str, Any] = {}
+    config = TrainConfig.preset("cpu")
+    for name, bf16, loss_fn in (
+        ("fp32_answer_logits", False, answer_loss),
+        ("bf16_answer_logits", True, answer_loss),
+        ("bf16_full_logits", True, _full_logits_loss),
+    ):
+        backbone.config = replace(original, bf16_autocast=bf16)
+        torch.manual_seed(0)
+        model = get_peft_model(backbone.model, lora_config(config, _num_layers(backbone.model)))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+        model.train()
+        try:
+            seconds = 0.0
+            for step in range(train_steps + 1):  # step 0 warms up, untimed
+                chunk = [train[(step * batch_size + i) % len(train)] for i in range(batch_size)]
+                started = time.perf_counter()
+                loss = loss_fn(backbone, model, answer_batch(backbone, chunk))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if step:
+                    seconds += time.perf_counter() - started
+        finally:
+            model.unload()
+            backbone.model.eval()
+        training[name] = {"samples_per_second": train_steps * batch_size / seconds}
+    backbone.config = original
+    base = training["fp32_answer_logits"]["samples_per_second"]
+    for row in training.values():
+        row["speedup_vs_fp32"] = row["samples_per_second"] / base
+    return {"scoring": scoring, "training": training, "score_samples": len(prompts), "adapter": model_dir}
+
+
 def replace_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
     return TrainConfig.from_json({**config.to_json(), "epochs": epochs})
 
@@ -393,7 +486,7 @@ def replace_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
 
 
 def bench_command(
-    what: Literal["inference", "train"],
+    what: Literal["inference", "train", "backbone"],
     model: str = "embedded",
     out: str = "runs/bench",
     data: str = "data/ml-100k",
@@ -404,8 +497,10 @@ def bench_command(
     train_size: int = 64,
     epochs: int = 1,
     seed: int = 0,
+    model_dir: str | None = None,
 ) -> int:
-    """Benchmark APA: `inference` (throughput, latency) or `train` (one shard vs everything).
+    """Benchmark APA: `inference` (throughput, latency), `train` (one shard vs everything) or
+    `backbone` (what bf16 autocast and answer-only logits buy: speed and AUC).
 
     Args:
         what: inference or train.
@@ -420,6 +515,8 @@ def bench_command(
         train_size: train: samples in the full training set (K=1).
         epochs: train: epochs for both runs.
         seed: Seed of the random adapters, weights, partition and training.
+        model_dir: backbone: score with shard 0's adapter of this model directory (AUC with a
+            trained adapter); the base model when not given. num_requests test prompts are scored.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -455,6 +552,22 @@ def bench_command(
         plot_inference(report, out_dir / "inference.png")
         print_inference(report)
         print(f"results in {out_dir / 'inference.json'} and {out_dir / 'inference.png'}")
+    elif what == "backbone":
+        test, source = bench_samples(data, "test", num_requests, seed)
+        train, _ = bench_samples(data, "train", max(train_size, 24), seed)
+        report = {**header, "prompts": source, **bench_backbone(backbone, test, train, model_dir)}
+        write_json(out_dir / "backbone.json", report)
+        for name, row in report["scoring"].items():
+            if isinstance(row, dict):
+                print(f"score {name:<15} {row['samples_per_second']:.2f} samples/s  AUC {row['auc']:.4f}")
+        print(
+            f"bf16 speed-up {report['scoring']['speedup_bf16']:.2f}x, max |dP(Yes)| {report['scoring']['max_abs_p_yes_difference']:.4f}"
+        )
+        for name, row in report["training"].items():
+            print(
+                f"train {name:<20} {row['samples_per_second']:.2f} samples/s ({row['speedup_vs_fp32']:.2f}x fp32)"
+            )
+        print(f"results in {out_dir / 'backbone.json'}")
     else:
         samples, source = bench_samples(data, "train", train_size, seed)
         report = {**header, "samples": source, "train_size": train_size, "epochs": epochs}
