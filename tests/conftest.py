@@ -3,64 +3,16 @@ the TALLRec prompt vocabulary, so every unit test runs without the real model.""
 
 from __future__ import annotations
 
-import re
+import os
 
 import pytest
 import torch
 
-from apa.prompts import MOVIE_INSTRUCTION, PROMPT_TEMPLATE
+from apa.tiny import build_tiny_llama, build_tiny_tokenizer
 
-_BASE_WORDS = re.findall(r"\w+|[^\w\s]", PROMPT_TEMPLATE + " " + MOVIE_INSTRUCTION + " Yes. No.")
-_EXTRA_WORDS = (
-    "User Preference Unpreference Whether the user will enjoy target movie book written by "
-    "Toy Story Heat Alien Fargo Casino Brazil Babe Clerks Jaws Rocky Vertigo Psycho Titanic "
-    '( ) " , . : 1995 1996 1997 1998 1999 1 2 3 4 5 6 7 8 9 0'
-).split()
-
-
-def build_tiny_tokenizer():  # type: ignore[no-untyped-def]
-    """A WordLevel tokenizer (whitespace + punctuation split), pad on the left like the real setup."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab: dict[str, int] = {}
-    for word in specials + _BASE_WORDS + _EXTRA_WORDS:
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side="left",
-    )
-    return fast
-
-
-def build_tiny_llama(vocab_size: int, seed: int = 0):  # type: ignore[no-untyped-def]
-    """A 2-layer, 32-wide random LlamaForCausalLM with q/k/v/o projections for LoRA."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    model.eval()
-    return model
+TEST_PSEUDONYM_KEY = "7465737420707365756430ff6e796d206b6579206f6620746865207465737473"
+"""Every test (and every process a test starts) pseudonymises ids under this key."""
+os.environ["APA_PSEUDONYM_KEY"] = TEST_PSEUDONYM_KEY
 
 
 @pytest.fixture(autouse=True, scope="session")

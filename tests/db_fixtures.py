@@ -9,7 +9,8 @@ APA_SKIP_POSTGRES=1 is set.
 from __future__ import annotations
 
 import hashlib
-import json
+from dataclasses import replace
+
 import os
 import uuid
 from collections.abc import Iterator
@@ -21,13 +22,22 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from apa.db.registry import sample_digest
+from apa.artifacts import ArtifactStore
+from apa.backbone import BackboneConfig
+from apa.data import Sample
 from apa.db.session import make_engine, upgrade
+from apa.modeldir import ModelDir, ModelInfo, ShardManifest
+from apa.partition import Partition, PartitionConfig
+from apa.prompts import MOVIE_INSTRUCTION, answer_text
+from apa.pseudonyms import Pseudonymizer
+from apa.training import TrainConfig
 
 PG_SERVER = os.environ.get("APA_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432")
 """Server the integration tests create their throwaway databases on."""
 
 MODEL_ID = "fake-model"
+PSEUDO = Pseudonymizer.from_secret(os.environ["APA_PSEUDONYM_KEY"], source="tests")
+"""The tests' pseudonym key (conftest sets APA_PSEUDONYM_KEY for the whole test session)."""
 
 # Interaction ids are "<user>:<item>"; each sample holds 2 history interactions and the target last.
 SAMPLES: dict[str, list[tuple[str, str, list[str]]]] = {
@@ -56,82 +66,84 @@ def shard_id(k: int) -> str:
     return f"{MODEL_ID}/{k}"
 
 
+def pid(sample_id: str) -> str:
+    """The pseudonym of a sample id under the tests' key."""
+    return PSEUDO.sample(sample_id)
+
+
+def fake_samples() -> dict[str, list[Sample]]:
+    out: dict[str, list[Sample]] = {}
+    for split, rows in SAMPLES.items():
+        out[split] = [
+            Sample(
+                sample_id=sample_id,
+                user_id=user,
+                split=split,  # type: ignore[arg-type]
+                instruction=MOVIE_INSTRUCTION,
+                input=f"User Preference: {interactions[:-1]}\nWhether the user will like {interactions[-1]}?",
+                output=answer_text(1),
+                label=1,
+                interaction_ids=tuple(interactions),
+            )
+            for sample_id, user, interactions in rows
+        ]
+    return out
+
+
 def make_manifest(
     k: int, sample_ids: list[str], *, version: int = 1, adapter_sha256: str | None = None
 ) -> dict[str, Any]:
-    """A manifest as `apa train` writes it (docs/LAYOUT.md)."""
+    """A manifest as training writes it (`ShardManifest.to_json`), naming samples by pseudonym."""
     ids = sorted(sample_ids)
-    return {
-        "shard_id": k,
-        "version": version,
-        "sample_ids": ids,
-        "sample_digest": sample_digest(ids),
-        "config": {"lora_r": 8, "lora_alpha": 16, "lr": 1e-4},
-        "seed": 0,
-        "base_model": "tiny-llama",
-        "base_model_digest": "0" * 64,
-        "adapter_sha256": adapter_sha256 or hashlib.sha256(f"{k}-{version}-{ids}".encode()).hexdigest(),
-        "metrics": [{"epoch": 0, "loss": 0.69, "valid_auc": 0.5}],
-        "best_epoch": 0,
-        "trained_at": "2025-11-28T00:00:00+00:00",
-        "train_seconds": 1.5,
-        "num_samples": len(ids),
-    }
+    sha = adapter_sha256 or (hashlib.sha256(f"{k}-{version}-{ids}".encode()).hexdigest() if ids else None)
+    return ShardManifest(
+        shard_index=k,
+        version=version,
+        sample_pids=tuple(pid(i) for i in ids),
+        train_config=TrainConfig(lora_r=2, lora_alpha=4),
+        base_model="tiny-llama",
+        base_model_digest="0" * 64,
+        pseudonym_key_id=PSEUDO.key_id,
+        adapter_sha256=sha,
+        trained_at="2025-11-28T00:00:00+00:00",
+        train_seconds=1.5,
+    ).to_json()
 
 
 def write_fake_model_dir(root: Path, *, with_adapters: bool = True) -> Path:
-    """A model directory with 10 samples (3 users, 3 splits), 2 shards and real safetensors files."""
+    """A model directory with 10 samples (3 users, 3 splits), 2 shards and real safetensors files
+    (tiny fake LoRA tensors: enough for the registry, not for a model)."""
     import torch
-    from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "model.json").write_text(
-        json.dumps(
-            {
-                "base_model": "tiny-llama",
-                "base_model_digest": "0" * 64,
-                "num_shards": len(PARTITION),
-                "partition": {"strategy": "random", "num_shards": len(PARTITION), "seed": 0},
-                "train": {"lora_r": 8},
-                "created_at": "2025-11-28T00:00:00+00:00",
-            }
-        )
+    info = ModelInfo(
+        base_model="tiny-llama",
+        base_model_digest="0" * 64,
+        backbone_config=BackboneConfig(model="tiny"),
+        partition_config=PartitionConfig(strategy="random", num_shards=len(PARTITION)),
+        train_config=TrainConfig(lora_r=2, lora_alpha=4),
+        num_shards=len(PARTITION),
+        pseudonym_key_id=PSEUDO.key_id,
+        created_at="2025-11-28T00:00:00+00:00",
     )
-    (root / "partition.json").write_text(
-        json.dumps({"strategy": "random", "seed": 0, "shards": PARTITION, "centroids": None})
-    )
-    (root / "data").mkdir(exist_ok=True)
-    for split, rows in SAMPLES.items():
-        with (root / "data" / f"{split}.jsonl").open("w") as fh:
-            for sample_id, user, interactions in rows:
-                record = {
-                    "sample_id": sample_id,
-                    "user_id": user,
-                    "split": split,
-                    "instruction": "Given the user's preference ...",
-                    "input": f"User Preference: {interactions[:-1]}\nWhether the user will like {interactions[-1]}?",
-                    "output": "Yes.",
-                    "label": 1,
-                    "interaction_ids": interactions,
-                }
-                fh.write(json.dumps(record) + "\n")
+    parts = Partition(shards=[list(s) for s in PARTITION], centroids=None, config=info.partition_config)
+    md = ModelDir.create(root, info, fake_samples(), parts)
     if with_adapters:
         for k, ids in enumerate(PARTITION):
-            adapter = root / "shards" / str(k) / "adapter"
-            adapter.mkdir(parents=True, exist_ok=True)
-            weights = adapter / "adapter_model.safetensors"
-            save_file({"lora_A": torch.full((2, 4), float(k)), "lora_B": torch.zeros(4, 2)}, str(weights))
-            (adapter / "adapter_config.json").write_text(json.dumps({"r": 2, "peft_type": "LORA"}))
-            sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-            (root / "shards" / str(k) / "manifest.json").write_text(
-                json.dumps(make_manifest(k, ids, adapter_sha256=sha))
-            )
+            manifest = ShardManifest.from_json(make_manifest(k, ids, adapter_sha256="0" * 64))
+            weights = {"lora_A": torch.full((2, 4), float(k)), "lora_B": torch.zeros(4, 2)}
+            md.save_shard(replace(manifest, adapter_sha256=None), weights, {"r": 2, "peft_type": "LORA"})
     return root
 
 
 @pytest.fixture(scope="session")
 def fake_model_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fake_model_dir(tmp_path_factory.mktemp("models") / MODEL_ID)
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> ArtifactStore:
+    """An empty artifact store."""
+    return ArtifactStore(tmp_path / "artifacts")
 
 
 @pytest.fixture()

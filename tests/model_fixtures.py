@@ -24,7 +24,9 @@ TITLES = [
 ]
 
 
-def make_samples(n: int, split: str = "train", seed: int = 0, users: int = 6) -> list[Sample]:
+def make_samples(
+    n: int, split: str = "train", seed: int = 0, users: int = 6, user_prefix: str = "u"
+) -> list[Sample]:
     """`n` TALLRec-shaped samples whose label is learnable from the target title."""
     rng = random.Random(seed)
     out = []
@@ -40,7 +42,7 @@ def make_samples(n: int, split: str = "train", seed: int = 0, users: int = 6) ->
             + ", ".join(f'"{t} (1995)"' for t in disliked)
             + f'\nWhether the user will enjoy the target movie: "{target} (1995)"?'
         )
-        user = f"u{i % users}"
+        user = f"{user_prefix}{i % users}"
         out.append(
             Sample(
                 sample_id=f"test:{split}:{seed}:{i}",
@@ -64,3 +66,9 @@ def tiny_backbone(model, tokenizer, **config) -> Backbone:  # type: ignore[no-un
         model_id="tiny-llama",
         model_digest="0" * 64,
     )
+
+
+def loadable_tiny_backbone(**config) -> Backbone:  # type: ignore[no-untyped-def]
+    """The tiny model as `Backbone.load` builds it (`--model tiny`): a model directory built with it
+    can be reopened by another process (`apa unlearn`, a worker)."""
+    return Backbone.load(BackboneConfig(model="tiny", bf16_autocast=False, **config))

@@ -7,7 +7,6 @@ Equivalences are checked three ways: the batched in-layer mixture, a dense per-r
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,8 +24,10 @@ from apa.aggregation import (
     WeightConfig,
     aggregation_weights,
     export_merged_adapter,
+    cache_sample_ids,
+    cached_embeddings,
     lora_layers,
-    valid_prediction_matrix,
+    prune_caches,
     valid_predictions,
 )
 from apa.prompts import MOVIE_INSTRUCTION, format_prompt
@@ -535,49 +536,38 @@ def counting(
 
 
 def test_valid_predictions_are_cached_per_adapter_sha256(tmp_path: Path) -> None:
-    shard = tmp_path / "shards" / "0"
-    (shard / "adapter").mkdir(parents=True)
-    adapter_file = shard / "adapter" / "adapter_model.safetensors"
-    save_file({"w": torch.ones(2)}, str(adapter_file))
     ids, prompts = ["v1", "v2", "v3"], ["p1", "p2", "p3"]
     calls: list[list[str]] = []
     fn = counting(lambda p: np.array([0.1 * len(x) * (i + 1) for i, x in enumerate(p)]), calls)
+    sha_a, sha_b = "a" * 64, "b" * 64
 
-    first = valid_predictions(shard, ids, prompts, fn)
+    first = valid_predictions(tmp_path, sha_a, ids, prompts, fn)
     assert calls == [prompts]
-    np.testing.assert_array_equal(valid_predictions(shard, ids, prompts, fn), first)
-    np.testing.assert_array_equal(valid_predictions(shard, ids[1:], prompts[1:], fn), first[1:])
+    np.testing.assert_array_equal(valid_predictions(tmp_path, sha_a, ids, prompts, fn), first)
+    np.testing.assert_array_equal(valid_predictions(tmp_path, sha_a, ids[1:], prompts[1:], fn), first[1:])
     assert len(calls) == 1  # cache hits, also for a shrunken pool
-    valid_predictions(shard, [*ids, "v4"], [*prompts, "p4"], fn)
+    valid_predictions(tmp_path, sha_a, [*ids, "v4"], [*prompts, "p4"], fn)
     assert calls[-1] == ["p4"]  # only the new sample is scored
-    save_file({"w": torch.zeros(2)}, str(adapter_file))  # retrained adapter: new sha256
-    valid_predictions(shard, ids, prompts, fn)
+    valid_predictions(tmp_path, sha_b, ids, prompts, fn)  # a retrained adapter: nothing reused
     assert calls[-1] == prompts
-    valid_predictions(shard, ids, prompts, fn, scorer_key="other-base-model")
+    valid_predictions(tmp_path, sha_b, ids, prompts, fn, scorer_key="other-base-model")
     assert calls[-1] == prompts and len(calls) == 4
 
 
-def test_valid_prediction_matrix_scores_each_adapter_alone(lora: Any, tmp_path: Path) -> None:
-    peft_model, tok, _ = lora
-    mix = MixtureLoRA(peft_model, NAMES)
-    shard_dirs = []
-    for k, name in enumerate(NAMES):
-        shard_dirs.append(tmp_path / "shards" / str(k))
-        peft_model.save_pretrained(str(tmp_path / "tmp"), selected_adapters=[name])
-        src = tmp_path / "tmp" / ("" if name == "default" else name)
-        (shard_dirs[-1]).mkdir(parents=True)
-        src.rename(shard_dirs[-1] / "adapter")
+def test_pruning_removes_erased_samples_from_every_cache(tmp_path: Path) -> None:
+    ids, prompts = ["v1", "v2", "v3"], ["p1", "p2", "p3"]
+    for sha in ("a" * 64, "b" * 64):
+        valid_predictions(tmp_path, sha, ids, prompts, lambda p: np.full(len(p), 0.5))
 
-    def score_fn_for(name: str) -> Callable[[list[str]], np.ndarray]:
-        def score(prompts: list[str]) -> np.ndarray:
-            with mix.only(name):
-                return p_yes(peft_model, tok, prompts)
+    class FakeBackbone:
+        model_digest, model_id = "0" * 64, "fake"
+        config = type("C", (), {"pooling": "last", "embed_layer": -1, "max_length": 64, "bf16_autocast": False})
 
-        return score
+        def embed(self, texts: list[str], **_: Any) -> np.ndarray:
+            return np.ones((len(texts), 4))
 
-    ids = [f"v{i}" for i in range(len(PROMPTS))]
-    matrix = valid_prediction_matrix(shard_dirs, ids, PROMPTS, [score_fn_for(n) for n in NAMES])
-    expected = np.stack([(peft_model.set_adapter(n), p_yes(peft_model, tok, PROMPTS))[1] for n in NAMES], 1)
-    np.testing.assert_allclose(matrix, expected, atol=1e-6, rtol=0)
-    cache = json.loads((shard_dirs[0] / "valid_predictions.json").read_text())
-    assert set(cache["predictions"]) == set(ids) and len(cache["adapter_sha256"]) == 64
+    cached_embeddings(FakeBackbone(), tmp_path / "valid-embeddings.npz", ids, prompts)
+    assert cache_sample_ids(tmp_path) == set(ids)
+    assert prune_caches(tmp_path, lambda sid: sid == "v2") == 3  # two prediction files + embeddings
+    assert cache_sample_ids(tmp_path) == {"v1", "v3"}
+    assert prune_caches(tmp_path, lambda sid: sid == "v2") == 0  # idempotent

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from apa.artifacts import ArtifactStore
 from apa.db import audit, registry
 from apa.db.audit import GENESIS_HASH, audit_command
 from apa.db.bootstrap import bootstrap
@@ -25,21 +26,24 @@ from apa.db.session import session_scope
 from apa.events import ErasureRequested
 from db_fixtures import (  # noqa: F401 - fixtures
     MODEL_ID,
+    PSEUDO,
     disable_append_only_guard,
     fake_model_template,
     migrated_sqlite_template,
     model_dir,
     pg_engine,
     pg_url,
+    pid,
     shard_id,
     sqlite_engine,
+    store,
 )
 
 
 def _append_rows(engine: Engine, n: int) -> None:
     with session_scope(engine) as session:
         for i in range(n):
-            audit.append(session, f"event_{i}", user_id=f"u{i % 3}", payload={"i": i, "note": "é ☃"})
+            audit.append(session, f"event_{i}", user_pid=f"u{i % 3}", payload={"i": i, "note": "é ☃"})
 
 
 def _verify(engine: Engine) -> audit.VerifyResult:
@@ -64,7 +68,7 @@ def test_hash_is_sha256_of_prev_hash_and_canonical_row(sqlite_engine: Engine) ->
             "ts": first.ts.isoformat(timespec="microseconds"),
             "event_type": "event_0",
             "request_id": None,
-            "user_id": "u0",
+            "user_pid": "u0",
             "shard_id": None,
             "adapter_version_id": None,
             "payload": {"i": 0, "note": "é ☃"},
@@ -129,12 +133,11 @@ def test_audit_log_refuses_update_and_delete(sqlite_engine: Engine) -> None:
 
 
 def test_verify_names_serving_adapter_whose_manifest_holds_an_erased_sample(
-    sqlite_engine: Engine,
-    model_dir: Path,
+    sqlite_engine: Engine, model_dir: Path, store: ArtifactStore
 ) -> None:
     with session_scope(sqlite_engine) as session:
-        bootstrap(session, model_dir, model_id=MODEL_ID)
-        registry.record_erasure(session, ErasureRequested("r1", "alice", ["alice:1"]))
+        bootstrap(session, model_dir, PSEUDO, store, model_id=MODEL_ID)
+        registry.record_erasure(session, ErasureRequested("r1", "alice", ["alice:1"]), PSEUDO)
     assert _verify(sqlite_engine).ok  # the excluded adapter is not serving
     with sqlite_engine.begin() as conn:  # someone puts the excluded version back into service
         conn.execute(
@@ -143,20 +146,19 @@ def test_verify_names_serving_adapter_whose_manifest_holds_an_erased_sample(
     result = _verify(sqlite_engine)
     assert not result.ok and result.first_bad_row is None
     assert result.bad_adapter == f"{shard_id(0)}@v1"
-    assert "t-a1" in result.summary()
+    assert pid("t-a1") in result.summary()
 
 
 def test_verify_flags_erased_sample_whose_text_is_still_stored(
-    sqlite_engine: Engine,
-    model_dir: Path,
+    sqlite_engine: Engine, model_dir: Path, store: ArtifactStore
 ) -> None:
     with session_scope(sqlite_engine) as session:
-        bootstrap(session, model_dir, model_id=MODEL_ID)
-        registry.record_erasure(session, ErasureRequested("r1", "bob"))
+        bootstrap(session, model_dir, PSEUDO, store, model_id=MODEL_ID)
+        registry.record_erasure(session, ErasureRequested("r1", "bob"), PSEUDO)
     with sqlite_engine.begin() as conn:
-        conn.execute(update(Sample).where(Sample.sample_id == "v-b1").values(text="{}"))
+        conn.execute(update(Sample).where(Sample.sample_pid == pid("v-b1")).values(text="{}"))
     result = _verify(sqlite_engine)
-    assert not result.ok and "v-b1" in result.summary()
+    assert not result.ok and pid("v-b1") in result.summary() and "record is stored" in result.summary()
 
 
 def test_audit_verify_command_exits_1_and_names_the_first_bad_row(
@@ -247,6 +249,6 @@ def test_tampering_is_detected_on_postgres(pg_engine: Engine) -> None:
         conn.execute(text("DELETE FROM audit_log WHERE id = 2"))
     disable_append_only_guard(pg_engine)
     with pg_engine.begin() as conn:
-        conn.execute(update(AuditLog).where(AuditLog.id == 2).values(user_id="someone-else"))
+        conn.execute(update(AuditLog).where(AuditLog.id == 2).values(user_pid="someone-else"))
     result = _verify(pg_engine)
     assert not result.ok and result.first_bad_row == 2

@@ -6,7 +6,6 @@ Unit tests run on SQLite; the `integration` ones repeat the life cycle on the re
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from datetime import timedelta
@@ -17,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from apa.artifacts import ArtifactStore
 from apa.db import audit, registry
 from apa.db.bootstrap import BootstrapError, bootstrap, bootstrap_command
 from apa.db.models import (
@@ -34,31 +34,43 @@ from apa.events import ErasureRequested
 from db_fixtures import (  # noqa: F401 - fixtures
     MODEL_ID,
     PARTITION,
+    PSEUDO,
+    SAMPLES,
     fake_model_template,
     make_manifest,
     migrated_sqlite_template,
     model_dir,
     pg_engine,
     pg_url,
+    pid,
     shard_id,
     sqlite_engine,
+    store,
 )
+
+CLEAR = {pid(sample_id): sample_id for rows in SAMPLES.values() for sample_id, _, _ in rows}
+"""Sample pseudonym -> the fake model's clear sample id."""
 
 
 def _erase(engine: Engine, user: str, interactions: list[str] | None = None, request_id: str = "req-1"):
     with session_scope(engine) as session:
-        result = registry.record_erasure(session, ErasureRequested(request_id, user, interactions))
+        result = registry.record_erasure(session, ErasureRequested(request_id, user, interactions), PSEUDO)
         return result
 
 
 def _samples(session: Session) -> dict[str, Sample]:
-    return {s.sample_id: s for s in session.scalars(select(Sample))}
+    """Registry sample rows by clear sample id (the test knows the ids; the registry does not)."""
+    return {CLEAR[s.sample_pid]: s for s in session.scalars(select(Sample))}
+
+
+def _erased_ids(result: registry.ErasureResult) -> list[str]:
+    return sorted(CLEAR[key.split("/", 1)[1]] for key in result.erased_samples)
 
 
 def _retrain(session: Session, k: int, *, version: int = 2) -> AdapterVersion:
     """What a trainer does: mark retraining, train on the remaining samples, register."""
     generation = registry.mark_retraining(session, shard_id(k))
-    remaining = [s.sample_id for s in registry.remaining_samples(session, shard_id(k))]
+    remaining = [CLEAR[s.sample_pid] for s in registry.remaining_samples(session, shard_id(k))]
     return registry.register_adapter_version(
         session,
         shard_id(k),
@@ -69,17 +81,17 @@ def _retrain(session: Session, k: int, *, version: int = 2) -> AdapterVersion:
 
 
 @pytest.fixture()
-def loaded(sqlite_engine: Engine, model_dir: Path) -> Engine:
+def loaded(sqlite_engine: Engine, model_dir: Path, store: ArtifactStore) -> Engine:
     """The fake model bootstrapped into a fresh SQLite registry."""
     with session_scope(sqlite_engine) as session:
-        bootstrap(session, model_dir, model_id=MODEL_ID)
+        bootstrap(session, model_dir, PSEUDO, store, model_id=MODEL_ID)
     return sqlite_engine
 
 
 # --- bootstrap ---------------------------------------------------------------------------------------
 
 
-def test_bootstrap_loads_samples_with_shards_and_serving_adapters(loaded: Engine) -> None:
+def test_bootstrap_loads_samples_with_shards_and_serving_adapters(loaded: Engine, store: ArtifactStore) -> None:
     with Session(loaded) as session:
         samples = _samples(session)
         assert len(samples) == 10
@@ -88,12 +100,17 @@ def test_bootstrap_loads_samples_with_shards_and_serving_adapters(loaded: Engine
         for k, ids in enumerate(PARTITION):
             assert {sid for sid, s in samples.items() if s.shard_id == shard_id(k)} == set(ids)
         assert samples["t-a1"].text is not None and json.loads(samples["t-a1"].text)["user_id"] == "alice"
-        assert samples["t-a1"].content_digest == hashlib.sha256(samples["t-a1"].text.encode()).hexdigest()
+        assert samples["t-a1"].user_pid == PSEUDO.user("alice")
+        assert samples["t-a1"].content_hmac == PSEUDO.content(samples["t-a1"].text)
         roles = {
-            (i.interaction_id, i.role)
+            (i.interaction_pid, i.role)
             for i in session.scalars(select(Interaction).where(Interaction.sample_pk == samples["t-a1"].id))
         }
-        assert roles == {("alice:1", "history"), ("alice:2", "history"), ("alice:3", "target")}
+        assert roles == {
+            (PSEUDO.interaction("alice:1"), "history"),
+            (PSEUDO.interaction("alice:2"), "history"),
+            (PSEUDO.interaction("alice:3"), "target"),
+        }
         shards = session.scalars(select(Shard).order_by(Shard.index)).all()
         assert [(s.id, s.state, s.generation) for s in shards] == [
             (shard_id(0), "serving", 0),
@@ -104,15 +121,14 @@ def test_bootstrap_loads_samples_with_shards_and_serving_adapters(loaded: Engine
             (shard_id(0), 1, "serving"),
             (shard_id(1), 1, "serving"),
         ]
-        assert versions[0].manifest["sample_ids"] == sorted(PARTITION[0])
-        assert versions[0].artifact_uri.startswith("file://") and versions[0].artifact_uri.endswith(
-            "/0/adapter"
-        )
+        assert versions[0].manifest["sample_pids"] == sorted(pid(i) for i in PARTITION[0])
+        assert versions[0].artifact_uri == f"{MODEL_ID}/0/v1-{versions[0].adapter_sha256}"
+        assert store.exists(versions[0].artifact_uri) and store.exists(versions[1].artifact_uri)
         assert session.scalar(select(func.count()).select_from(User)) == 3
         assert audit.verify(session).ok
 
 
-def test_bootstrap_is_idempotent(loaded: Engine, model_dir: Path) -> None:
+def test_bootstrap_is_idempotent(loaded: Engine, model_dir: Path, store: ArtifactStore) -> None:
     def counts() -> tuple[int, ...]:
         with Session(loaded) as session:
             return tuple(
@@ -122,16 +138,18 @@ def test_bootstrap_is_idempotent(loaded: Engine, model_dir: Path) -> None:
 
     before = counts()
     with session_scope(loaded) as session:
-        result = bootstrap(session, model_dir, model_id=MODEL_ID)
+        result = bootstrap(session, model_dir, PSEUDO, store, model_id=MODEL_ID)
     assert (result.samples_added, result.shards_added, result.adapters_registered) == (0, 0, [])
     assert result.adapters_already_registered == 2
     assert counts() == before
 
 
-def test_bootstrap_after_erasure_does_not_bring_erased_data_back(loaded: Engine, model_dir: Path) -> None:
+def test_bootstrap_after_erasure_does_not_bring_erased_data_back(
+    loaded: Engine, model_dir: Path, store: ArtifactStore
+) -> None:
     _erase(loaded, "alice")
     with session_scope(loaded) as session:
-        bootstrap(session, model_dir, model_id=MODEL_ID)
+        bootstrap(session, model_dir, PSEUDO, store, model_id=MODEL_ID)
     with Session(loaded) as session:
         samples = _samples(session)
         assert samples["t-a1"].erased and samples["t-a1"].text is None
@@ -140,13 +158,12 @@ def test_bootstrap_after_erasure_does_not_bring_erased_data_back(loaded: Engine,
 
 
 def test_bootstrap_refuses_adapter_whose_sha256_differs_from_manifest(
-    sqlite_engine: Engine,
-    model_dir: Path,
+    sqlite_engine: Engine, model_dir: Path, store: ArtifactStore
 ) -> None:
     weights = model_dir / "shards" / "1" / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b"tampered")
     with pytest.raises(BootstrapError, match="sha256"), session_scope(sqlite_engine) as session:
-        bootstrap(session, model_dir)
+        bootstrap(session, model_dir, PSEUDO, store)
     with Session(sqlite_engine) as session:
         assert session.scalar(select(func.count()).select_from(Sample)) == 0  # nothing half-imported
 
@@ -154,8 +171,11 @@ def test_bootstrap_refuses_adapter_whose_sha256_differs_from_manifest(
 def test_bootstrap_command_reports_errors_and_exits_nonzero(
     sqlite_engine: Engine,
     model_dir: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("APA_ARTIFACT_STORE", str(tmp_path / "store"))
     url = sqlite_engine.url.render_as_string(hide_password=False)
     assert bootstrap_command(str(model_dir), url=url) == 0
     assert bootstrap_command(str(model_dir), url=url) == 0  # idempotent
@@ -165,11 +185,23 @@ def test_bootstrap_command_reports_errors_and_exits_nonzero(
 
 
 def test_bootstrap_refuses_new_data_of_an_erased_user(
-    loaded: Engine, tmp_path: Path, model_dir: Path
+    loaded: Engine, tmp_path: Path, model_dir: Path, store: ArtifactStore
 ) -> None:
     _erase(loaded, "bob")
-    with pytest.raises(BootstrapError, match="erased user 'bob'"), session_scope(loaded) as session:
-        bootstrap(session, model_dir, model_id="another-model")
+    with pytest.raises(BootstrapError, match="erased user"), session_scope(loaded) as session:
+        bootstrap(session, model_dir, PSEUDO, store, model_id="another-model")
+
+
+def test_bootstrap_refuses_a_model_dir_pseudonymised_under_another_key(
+    loaded: Engine, tmp_path: Path, store: ArtifactStore
+) -> None:
+    from db_fixtures import write_fake_model_dir
+
+    from apa.pseudonyms import Pseudonymizer
+
+    other = Pseudonymizer(b"another-key-of-32-bytes-xxxxxxxx")
+    with pytest.raises(BootstrapError, match="pseudonym key"), session_scope(loaded) as session:
+        bootstrap(session, write_fake_model_dir(tmp_path / "m2"), other, store, model_id="m2")
 
 
 # --- erasure -----------------------------------------------------------------------------------------
@@ -177,20 +209,20 @@ def test_bootstrap_refuses_new_data_of_an_erased_user(
 
 def test_erased_user_samples_leave_every_split_and_keep_their_digest(loaded: Engine) -> None:
     with Session(loaded) as session:
-        digests = {sid: s.content_digest for sid, s in _samples(session).items()}
+        digests = {sid: s.content_hmac for sid, s in _samples(session).items()}
     result = _erase(loaded, "alice")
-    assert sorted(result.erased_samples) == sorted(
-        f"{MODEL_ID}/{s}" for s in ("t-a1", "t-a2", "v-a1", "s-a1")
-    )
+    assert _erased_ids(result) == sorted(["t-a1", "t-a2", "v-a1", "s-a1"])
     with Session(loaded) as session:
         for sid, sample in _samples(session).items():
-            assert sample.erased == (sample.user_id == "alice"), sid
+            assert sample.erased == (sample.user_pid == PSEUDO.user("alice")), sid
             assert (sample.text is None) == sample.erased
-            assert sample.content_digest == digests[sid]
+            assert (sample.label is None) == sample.erased and (sample.interaction_pids is None) == sample.erased
+            assert sample.content_hmac == digests[sid]
             if sample.erased:
                 assert sample.erased_at is not None and sample.erasure_request_id == "req-1"
-        assert session.get(User, "alice").erased_at is not None  # type: ignore[union-attr]
-        assert registry.erased_sample_ids(session, MODEL_ID) == {"t-a1", "t-a2", "v-a1", "s-a1"}
+                assert not session.scalars(select(Interaction).where(Interaction.sample_pk == sample.id)).all()
+        assert session.get(User, PSEUDO.user("alice")).erased_at is not None  # type: ignore[union-attr]
+        assert registry.erased_sample_pids(session, MODEL_ID) == {pid(i) for i in ("t-a1", "t-a2", "v-a1", "s-a1")}
 
 
 def test_erasure_marks_train_shards_stale_and_excludes_their_adapters(loaded: Engine) -> None:
@@ -211,12 +243,12 @@ def test_erasure_marks_train_shards_stale_and_excludes_their_adapters(loaded: En
 def test_interaction_erasure_finds_samples_holding_it_in_history(loaded: Engine) -> None:
     # alice:3 is the target of t-a1 and in the history of t-a2 and v-a1; not in s-a1.
     result = _erase(loaded, "alice", ["alice:3"])
-    assert sorted(result.erased_samples) == [f"{MODEL_ID}/t-a1", f"{MODEL_ID}/t-a2", f"{MODEL_ID}/v-a1"]
+    assert _erased_ids(result) == ["t-a1", "t-a2", "v-a1"]
     assert result.stale_shards == [shard_id(0), shard_id(1)]
     with Session(loaded) as session:
         samples = _samples(session)
         assert not samples["s-a1"].erased
-        assert session.get(User, "alice").erased_at is None  # type: ignore[union-attr]
+        assert session.get(User, PSEUDO.user("alice")).erased_at is None  # type: ignore[union-attr]
 
 
 def test_interaction_erasure_never_reaches_another_users_samples(loaded: Engine) -> None:
@@ -251,7 +283,7 @@ def test_long_lived_session_sees_erasures_committed_by_other_writers(loaded: Eng
             assert not any(s.erased for s in cached.values())
         _erase(loaded, "alice", request_id="other-writer")
         with consumer.begin():
-            result = registry.record_erasure(consumer, ErasureRequested("req-2", "alice"))
+            result = registry.record_erasure(consumer, ErasureRequested("req-2", "alice"), PSEUDO)
         assert result.erased_samples == [] and result.stale_shards == []
         assert cached["t-a1"].erased
     with Session(loaded) as session:
@@ -266,12 +298,12 @@ def test_reused_request_id_for_another_user_is_a_conflict(loaded: Engine) -> Non
     with pytest.raises(registry.ConflictError):
         _erase(loaded, "bob")
     with Session(loaded) as session:
-        assert not any(s.erased for s in _samples(session).values() if s.user_id == "bob")
+        assert not any(s.erased for s in _samples(session).values() if s.user_pid == PSEUDO.user("bob"))
 
 
 def test_erasure_of_user_without_train_samples_completes_at_once(loaded: Engine) -> None:
     result = _erase(loaded, "alice", ["alice:6"])  # only in test sample s-a1
-    assert result.erased_samples == [f"{MODEL_ID}/s-a1"] and result.stale_shards == []
+    assert _erased_ids(result) == ["s-a1"] and result.stale_shards == []
     assert result.request.status == "completed" and result.request.completed_at is not None
 
 
@@ -287,7 +319,7 @@ def test_retrain_promotion_completes_request_when_all_shards_serve_again(loaded:
     _erase(loaded, "alice")
     with session_scope(loaded) as session:
         v0 = _retrain(session, 0)
-        assert v0.state == "serving" and "t-a1" not in v0.manifest["sample_ids"]
+        assert v0.state == "serving" and pid("t-a1") not in v0.manifest["sample_pids"]
         request = session.get(ErasureRequest, "req-1")
         assert request is not None and request.status == "retraining" and request.completed_at is None
     with session_scope(loaded) as session:
@@ -334,7 +366,7 @@ def test_stale_retrain_result_is_not_promoted(loaded: Engine) -> None:
     _erase(loaded, "alice", ["alice:1"], request_id="r1")  # t-a1, shard 0
     with session_scope(loaded) as session:
         generation = registry.mark_retraining(session, shard_id(0))
-        remaining = [s.sample_id for s in registry.remaining_samples(session, shard_id(0))]
+        remaining = [CLEAR[s.sample_pid] for s in registry.remaining_samples(session, shard_id(0))]
     # a newer erasure hits shard 0 while that retrain runs; the trainer's data excluded it already
     _erase(loaded, "carol", ["carol:1"], request_id="r2")  # t-c1, shard 0
     remaining.remove("t-c1")
@@ -377,7 +409,7 @@ def test_shard_emptied_by_erasures_serves_no_adapter_and_completes_requests(load
             registry.register_adapter_version(
                 session, shard_id(0), {**make_manifest(0, ["t-b1"], version=3), "adapter_sha256": None}, "x"
             )
-        assert info.value.field == "adapter_sha256"
+        assert info.value.field == "manifest" and "adapter_sha256" in str(info.value)
         assert audit.verify(session).ok
 
 
@@ -393,7 +425,7 @@ def test_register_refuses_manifest_with_erased_sample(loaded: Engine) -> None:
             "file:///x",
             started_generation=generation,
         )
-    assert info.value.field == "sample_ids" and info.value.sample_ids == ["t-a1"]
+    assert info.value.field == "sample_pids" and info.value.sample_pids == [pid("t-a1")]
     with Session(loaded) as session:
         assert session.get(Shard, shard_id(0)).state == "retraining"  # type: ignore[union-attr]
         assert session.scalar(select(func.count()).select_from(AdapterVersion)) == 2
@@ -402,14 +434,12 @@ def test_register_refuses_manifest_with_erased_sample(loaded: Engine) -> None:
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (
-            lambda m: m.update(sample_ids=["t-a2"], sample_digest=registry.sample_digest(["t-a2"])),
-            "sample_ids",
-        ),
-        (lambda m: m.update(version=0), "version"),
+        (lambda m: m.update(make_manifest(0, ["t-a2"], version=2)), "sample_pids"),  # shard 1's sample
+        (lambda m: m.update(version=0), "manifest"),
         (lambda m: m.update(adapter_sha256="xyz"), "adapter_sha256"),
-        (lambda m: m.update(shard_id=1), "shard_id"),
-        (lambda m: m.update(sample_digest="0" * 64), "sample_digest"),
+        (lambda m: m.update(shard_index=1), "shard_index"),
+        (lambda m: m.update(sample_digest="0" * 64), "manifest"),
+        (lambda m: m.update(pseudonym_key_id="f" * 16), "pseudonym_key_id"),
     ],
 )
 def test_register_refuses_malformed_or_foreign_manifests(
@@ -452,7 +482,7 @@ def test_replicas_confirm_exclusion_once_none_has_an_excluded_adapter_loaded(loa
         registry.record_replica_heartbeat(session, "replica-b", {shard_id(0): 1}, now=t0)
     with session_scope(loaded) as session:
         registry.record_erasure(
-            session, ErasureRequested("r1", "bob", ["bob:1"]), now=t0 + timedelta(seconds=1)
+            session, ErasureRequested("r1", "bob", ["bob:1"]), PSEUDO, now=t0 + timedelta(seconds=1)
         )
     with session_scope(loaded) as session:
         registry.record_replica_heartbeat(
@@ -484,16 +514,16 @@ def test_heartbeat_without_change_writes_no_audit_row(loaded: Engine) -> None:
 
 
 @pytest.mark.integration
-def test_erasure_life_cycle_on_postgres(pg_engine: Engine, model_dir: Path) -> None:
+def test_erasure_life_cycle_on_postgres(pg_engine: Engine, model_dir: Path, store: ArtifactStore) -> None:
     with session_scope(pg_engine) as session:
-        bootstrap(session, model_dir, model_id=MODEL_ID)
+        bootstrap(session, model_dir, PSEUDO, store, model_id=MODEL_ID)
     _erase(pg_engine, "alice", ["alice:3"])
     _erase(pg_engine, "alice", ["alice:3"])  # redelivery
     with session_scope(pg_engine) as session:
         _retrain(session, 0)
         _retrain(session, 1)
     with Session(pg_engine) as session:
-        status = registry.user_erasure_status(session, "alice")
+        status = registry.user_erasure_status(session, "alice", PSEUDO)
         assert status["requests"][0]["status"] == "completed"
         assert status["samples_erased"] == 3 and status["samples_held"] == 1
         assert len(status["adapter_versions"]["retrained"]) == 2
@@ -503,12 +533,12 @@ def test_erasure_life_cycle_on_postgres(pg_engine: Engine, model_dir: Path) -> N
 
 @pytest.mark.integration
 def test_concurrent_writers_do_not_fork_the_audit_chain_on_postgres(
-    pg_engine: Engine, model_dir: Path
+    pg_engine: Engine, model_dir: Path, store: ArtifactStore
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     with session_scope(pg_engine) as session:
-        bootstrap(session, model_dir, model_id=MODEL_ID)
+        bootstrap(session, model_dir, PSEUDO, store, model_id=MODEL_ID)
 
     def heartbeat(i: int) -> None:
         with session_scope(pg_engine) as session:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy.engine import Engine
 
+from apa.artifacts import ArtifactStore
 from apa.db import registry
 from apa.db.bootstrap import bootstrap
 from apa.db.session import downgrade, make_engine, session_scope
@@ -22,6 +24,7 @@ from apa.events import ErasureRequested, InMemoryEventBus
 from apa.settings import Settings
 from db_fixtures import (  # noqa: F401 - fixtures
     MODEL_ID,
+    PSEUDO,
     fake_model_template,
     make_manifest,
     migrated_sqlite_template,
@@ -39,7 +42,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def _settings(engine: Engine, **overrides: Any) -> Settings:
     return Settings(
-        database_url=engine.url.render_as_string(hide_password=False), api_token=TOKEN, **overrides
+        database_url=engine.url.render_as_string(hide_password=False),
+        api_token=TOKEN,
+        pseudonym_key=os.environ["APA_PSEUDONYM_KEY"],
+        **overrides,
     )
 
 
@@ -58,9 +64,9 @@ def registry_template(
     path = tmp_path_factory.mktemp("registry") / "registry.db"
     engine = sqlite_copy(migrated_sqlite_template, path)
     with session_scope(engine) as session:
-        bootstrap(session, fake_model_template, model_id=MODEL_ID)
-        registry.record_erasure(session, ErasureRequested("req-alice", "alice", ["alice:1"]))
-        registry.record_erasure(session, ErasureRequested("req-bob", "bob"))
+        bootstrap(session, fake_model_template, PSEUDO, ArtifactStore(tmp_path_factory.mktemp("store")), model_id=MODEL_ID)
+        registry.record_erasure(session, ErasureRequested("req-alice", "alice", ["alice:1"]), PSEUDO)
+        registry.record_erasure(session, ErasureRequested("req-bob", "bob"), PSEUDO)
     with session_scope(engine) as session:
         generation = registry.mark_retraining(session, shard_id(0))
         registry.register_adapter_version(
@@ -153,7 +159,8 @@ def test_readyz_reports_ready_at_head_and_503_when_migrations_are_missing(
 
 def test_erasure_status_returns_status_and_audit_timeline(client: FlaskClient) -> None:
     body = client.get("/erasures/req-alice", headers=AUTH).json
-    assert body["status"] == "completed" and body["user_id"] == "alice"
+    assert body["status"] == "completed" and body["user_pid"] == PSEUDO.user("alice")
+    assert "alice:1" not in json.dumps(body)  # the registry keeps the interaction's pseudonym only
     assert [s["shard_id"] for s in body["shards"]] == [shard_id(0)]
     assert body["shards"][0]["excluded_version"]["version"] == 1
     assert body["shards"][0]["retrained_version"]["version"] == 2
@@ -189,7 +196,7 @@ def test_user_erasure_status_never_contains_another_users_data(client: FlaskClie
         for other in others:
             assert other not in text, f"{user}'s status mentions {other}"
         body = json.loads(text)
-        assert {row["user_id"] for row in body["timeline"]} == {user}
+        assert {row["user_pid"] for row in body["timeline"]} == {PSEUDO.user(user)}
 
 
 def test_audit_is_paged_by_id_with_hashes(client: FlaskClient) -> None:
@@ -342,10 +349,12 @@ def test_unknown_route_and_method_are_json_errors(client: FlaskClient) -> None:
 
 
 @pytest.mark.integration
-def test_api_on_postgres_reports_an_erasure_and_readiness(pg_engine: Engine, model_dir: Path) -> None:
+def test_api_on_postgres_reports_an_erasure_and_readiness(
+    pg_engine: Engine, model_dir: Path, tmp_path: Path
+) -> None:
     with session_scope(pg_engine) as session:
-        bootstrap(session, model_dir, model_id=MODEL_ID)
-        registry.record_erasure(session, ErasureRequested("r1", "carol"))
+        bootstrap(session, model_dir, PSEUDO, ArtifactStore(tmp_path / "store"), model_id=MODEL_ID)
+        registry.record_erasure(session, ErasureRequested("r1", "carol"), PSEUDO)
     client = create_app(_settings(pg_engine), engine=pg_engine, event_bus=InMemoryEventBus()).test_client()
     assert client.get("/readyz").status_code == 200
     body = client.get("/erasures/r1", headers=AUTH).json

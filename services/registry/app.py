@@ -34,6 +34,9 @@ from apa.events import (
     build_event_bus,
     utc_now_iso,
 )
+from apa.ids import id_problem
+from apa.lifecycle import handle_erasure
+from apa.pseudonyms import Pseudonymizer, pseudonymizer_from_settings
 from apa.settings import Settings
 from services.registry.openapi import openapi_document
 
@@ -64,6 +67,7 @@ class RegistryState:
     sessions: sessionmaker[Session]
     token: str | None
     head: str | None
+    pseudonymizer: Pseudonymizer
     bus_factory: Callable[[], EventBus]
     _bus: EventBus | None = None
     _bus_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -103,6 +107,13 @@ def _choice_arg(name: str, choices: tuple[str, ...]) -> str | None:
     return value
 
 
+def _path_id(value: str, field: str) -> str:
+    problem = id_problem(value)
+    if problem:
+        raise ApiError(400, f"{field} {problem}", field)
+    return value
+
+
 def _json_body() -> dict[str, Any]:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
@@ -125,10 +136,11 @@ def create_app(
         sessions=make_sessionmaker(engine),
         token=token,
         head=head_revision(),
+        pseudonymizer=pseudonymizer_from_settings(settings),
         bus_factory=(lambda: event_bus) if event_bus is not None else (lambda: build_event_bus(settings)),
     )
     if event_bus is None and not settings.kafka_bootstrap:
-        state._bus = _local_bus(settings, state.sessions)
+        state._bus = _local_bus(settings, state.sessions, state.pseudonymizer)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -188,6 +200,7 @@ def create_app(
 
     @app.get("/erasures/<request_id>")
     def get_erasure(request_id: str) -> Response:
+        _path_id(request_id, "request_id")
         with state.sessions() as session:
             try:
                 return jsonify(registry.erasure_status(session, request_id))
@@ -196,9 +209,10 @@ def create_app(
 
     @app.get("/users/<user_id>/erasure-status")
     def get_user_erasure_status(user_id: str) -> Response:
+        _path_id(user_id, "user_id")
         with state.sessions() as session:
             try:
-                return jsonify(registry.user_erasure_status(session, user_id))
+                return jsonify(registry.user_erasure_status(session, user_id, state.pseudonymizer))
             except registry.NotFoundError:
                 raise ApiError(404, f"no user {user_id!r}", "user_id") from None
 
@@ -256,7 +270,7 @@ def create_app(
             raise ApiError(400, exc.message, exc.field) from None
         with state.sessions() as session:
             known = session.get(ErasureRequest, event.request_id)
-            if known is not None and known.user_id != event.user_id:
+            if known is not None and known.user_pid != state.pseudonymizer.user(event.user_id):
                 raise ApiError(409, "request_id already used by another request", "request_id")
         try:
             state.bus.publish(state.settings.erasure_topic, event.user_id, event.to_dict())
@@ -275,6 +289,7 @@ def create_app(
 
     @app.post("/replicas/<replica_id>/heartbeat")
     def post_heartbeat(replica_id: str) -> Response:
+        _path_id(replica_id, "replica_id")
         body = _json_body()
         loaded = body.get("loaded")
         if not isinstance(loaded, dict) or not all(
@@ -284,8 +299,6 @@ def create_app(
         model_id = body.get("model_id")
         if model_id is not None and not isinstance(model_id, str):
             raise ApiError(400, "model_id must be a string", "model_id")
-        if len(replica_id) > 128:
-            raise ApiError(400, "replica_id longer than 128 characters", "replica_id")
         with state.sessions() as session, session.begin():
             replica = registry.record_replica_heartbeat(
                 session,
@@ -310,7 +323,9 @@ def create_app(
     return app
 
 
-def _local_bus(settings: Settings, sessions: sessionmaker[Session]) -> InMemoryEventBus:
+def _local_bus(
+    settings: Settings, sessions: sessionmaker[Session], pseudonymizer: Pseudonymizer
+) -> InMemoryEventBus:
     """Without Kafka, POST /erasures must not drop requests: record them in the registry directly
     (excluded at once; retraining needs the erasure service)."""
     log.warning(
@@ -321,7 +336,7 @@ def _local_bus(settings: Settings, sessions: sessionmaker[Session]) -> InMemoryE
 
     def record(_topic: str, _key: str, value: dict[str, Any]) -> None:
         with sessions() as session, session.begin():
-            registry.record_erasure(session, ErasureRequested.from_dict(value))
+            handle_erasure(session, ErasureRequested.from_dict(value), pseudonymizer)
 
     bus.subscribe(settings.erasure_topic, record)
     return bus

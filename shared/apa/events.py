@@ -1,6 +1,6 @@
 """Event schemas and the event bus (Kafka in production, in-process for the demo and tests).
 
-`ErasureRequested` is the JSON schema of topic `apa.erasure-requests` (DESIGN.md §5):
+`ErasureRequested` is the JSON schema of topic `apa.erasure-requests` (docs/ARCHITECTURE.md, "Events"):
 `{request_id, user_id, interactions?: [...], requested_at}`, keyed by user id. Parsing
 validates and raises `EventValidationError` (a ValueError) naming the bad field, so a consumer
 can send the message to the dead-letter topic with that reason.
@@ -16,19 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from apa.ids import InvalidInput, id_problem, shard_id_problem
 from apa.settings import Settings
 
-MAX_ID_LENGTH = 128
-"""Longest request, user or interaction id accepted (they are database keys)."""
 
-
-class EventValidationError(ValueError):
+class EventValidationError(InvalidInput):
     """A malformed event; `field` names the offending field ("body" for the whole message)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def utc_now_iso() -> str:
@@ -46,16 +39,17 @@ def parse_timestamp(value: object, field_name: str) -> datetime:
         raise EventValidationError(field_name, f"not an ISO-8601 timestamp: {value!r}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise EventValidationError(field_name, f"out of the representable range: {value!r}") from None
 
 
 def _check_id(value: object, field_name: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise EventValidationError(field_name, "must be a non-empty string")
-    if len(value) > MAX_ID_LENGTH:
-        raise EventValidationError(field_name, f"longer than {MAX_ID_LENGTH} characters")
-    if value != value.strip():
-        raise EventValidationError(field_name, "must not start or end with whitespace")
+    problem = id_problem(value)
+    if problem is not None:
+        raise EventValidationError(field_name, problem)
+    assert isinstance(value, str)
     return value
 
 
@@ -168,7 +162,11 @@ class ShardEvent:
         """Validate a decoded message; raises EventValidationError naming the bad field."""
         if not isinstance(data, Mapping):
             raise EventValidationError("body", "must be a JSON object")
-        shard_id = _check_id(data.get("shard_id"), "shard_id")
+        shard_id = data.get("shard_id")
+        problem = shard_id_problem(shard_id)
+        if problem is not None:
+            raise EventValidationError("shard_id", problem)
+        assert isinstance(shard_id, str)
         state = data.get("state")
         if state not in ("stale", "retraining", "serving"):
             raise EventValidationError("state", "must be one of stale, retraining, serving")

@@ -37,13 +37,17 @@ import numpy as np
 import torch
 
 from apa.aggregation import AggregatedScorer, Level, WeightConfig, cached_embeddings, embedding_key
-from apa.aggregation.scorer import prediction_key
+from apa.aggregation.caches import prediction_key
 from apa.backbone import Backbone, BackboneConfig
 from apa.data import DataConfig, Sample, load_splits, prepare, sample_splits
 from apa.data.pipeline import Dataset
+from apa.data.samples import sample_digest
 from apa.metrics import auc
+from apa.modeldir import ModelDir, ModelDirError, ShardManifest
 from apa.partition import PartitionConfig, StrategyName
-from apa.training import ModelDir, TrainConfig, build_model, sample_digest, train_adapter
+from apa.pseudonyms import Pseudonymizer
+from apa.sharded import build_model
+from apa.training import TrainConfig, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +294,8 @@ class Study:
         self.labels = np.array([s.label for s in self.test])
         self.prompts = [s.prompt for s in self.test]
         self.digests = {name: sample_digest(s.sample_id for s in samples) for name, samples in splits.items()}
-        self._scorer_open = False
+        # the study's own key: its model directories never leave the run directory
+        self.pseudonymizer = Pseudonymizer(b"apa-experiments-pseudonym-key-v1", source="experiments")
         self.built: dict[str, dict[str, Any]] = {}
 
     # -- model directories ------------------------------------------------------------------------
@@ -303,26 +308,24 @@ class Study:
         md = ModelDir(root)
         try:
             info = md.info
-            if info["num_shards"] != k or info["base_model_digest"] != self.backbone.model_digest:
+            if info.num_shards != k or info.base_model_digest != self.backbone.model_digest:
                 return False
-            if info["train_config"] != self.config.train.to_json():
+            if info.train_config != self.config.train:
                 return False
-            if k > 1 and info["partition_config"]["strategy"] != strategy:
+            if k > 1 and info.partition_config.strategy != strategy:
                 return False
             for name, digest in self.digests.items():
                 if sample_digest(s.sample_id for s in md.splits()[name]) != digest:
                     return False
+            manifests = md.manifests()
             return all(
-                (md.adapter_dir(j) / "adapter_model.safetensors").is_file() and md.manifest(j)["version"] == 1
-                for j in range(k)
+                m is not None and m.version == 1 and md.verify_adapter_file(m) is None for m in manifests
             )
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, ModelDirError):
             return False
 
     def model_dir(self, strategy: StrategyName, k: int) -> ModelDir:
         """The trained shard set for (strategy, K): from the cache, or built now."""
-        if self._scorer_open:
-            raise RuntimeError("cannot train while a scorer holds adapters on the backbone")
         name = self.dir_name(strategy, k)
         root = self.out / "models" / name
         if not self._complete(root, strategy, k):
@@ -337,17 +340,18 @@ class Study:
                 root,
                 PartitionConfig(strategy=strategy, num_shards=k, seed=self.config.seed),
                 self.config.train,
+                pseudonymizer=self.pseudonymizer,
                 progress=self.progress,
                 embeddings=embeddings,
             )
         md = ModelDir(root)
-        manifests = md.manifests()
+        manifests = self.manifests(md)
         self.built[name] = {
             "strategy": strategy if k > 1 else "all-data",
             "num_shards": k,
-            "shard_sizes": [m["num_samples"] for m in manifests],
-            "shard_train_seconds": [m["train_seconds"] for m in manifests],
-            "best_epochs": [m["best_epoch"] for m in manifests],
+            "shard_sizes": [m.num_samples for m in manifests],
+            "shard_train_seconds": [m.train_seconds for m in manifests],
+            "best_epochs": [m.best_epoch for m in manifests],
         }
         return md
 
@@ -362,16 +366,19 @@ class Study:
             progress=self.progress,
         )
 
+    @staticmethod
+    def manifests(md: ModelDir) -> list[ShardManifest]:
+        """Every shard's manifest (a study's model directory is complete: each shard has one)."""
+        out = md.manifests()
+        missing = [k for k, m in enumerate(out) if m is None]
+        if missing:
+            raise ModelDirError(f"{md.root}: shards {missing} have no manifest")
+        return [m for m in out if m is not None]
+
     @contextmanager
     def scorer(self, md: ModelDir) -> Iterator[AggregatedScorer]:
-        self._scorer_open = True
-        try:
-            with AggregatedScorer(
-                self.backbone, md, embedding_cache=self.out / "cache" / "valid-embeddings.npz"
-            ) as scorer:
-                yield scorer
-        finally:
-            self._scorer_open = False
+        with AggregatedScorer.from_model_dir(self.backbone, md, cache_dir=self.out / "cache") as scorer:
+            yield scorer
 
     # -- cached measurements -------------------------------------------------------------------------
 
@@ -392,12 +399,10 @@ class Study:
         return value, seconds
 
     def _adapter_key(self, md: ModelDir) -> list[str]:
-        return [str(m["adapter_sha256"]) for m in md.manifests()]
+        return [str(m.adapter_sha256) for m in self.manifests(md)]
 
     def test_embeddings(self) -> tuple[np.ndarray, float]:
         """Base-model embeddings of the test prompts and the seconds they took (part of APA's cost)."""
-        if self._scorer_open:
-            raise RuntimeError("embed the test split before opening a scorer")
         return self._memo(
             {"what": "test-embeddings", "test": self.digests["test"]},
             lambda: self.backbone.embed(self.prompts, progress=self.progress),
@@ -532,9 +537,9 @@ class Study:
         retrain_md = self.model_dir("random", 1)
         sisa_md = self.model_dir("random", k)
         apa_md = self.model_dir("semantic", k)
-        full_seconds = float(retrain_md.manifest(0)["train_seconds"])
+        full_seconds = self.manifests(retrain_md)[0].train_seconds
         unlearn = self.retrain_one_shard(apa_md)
-        shard_seconds = [float(m["train_seconds"]) for m in apa_md.manifests()]
+        shard_seconds = [m.train_seconds for m in self.manifests(apa_md)]
         unlearning = {
             "retraining_seconds": full_seconds,
             "apa_seconds": unlearn["seconds"],
@@ -643,7 +648,7 @@ class Study:
         for k in _bar(list(self.config.shard_counts), "fig6", self.progress):
             md = dirs[k]
             scores, _ = self.aggregated(md, "decomposition", self.config.weights)
-            seconds = [float(m["train_seconds"]) for m in md.manifests()]
+            seconds = [m.train_seconds for m in self.manifests(md)]
             points.append(
                 {
                     "num_shards": k,
@@ -659,7 +664,7 @@ class Study:
             "points": points,
             "retraining": {
                 "auc": self._auc(each[:, 0]),
-                "unlearning_seconds": float(retrain_md.manifest(0)["train_seconds"]),
+                "unlearning_seconds": self.manifests(retrain_md)[0].train_seconds,
             },
             "note": "unlearning_seconds: mean time to train one shard from scratch (what a retrain costs).",
         }
@@ -901,8 +906,6 @@ def experiment_command(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone = Backbone.load(BackboneConfig(model=model))
-    if torch.cuda.is_available() and next(backbone.model.parameters()).device.type == "cpu":
-        log.warning("CUDA is available but the backbone runs on CPU (Backbone has no device support yet)")
     study = Study(backbone, splits, config, out_dir)
     if preset == "quick":
         estimate = quick_budget(config)

@@ -52,8 +52,10 @@ class Settings:
     """Celery broker URL (redis://, amqp://); unset means tasks run eagerly in-process."""
     celery_result_backend: str | None = None
     """Celery result backend URL; unset means none."""
-    artifact_root: str = "./artifacts"
-    """Root of the adapter artifact store (a shared volume path)."""
+    artifact_store: str = "./artifacts"
+    """Root directory of the adapter artifact store (a shared volume in production)."""
+    pseudonym_key: str | None = None
+    """Secret key of the HMAC pseudonyms that replace stored ids; unset: a generated development key."""
     model_dir: str | None = None
     """Model directory (docs/LAYOUT.md) the services serve and retrain."""
     model_id: str | None = None

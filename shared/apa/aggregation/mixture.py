@@ -35,6 +35,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from apa.aggregation.weights import AllShardsExcludedError
+from apa.backbone import base_only
 
 Level = Literal["decomposition", "non_decomposition", "prediction"]
 LEVELS: tuple[str, ...] = ("decomposition", "non_decomposition", "prediction")
@@ -207,7 +208,7 @@ class MixtureLoRA:
                 for name, layer in self.layers.items()
             ]
             try:
-                with _keep_requires_grad(self.peft_model), self.peft_model.disable_adapter():
+                with base_only(self.peft_model):
                     yield  # adapters disabled: each LoRA layer returns base(x); the hook adds the mixture
             finally:
                 for h in handles:

@@ -6,20 +6,14 @@ Every strategy turns its inputs into one row of ω per request; excluded (stale)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 Strategy = Literal["adaptive", "average", "major", "semantic"]
-ScoreFn = Callable[[list[str]], np.ndarray]
-"""`score_fn(prompts) -> P(Yes)` of shape (len(prompts),), e.g. `Backbone.score` with one adapter active."""
 
 
 class AllShardsExcludedError(RuntimeError):
@@ -200,74 +194,3 @@ def aggregation_weights(
     omega = _STRATEGIES[config.strategy](config, inputs)
     omega[:, ~allowed] = 0.0  # exact zeros, whatever the strategy computed
     return omega
-
-
-# --------------------------------------------------------------------------------------------------
-# Cache of P_k(Yes) on the validation samples, one file per shard, keyed by the adapter's sha256.
-
-VALID_PREDICTIONS_FILE = "valid_predictions.json"
-"""Cache file in `shards/<k>/`: {adapter_sha256, scorer_key, predictions: {sample_id: P(Yes)}}."""
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def valid_predictions(
-    shard_dir: Path | str,
-    sample_ids: Sequence[str],
-    prompts: Sequence[str],
-    score_fn: ScoreFn,
-    *,
-    scorer_key: str = "",
-) -> np.ndarray:
-    """P(Yes) of the shard's adapter on the given validation samples, cached in `shard_dir`.
-
-    The cache is valid while `shards/<k>/adapter/adapter_model.safetensors` keeps its sha256 and
-    `scorer_key` (e.g. the base-model digest) is unchanged; otherwise it is rebuilt. Only samples
-    missing from the cache are scored, so shrinking the pool (erasures) costs nothing.
-    """
-    if len(sample_ids) != len(prompts):
-        raise ValueError(f"{len(sample_ids)} sample ids but {len(prompts)} prompts")
-    shard_dir = Path(shard_dir)
-    sha = file_sha256(shard_dir / "adapter" / "adapter_model.safetensors")
-    cache_path = shard_dir / VALID_PREDICTIONS_FILE
-    cached: dict[str, float] = {}
-    if cache_path.exists():
-        data = json.loads(cache_path.read_text())
-        if data.get("adapter_sha256") == sha and data.get("scorer_key") == scorer_key:
-            cached = {str(k): float(v) for k, v in data["predictions"].items()}
-    missing = [i for i, sid in enumerate(sample_ids) if sid not in cached]
-    if missing:
-        scores = np.asarray(score_fn([prompts[i] for i in missing]), dtype=np.float64).reshape(-1)
-        if len(scores) != len(missing):
-            raise ValueError(f"score_fn returned {len(scores)} scores for {len(missing)} prompts")
-        cached.update({sample_ids[i]: float(s) for i, s in zip(missing, scores, strict=True)})
-        payload = {"adapter_sha256": sha, "scorer_key": scorer_key, "predictions": cached}
-        tmp = cache_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, sort_keys=True))
-        os.replace(tmp, cache_path)  # atomic: readers never see a half-written cache
-    return np.array([cached[sid] for sid in sample_ids], dtype=np.float64)
-
-
-def valid_prediction_matrix(
-    shard_dirs: Sequence[Path | str],
-    sample_ids: Sequence[str],
-    prompts: Sequence[str],
-    score_fns: Sequence[ScoreFn],
-    *,
-    scorer_key: str = "",
-) -> np.ndarray:
-    """(n_valid x K) matrix of `valid_predictions` for shards 0..K-1 (`score_fns[k]` scores with adapter k)."""
-    if len(shard_dirs) != len(score_fns):
-        raise ValueError(f"{len(shard_dirs)} shard dirs but {len(score_fns)} score functions")
-    columns = [
-        valid_predictions(d, sample_ids, prompts, fn, scorer_key=scorer_key)
-        for d, fn in zip(shard_dirs, score_fns, strict=True)
-    ]
-    return np.stack(columns, axis=1) if columns else np.zeros((len(sample_ids), 0))

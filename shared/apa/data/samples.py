@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from apa.data.loaders import DataFormatError
+from apa.ids import id_problem
 from apa.prompts import answer_text, format_prompt
 
 Split = Literal["train", "valid", "test"]
@@ -52,8 +53,10 @@ class Sample:
         for name in ("sample_id", "user_id", "instruction", "input", "output"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidSampleError(name, f"expected a string, got {getattr(self, name)!r}")
-        if not self.sample_id or not self.user_id:
-            raise InvalidSampleError("sample_id" if not self.sample_id else "user_id", "must not be empty")
+        for name in ("sample_id", "user_id"):
+            problem = id_problem(getattr(self, name))
+            if problem:
+                raise InvalidSampleError(name, problem)
         if self.split not in SPLITS:
             raise InvalidSampleError("split", f"expected one of {list(SPLITS)}, got {self.split!r}")
         if isinstance(self.label, bool) or self.label not in (0, 1):
@@ -63,6 +66,10 @@ class Sample:
         ids = self.interaction_ids
         if not isinstance(ids, tuple) or not ids or not all(isinstance(i, str) and i for i in ids):
             raise InvalidSampleError("interaction_ids", f"expected a non-empty list of ids, got {ids!r}")
+        for interaction_id in ids:
+            problem = id_problem(interaction_id)
+            if problem:
+                raise InvalidSampleError("interaction_ids", f"{interaction_id!r}: {problem}")
 
     @property
     def prompt(self) -> str:

@@ -2,7 +2,7 @@
 and `apa audit`.
 
 Row i's hash is sha256(prev_hash + canonical JSON of its content), where the content is
-(id, ts, event_type, request_id, user_id, shard_id, adapter_version_id, payload, prev_hash) and
+(id, ts, event_type, request_id, user_pid, shard_id, adapter_version_id, payload, prev_hash) and
 canonical JSON means sorted keys, separators (",", ":"), ASCII only. Ids are 1, 2, 3, ... without
 gaps; `audit_head` holds the newest id and hash, so deleting the newest rows is detected too.
 Appends take a row lock on `audit_head` (SELECT ... FOR UPDATE on Postgres; SQLite transactions
@@ -21,7 +21,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from apa.db.models import AdapterVersion, AuditHead, AuditLog, Sample, Shard, utcnow
+from apa.db.models import AdapterVersion, AuditHead, AuditLog, Interaction, Sample, Shard, utcnow
 
 GENESIS_HASH = "0" * 64
 """prev_hash of the first row."""
@@ -57,7 +57,7 @@ def row_content(row: AuditLog) -> dict[str, Any]:
         "ts": format_ts(row.ts),
         "event_type": row.event_type,
         "request_id": row.request_id,
-        "user_id": row.user_id,
+        "user_pid": row.user_pid,
         "shard_id": row.shard_id,
         "adapter_version_id": row.adapter_version_id,
         "payload": row.payload,
@@ -88,13 +88,14 @@ def append(
     event_type: str,
     *,
     request_id: str | None = None,
-    user_id: str | None = None,
+    user_pid: str | None = None,
     shard_id: str | None = None,
     adapter_version_id: int | None = None,
     payload: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> AuditLog:
-    """Append one row to the chain in the caller's transaction: the only way audit rows are written."""
+    """Append one row to the chain in the caller's transaction: the only way audit rows are written.
+    Rows outlive every erasure: they name users, samples and interactions by pseudonym only."""
     head = lock_chain(session)
     # Normalise the payload to what the JSON column gives back (lists, str keys, no NaN).
     normalised = json_roundtrip(payload or {})
@@ -103,7 +104,7 @@ def append(
         ts=now or utcnow(),
         event_type=event_type,
         request_id=request_id,
-        user_id=user_id,
+        user_pid=user_pid,
         shard_id=shard_id,
         adapter_version_id=adapter_version_id,
         payload=normalised,
@@ -227,7 +228,8 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 def verify_served_adapters(session: Session) -> tuple[int, list[Problem]]:
     """Check every adapter version in state serving: its stored manifest matches its digest and
-    contains no erased sample of its model. Also checks that erased samples hold no text."""
+    names no erased sample (by pseudonym) of its model. Also checks that erased samples kept
+    nothing in clear: no record, no label, no interactions."""
     problems: list[Problem] = []
     serving = session.execute(
         select(AdapterVersion, Shard.model_id)
@@ -238,14 +240,14 @@ def verify_served_adapters(session: Session) -> tuple[int, list[Problem]]:
     erased: dict[str, set[str]] = {}
     for model_id in {model_id for _, model_id in serving}:
         erased[model_id] = set(
-            session.scalars(select(Sample.sample_id).where(Sample.model_id == model_id, Sample.erased))
+            session.scalars(select(Sample.sample_pid).where(Sample.model_id == model_id, Sample.erased))
         )
     for version, model_id in serving:
         name = f"{version.shard_id}@v{version.version}"
         if manifest_digest(version.manifest) != version.manifest_digest:
             problems.append(Problem("adapter", name, "stored manifest does not match its manifest digest"))
             continue
-        hit = sorted(erased[model_id].intersection(version.manifest.get("sample_ids", [])))
+        hit = sorted(erased[model_id].intersection(version.manifest.get("sample_pids", [])))
         if hit:
             shown = ", ".join(hit[:5]) + (" ..." if len(hit) > 5 else "")
             problems.append(
@@ -254,11 +256,29 @@ def verify_served_adapters(session: Session) -> tuple[int, list[Problem]]:
                 )
             )
     leaked = session.scalars(
-        select(Sample).where(Sample.erased, Sample.text.is_not(None)).order_by(Sample.id).limit(5)
+        select(Sample)
+        .where(
+            Sample.erased,
+            Sample.text.is_not(None) | Sample.label.is_not(None) | Sample.interaction_pids.is_not(None),
+        )
+        .order_by(Sample.id)
+        .limit(5)
     ).all()
     for sample in leaked:
         problems.append(
-            Problem("sample", f"{sample.model_id}/{sample.sample_id}", "erased but its text is stored")
+            Problem("sample", f"{sample.model_id}/{sample.sample_pid}", "erased but its record is stored")
+        )
+    indexed = session.scalars(
+        select(Sample)
+        .where(Sample.erased, Sample.id.in_(select(Interaction.sample_pk)))
+        .order_by(Sample.id)
+        .limit(5)
+    ).all()
+    for sample in indexed:
+        problems.append(
+            Problem(
+                "sample", f"{sample.model_id}/{sample.sample_pid}", "erased but its interactions are indexed"
+            )
         )
     return len(serving), problems
 
@@ -286,14 +306,14 @@ def page(session: Session, *, since: int = 0, limit: int = 100) -> list[AuditLog
 
 
 def rows_for(
-    session: Session, *, request_ids: Sequence[str] = (), user_id: str | None = None
+    session: Session, *, request_ids: Sequence[str] = (), user_pid: str | None = None
 ) -> list[AuditLog]:
-    """Rows about the given requests, or about a user, oldest first."""
+    """Rows about the given requests, or about a user (by pseudonym), oldest first."""
     query = select(AuditLog).order_by(AuditLog.id)
     if request_ids:
         query = query.where(AuditLog.request_id.in_(list(request_ids)))
-    if user_id is not None:
-        query = query.where(AuditLog.user_id == user_id)
+    if user_pid is not None:
+        query = query.where(AuditLog.user_pid == user_pid)
     return list(session.scalars(query))
 
 
@@ -328,7 +348,7 @@ def audit_command(action: Literal["verify", "show"], limit: int = 20, url: str |
                     f"{k}={v}"
                     for k, v in (
                         ("request", row.request_id),
-                        ("user", row.user_id),
+                        ("user", row.user_pid[:16] if row.user_pid else None),
                         ("shard", row.shard_id),
                         ("adapter", row.adapter_version_id),
                     )

@@ -1,41 +1,42 @@
-"""`apa bootstrap`: import a trained model directory (docs/LAYOUT.md) into the registry.
+"""`apa bootstrap`: import a trained model directory (`apa.modeldir`) into the registry.
 
-Loads the samples of every split with their shard assignment (partition.json), the interaction
-index, one shard per partition shard, and each shard's adapter with its manifest (the adapter
-file's sha256 must equal the manifest's `adapter_sha256`). Everything is validated before
-anything is written, and the import is idempotent: running it again adds nothing. It refuses
-to (re)import data of a user or interaction that was erased.
+Reads the directory through `ModelDir` (typed, validated), then in the caller's transaction
+loads the samples of every split with their shard assignment, the interaction index, one shard
+per partition shard, and each shard's adapter: copied into the artifact store (what serves reads
+from there, never from the model directory) and registered with its manifest. Everything is
+validated before anything is written, and the import is idempotent: running it again adds
+nothing. It refuses to (re)import data of a user or interaction that was erased, and a directory
+whose pseudonyms were made with another key than the registry's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from apa.artifacts import ArtifactError, ArtifactStore
+from apa.data import Sample as DataSample
+from apa.data.loaders import DataFormatError
 from apa.db import audit
-from apa.db.models import (
-    AdapterVersion,
-    ErasureRequest,
-    Interaction,
-    Model,
-    Sample,
-    Shard,
-    User,
-    utcnow,
+from apa.db.models import AdapterVersion, ErasureRequest, Interaction, Model, Sample, Shard, User, utcnow
+from apa.db.registry import (
+    ConflictError,
+    ManifestRejected,
+    check_pseudonym_key,
+    register_adapter_version,
+    shard_key,
 )
-from apa.db.registry import ConflictError, ManifestRejected, register_adapter_version, shard_key
 from apa.events import EventValidationError, parse_timestamp
-
-SPLITS = ("train", "valid", "test")
-ADAPTER_FILE = "adapter_model.safetensors"
+from apa.ids import check_id
+from apa.modeldir import ModelDir, ModelDirError, ModelInfo, ShardManifest
+from apa.partition import Partition
+from apa.pseudonyms import Pseudonymizer, PseudonymKeyMismatch
 
 
 class BootstrapError(ValueError):
@@ -43,25 +44,14 @@ class BootstrapError(ValueError):
 
 
 @dataclass(frozen=True)
-class ShardFiles:
-    """Shard k of a model directory: its partition sample ids and, if trained, its manifest."""
-
-    index: int
-    sample_ids: list[str]
-    manifest: dict[str, Any] | None
-    adapter_dir: Path
-
-
-@dataclass(frozen=True)
 class ModelFiles:
     """A model directory, read and validated (nothing written yet)."""
 
     path: Path
-    model: dict[str, Any]
-    partition: dict[str, Any]
-    samples: list[dict[str, Any]]
-    """Every sample record, with `split` set from its file."""
-    shards: list[ShardFiles]
+    info: ModelInfo
+    partition: Partition
+    samples: list[DataSample]
+    manifests: list[ShardManifest | None]
 
 
 @dataclass
@@ -89,153 +79,91 @@ class BootstrapResult:
         )
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BootstrapError(f"{path}: missing") from None
-    except json.JSONDecodeError as exc:
-        raise BootstrapError(f"{path}: not valid JSON ({exc})") from None
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_samples(path: Path, split: str) -> list[dict[str, Any]]:
-    records = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BootstrapError(f"{where}: not valid JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise BootstrapError(f"{where}: expected a JSON object")
-            for key in ("sample_id", "user_id"):
-                if not isinstance(record.get(key), str) or not record[key]:
-                    raise BootstrapError(f"{where}: {key} must be a non-empty string")
-            ids = record.get("interaction_ids")
-            if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-                raise BootstrapError(f"{where}: interaction_ids must be a non-empty list of strings")
-            if record.setdefault("split", split) != split:
-                raise BootstrapError(f"{where}: split is {record['split']!r} in the {split} file")
-            label = record.get("label")
-            if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
-                raise BootstrapError(f"{where}: label must be 0 or 1")
-            records.append(record)
-    return records
-
-
-def read_model_dir(path: str | Path) -> ModelFiles:
+def read_model_dir(path: str | Path, pseudonymizer: Pseudonymizer) -> ModelFiles:
     """Read and validate a model directory; BootstrapError names the first problem."""
-    root = Path(path)
-    if not root.is_dir():
-        raise BootstrapError(f"{root}: not a directory")
-    model = _read_json(root / "model.json")
-    partition = _read_json(root / "partition.json")
-    if not isinstance(model, dict):
-        raise BootstrapError(f"{root / 'model.json'}: expected a JSON object")
-    if not isinstance(partition, dict) or not isinstance(partition.get("shards"), list):
-        raise BootstrapError(f"{root / 'partition.json'}: expected an object with a `shards` list")
-
-    samples: list[dict[str, Any]] = []
-    for split in SPLITS:
-        file = root / "data" / f"{split}.jsonl"
-        if file.is_file():
-            samples.extend(_read_samples(file, split))
-        elif split == "train":
-            raise BootstrapError(f"{file}: missing")
-    seen: set[str] = set()
-    for record in samples:
-        if record["sample_id"] in seen:
-            raise BootstrapError(f"{root / 'data'}: sample id {record['sample_id']!r} appears twice")
-        seen.add(record["sample_id"])
-    train_ids = {r["sample_id"] for r in samples if r["split"] == "train"}
-
-    num_shards = len(partition["shards"])
-    declared = model.get("num_shards", model.get("K"))
-    if isinstance(declared, int) and declared != num_shards:
-        raise BootstrapError(f"{root}: model.json says {declared} shards, partition.json has {num_shards}")
-    assigned: set[str] = set()
-    shards: list[ShardFiles] = []
-    for k, ids in enumerate(partition["shards"]):
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise BootstrapError(f"{root / 'partition.json'}: shard {k} must be a list of sample ids")
+    md = ModelDir(path)
+    if not md.root.is_dir():
+        raise BootstrapError(f"{md.root}: not a directory")
+    try:
+        info = md.info
+        md.check_key(pseudonymizer)
+        parts = md.partition()
+        splits = md.splits()
+        manifests = md.manifests()
+    except (ModelDirError, DataFormatError, FileNotFoundError, PseudonymKeyMismatch) as exc:
+        raise BootstrapError(str(exc)) from None
+    if len(parts.shards) != info.num_shards:
+        raise BootstrapError(
+            f"{md.root}: model.json says {info.num_shards} shards, partition.json has {len(parts.shards)}"
+        )
+    train_ids = {s.sample_id for s in splits["train"]}
+    for k, ids in enumerate(parts.shards):
         unknown = sorted(set(ids) - train_ids)
         if unknown:
             raise BootstrapError(
-                f"{root / 'partition.json'}: shard {k} holds non-train samples {unknown[:5]}"
+                f"{md.root / 'partition.json'}: shard {k} holds non-train samples {unknown[:5]}"
             )
-        if assigned.intersection(ids):
-            raise BootstrapError(f"{root / 'partition.json'}: shard {k} overlaps an earlier shard")
-        assigned.update(ids)
-        shard_dir = root / "shards" / str(k)
-        manifest: dict[str, Any] | None = None
-        if (shard_dir / "manifest.json").is_file():
-            manifest = _read_json(shard_dir / "manifest.json")
-            if not isinstance(manifest, dict):
-                raise BootstrapError(f"{shard_dir / 'manifest.json'}: expected a JSON object")
-            weights = shard_dir / "adapter" / ADAPTER_FILE
-            if manifest.get("adapter_sha256") is None and not manifest.get("sample_ids"):
-                pass  # every sample of the shard was erased: no adapter, nothing to check
-            elif not weights.is_file():
-                raise BootstrapError(f"{weights}: missing (shard {k} has a manifest)")
-            elif (actual := _file_sha256(weights)) != manifest.get("adapter_sha256"):
-                raise BootstrapError(
-                    f"{weights}: sha256 {actual} does not match the manifest's adapter_sha256 "
-                    f"{manifest.get('adapter_sha256')!r}; refusing to import shard {k}"
-                )
-            stray = sorted(set(manifest.get("sample_ids") or []) - set(ids))
-            if stray:
-                raise BootstrapError(f"{shard_dir / 'manifest.json'}: samples not in shard {k}: {stray[:5]}")
-        shards.append(ShardFiles(k, list(ids), manifest, shard_dir / "adapter"))
-    return ModelFiles(root, model, partition, samples, shards)
+        manifest = manifests[k]
+        if manifest is None:
+            continue
+        problem = md.verify_adapter_file(manifest)
+        if problem:
+            raise BootstrapError(f"{problem}; refusing to import shard {k}")
+        expected = {pseudonymizer.sample(i) for i in ids}
+        stray = set(manifest.sample_pids) - expected
+        if stray:
+            raise BootstrapError(
+                f"{md.shard_dir(k) / 'manifest.json'}: {len(stray)} samples are not in shard {k} of the partition"
+            )
+    samples = [s for name in ("train", "valid", "test") for s in splits.get(name, [])]
+    return ModelFiles(md.root, info, parts, samples, manifests)
 
 
-def _parse_created_at(model: dict[str, Any]) -> datetime | None:
-    value = model.get("created_at")
-    if not isinstance(value, str):
-        return None
+def _parse_created_at(info: ModelInfo) -> datetime | None:
     try:
-        return parse_timestamp(value, "created_at")
+        return parse_timestamp(info.created_at, "created_at")
     except EventValidationError:
         return None
 
 
 def bootstrap(
-    session: Session, model_dir: str | Path, *, model_id: str | None = None, now: datetime | None = None
+    session: Session,
+    model_dir: str | Path,
+    pseudonymizer: Pseudonymizer,
+    store: ArtifactStore,
+    *,
+    model_id: str | None = None,
+    now: datetime | None = None,
 ) -> BootstrapResult:
-    """Import a model directory into the registry in the caller's transaction (idempotent)."""
-    files = read_model_dir(model_dir)
+    """Import a model directory into the registry in the caller's transaction (idempotent); its
+    adapters are copied into `store`."""
+    files = read_model_dir(model_dir, pseudonymizer)
     model_id = model_id or files.path.resolve().name
+    try:
+        check_id(model_id, "model_id")
+    except ValueError as exc:
+        raise BootstrapError(f"model id {model_id!r}: {exc}") from None
     now = now or utcnow()
     audit.lock_chain(session)  # serialise with every other registry writer
     session.expire_all()  # and read what they committed
+    try:
+        check_pseudonym_key(session, pseudonymizer)
+    except PseudonymKeyMismatch as exc:
+        raise BootstrapError(str(exc)) from None
     result = BootstrapResult(model_id)
-    num_shards = len(files.shards)
+    num_shards = files.info.num_shards
 
     model = session.get(Model, model_id)
     if model is None:
-        base = files.model.get("base_model")
-        digest = files.model.get("base_model_digest")
-        strategy = files.partition.get("strategy")
         model = Model(
             id=model_id,
-            base_model=base if isinstance(base, str) else None,
-            base_model_digest=digest if isinstance(digest, str) else None,
+            base_model=files.info.base_model,
+            base_model_digest=files.info.base_model_digest,
             num_shards=num_shards,
-            partition_strategy=strategy if isinstance(strategy, str) else None,
-            config=audit.json_roundtrip(files.model),
+            partition_strategy=files.info.partition_config.strategy,
+            config=audit.json_roundtrip(files.info.to_json()),
             model_dir=str(files.path.resolve()),
-            created_at=_parse_created_at(files.model),
+            created_at=_parse_created_at(files.info),
             registered_at=now,
         )
         session.add(model)
@@ -246,103 +174,100 @@ def bootstrap(
             f"model {model_id!r} is registered with {model.num_shards} shards, not {num_shards}"
         )
 
-    shard_of = {sid: shard_key(model_id, s.index) for s in files.shards for sid in s.sample_ids}
+    shard_of = {sid: shard_key(model_id, k) for k, ids in enumerate(files.partition.shards) for sid in ids}
     existing = {
-        sid: digest
-        for sid, digest in session.execute(
-            select(Sample.sample_id, Sample.content_digest).where(Sample.model_id == model_id)
+        pid: digest
+        for pid, digest in session.execute(
+            select(Sample.sample_pid, Sample.content_hmac).where(Sample.model_id == model_id)
         )
     }
-    user_ids = sorted({r["user_id"] for r in files.samples})
+    user_pids = sorted({pseudonymizer.user(s.user_id) for s in files.samples})
     erased_users = (
-        set(session.scalars(select(User.id).where(User.id.in_(user_ids), User.erased_at.is_not(None))))
-        if user_ids
+        set(session.scalars(select(User.pid).where(User.pid.in_(user_pids), User.erased_at.is_not(None))))
+        if user_pids
         else set()
     )
     erased_interactions: set[tuple[str, str]] = set()
-    for user, erased_ids in session.execute(
-        select(ErasureRequest.user_id, ErasureRequest.interactions).where(
+    for user_pid, pids in session.execute(
+        select(ErasureRequest.user_pid, ErasureRequest.interaction_pids).where(
             ErasureRequest.scope == "interactions"
         )
     ):
-        erased_interactions.update((user, i) for i in erased_ids or [])
+        erased_interactions.update((user_pid, p) for p in pids or [])
 
-    new_samples: list[dict[str, Any]] = []
-    for record in files.samples:
-        text = audit.canonical_json(record)
-        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        sid = record["sample_id"]
-        if sid in existing:
-            if existing[sid] != digest:
-                raise BootstrapError(f"sample {sid!r} of model {model_id!r} differs from the registered one")
+    new_samples: list[dict[str, object]] = []
+    for sample in files.samples:
+        text = audit.canonical_json(sample.to_dict())
+        digest = pseudonymizer.content(text)
+        sample_pid = pseudonymizer.sample(sample.sample_id)
+        user_pid = pseudonymizer.user(sample.user_id)
+        if sample_pid in existing:
+            if existing[sample_pid] != digest:
+                raise BootstrapError(
+                    f"sample {sample.sample_id!r} of model {model_id!r} differs from the registered one"
+                )
             continue
-        if record["user_id"] in erased_users:
-            raise BootstrapError(f"sample {sid!r} belongs to erased user {record['user_id']!r}")
-        hit = [i for i in record["interaction_ids"] if (record["user_id"], i) in erased_interactions]
-        if hit:
-            raise BootstrapError(f"sample {sid!r} holds erased interactions {hit[:5]}")
+        if user_pid in erased_users:
+            raise BootstrapError(f"sample {sample.sample_id!r} belongs to an erased user")
+        interaction_pids = [pseudonymizer.interaction(i) for i in sample.interaction_ids]
+        if any((user_pid, p) in erased_interactions for p in interaction_pids):
+            raise BootstrapError(f"sample {sample.sample_id!r} holds an erased interaction")
         new_samples.append(
             {
                 "model_id": model_id,
-                "sample_id": sid,
-                "user_id": record["user_id"],
-                "split": record["split"],
-                "shard_id": shard_of.get(sid) if record["split"] == "train" else None,
-                "label": record.get("label"),
-                "content_digest": digest,
+                "sample_pid": sample_pid,
+                "user_pid": user_pid,
+                "split": sample.split,
+                "shard_id": shard_of.get(sample.sample_id) if sample.split == "train" else None,
+                "label": sample.label,
+                "content_hmac": digest,
                 "text": text,
-                "interaction_ids": list(record["interaction_ids"]),
+                "interaction_pids": interaction_pids,
                 "erased": False,
             }
         )
 
-    known_users = set(session.scalars(select(User.id).where(User.id.in_(user_ids)))) if user_ids else set()
-    for user_id in user_ids:
-        if user_id not in known_users:
-            session.add(User(id=user_id, registered_at=now))
+    known_users = (
+        set(session.scalars(select(User.pid).where(User.pid.in_(user_pids)))) if user_pids else set()
+    )
+    for user_pid in user_pids:
+        if user_pid not in known_users:
+            session.add(User(pid=user_pid, registered_at=now))
     session.flush()
     known_shards = set(session.scalars(select(Shard.id).where(Shard.model_id == model_id)))
-    for shard_files in files.shards:
-        key = shard_key(model_id, shard_files.index)
+    for k in range(num_shards):
+        key = shard_key(model_id, k)
         if key not in known_shards:
             session.add(
-                Shard(
-                    id=key,
-                    model_id=model_id,
-                    index=shard_files.index,
-                    generation=0,
-                    state="stale",
-                    updated_at=now,
-                )
+                Shard(id=key, model_id=model_id, index=k, generation=0, state="stale", updated_at=now)
             )
             result.shards_added += 1
     session.flush()
 
     if new_samples:
         session.execute(insert(Sample), new_samples)
-        new_ids = {s["sample_id"] for s in new_samples}
+        new_pids = {str(s["sample_pid"]) for s in new_samples}
         pks = {
-            sid: pk
-            for pk, sid in session.execute(
-                select(Sample.id, Sample.sample_id).where(Sample.model_id == model_id)
+            pid: pk
+            for pk, pid in session.execute(
+                select(Sample.id, Sample.sample_pid).where(Sample.model_id == model_id)
             )
-            if sid in new_ids
+            if pid in new_pids
         }
-        interactions = []
+        rows = []
         for s in new_samples:
-            ids = s["interaction_ids"]
-            for interaction_id in dict.fromkeys(ids):  # the target is the last id
-                role = "target" if interaction_id == ids[-1] else "history"
-                interactions.append(
+            pids = list(s["interaction_pids"])  # type: ignore[call-overload]
+            for interaction_pid in dict.fromkeys(pids):  # the target is the last one
+                rows.append(
                     {
-                        "interaction_id": interaction_id,
-                        "sample_pk": pks[s["sample_id"]],
-                        "user_id": s["user_id"],
-                        "role": role,
+                        "interaction_pid": interaction_pid,
+                        "sample_pk": pks[str(s["sample_pid"])],
+                        "user_pid": s["user_pid"],
+                        "role": "target" if interaction_pid == pids[-1] else "history",
                     }
                 )
-        if interactions:
-            session.execute(insert(Interaction), interactions)
+        if rows:
+            session.execute(insert(Interaction), rows)
         result.samples_added = len(new_samples)
 
     if result.model_created or result.samples_added or result.shards_added:
@@ -352,55 +277,63 @@ def bootstrap(
             "model_bootstrapped",
             payload={
                 "model_id": model_id,
-                "model_dir": str(files.path.resolve()),
                 "samples_added": result.samples_added,
                 "shards_added": result.shards_added,
                 "samples_digest": hashlib.sha256(
-                    "\n".join(sorted(s["content_digest"] for s in new_samples)).encode()
+                    "\n".join(sorted(str(s["content_hmac"]) for s in new_samples)).encode()
                 ).hexdigest(),
+                "pseudonym_key_id": pseudonymizer.key_id,
             },
             now=now,
         )
 
-    for shard_files in files.shards:
-        key = shard_key(model_id, shard_files.index)
-        if shard_files.manifest is None:
+    md = ModelDir(files.path)
+    for k, manifest in enumerate(files.manifests):
+        key = shard_key(model_id, k)
+        if manifest is None:
             result.shards_without_adapter.append(key)
             continue
-        digest = audit.manifest_digest(audit.json_roundtrip(shard_files.manifest))
+        digest = audit.manifest_digest(audit.json_roundtrip(manifest.to_json()))
         registered = session.scalars(
             select(AdapterVersion).where(
-                AdapterVersion.shard_id == key, AdapterVersion.version == shard_files.manifest.get("version")
+                AdapterVersion.shard_id == key, AdapterVersion.version == manifest.version
             )
         ).first()
         if registered is not None and registered.manifest_digest == digest:
             result.adapters_already_registered += 1
             continue
         try:
-            adapter = register_adapter_version(
-                session, key, shard_files.manifest, shard_files.adapter_dir.resolve().as_uri(), now=now
+            uri = (
+                store.put(model_id, k, manifest.version, md.adapter_dir(k), manifest.to_json())
+                if manifest.adapter_sha256 is not None
+                else ""
             )
-        except (ManifestRejected, ConflictError) as exc:
-            raise BootstrapError(f"{shard_files.adapter_dir.parent / 'manifest.json'}: {exc}") from exc
+            adapter = register_adapter_version(session, key, manifest, uri, now=now)
+        except (ManifestRejected, ConflictError, ArtifactError) as exc:
+            raise BootstrapError(f"{md.shard_dir(k) / 'manifest.json'}: {exc}") from exc
         result.adapters_registered.append(f"{key}@v{adapter.version}")
     session.flush()
     return result
 
 
 def bootstrap_command(model_dir: str, model_id: str | None = None, url: str | None = None) -> int:
-    """Import a trained model directory into the registry (idempotent).
+    """Import a trained model directory into the registry and the artifact store (idempotent).
 
     Loads the samples with their shard assignment, the interaction index, and each shard's
     adapter with its manifest; refuses an adapter whose sha256 differs from its manifest.
+    Settings: APA_DATABASE_URL, APA_ARTIFACT_STORE, APA_PSEUDONYM_KEY.
 
     Args:
-        model_dir: the model directory written by `apa train` (docs/LAYOUT.md).
+        model_dir: the model directory written by `apa train`.
         model_id: registry id of the model (default: the directory's name).
         url: database URL (default: APA_DATABASE_URL).
     """
     from apa.db.session import current_revision, head_revision, make_engine, session_scope
+    from apa.pseudonyms import pseudonymizer_from_settings
+    from apa.settings import Settings
 
-    engine = make_engine(url)
+    settings = Settings.from_env()
+    engine = make_engine(url, settings=settings)
     try:
         if current_revision(engine) != head_revision():
             print(
@@ -409,7 +342,13 @@ def bootstrap_command(model_dir: str, model_id: str | None = None, url: str | No
             )
             return 1
         with session_scope(engine) as session:
-            result = bootstrap(session, model_dir, model_id=model_id)
+            result = bootstrap(
+                session,
+                model_dir,
+                pseudonymizer_from_settings(settings),
+                ArtifactStore(settings.artifact_store),
+                model_id=model_id,
+            )
         print(result.summary())
         return 0
     except BootstrapError as exc:

@@ -7,6 +7,7 @@ import sys
 from typing import Literal
 
 from apa.db import registry
+from apa.db.models import ErasureRequest
 from apa.db.session import (
     current_revision,
     downgrade,
@@ -52,10 +53,9 @@ def erase_command(
 ) -> int:
     """Record an erasure request in the registry and print its status.
 
-    One transaction, as the erasure service does it.
-
-    Erases the user's samples (or only those holding the given interactions) in every split,
-    marks their shards stale and excludes the adapters trained on them.
+    One transaction, as the erasure service does it: erases the user's samples (or only those
+    holding the given interactions) in every split, marks their shards stale and excludes the
+    adapters trained on them; then scrubs the registered model directories on this machine.
 
     Args:
         user_id: the user whose data is erased (required).
@@ -64,8 +64,11 @@ def erase_command(
         url: database URL (default: APA_DATABASE_URL).
         publish: also publish the stale shards on the shard-events topic.
     """
+    from apa.lifecycle import handle_erasure, scrub_model_dirs
+    from apa.pseudonyms import pseudonymizer_from_settings
+
     if not user_id:
-        print("apa erase: --user_id is required", file=sys.stderr)
+        print("apa erase: --user-id is required", file=sys.stderr)
         return 2
     try:
         event = (
@@ -77,26 +80,25 @@ def erase_command(
         print(f"apa erase: {exc}", file=sys.stderr)
         return 2
     settings = Settings.from_env()
+    pseudonymizer = pseudonymizer_from_settings(settings)
     engine = make_engine(url, settings=settings)
     try:
         with session_scope(engine) as session:
-            result = registry.record_erasure(session, event)
-            view = registry.request_view(session, result.request)
-            shard_events = [
-                ShardEvent(shard_id=s.id, state="stale", generation=s.generation)
-                for s in registry.stale_shards(session)
-                if s.id in result.stale_shards
-            ]
+            outcome = handle_erasure(session, event, pseudonymizer)
+            view = registry.request_view(session, session.get(ErasureRequest, outcome.request_id))  # type: ignore[arg-type]
+        with session_scope(engine) as session:
+            scrub_model_dirs(session, pseudonymizer)
     except registry.ConflictError as exc:
         print(f"apa erase: {exc}", file=sys.stderr)
         return 1
     finally:
         engine.dispose()
-    view["created"] = result.created
-    view["stale_shards"] = result.stale_shards
+    view["created"] = outcome.created
+    view["stale_shards"] = sorted(shard.key for shard in outcome.stale)
     print(json.dumps(view, indent=2))
     if publish:
         bus = build_event_bus(settings)
-        for shard_event in shard_events:
-            bus.publish(settings.shard_events_topic, shard_event.shard_id, shard_event.to_dict())
+        for shard, generation in sorted(outcome.stale.items()):
+            event_out = ShardEvent(shard_id=shard.key, state="stale", generation=generation)
+            bus.publish(settings.shard_events_topic, shard.key, event_out.to_dict())
     return 0

@@ -1,13 +1,17 @@
 """Registry schema (SQLAlchemy 2.0 typed models). The schema only changes through `migrations/`.
 
-Tables: `models`, `users`, `samples`, `interactions` (interaction id -> samples holding it),
+Tables: `models`, `users`, `samples`, `interactions` (interaction -> samples holding it),
 `shards`, `adapter_versions`, `erasure_requests`, `erasure_request_shards` (which shards an
 erasure request waits on, and the adapter versions it excluded and got back), `replicas`,
-`audit_log` (append-only, hash chained) and `audit_head` (the chain's last id and hash, so that
-deleting the newest rows is detected too).
+`audit_log` (append-only, hash chained), `audit_head` (the chain's last id and hash, so that
+deleting the newest rows is detected too) and `registry_meta` (the pseudonym key's fingerprint).
 
-Ids: a shard is `<model_id>/<k>` (k = the shard index of the model directory); a sample is
-unique by (model id, sample id) and has an integer surrogate key `samples.id`.
+Personal data: every user, sample and interaction id column holds a keyed pseudonym (`*_pid`,
+HMAC-SHA256 under `APA_PSEUDONYM_KEY`, see `apa.pseudonyms`), never the id itself. The only clear
+data is a live sample's record (`samples.text`, and its `label`); an erasure deletes both and the
+sample's interaction rows, so afterwards the registry holds nothing an id could be read from, and
+an auditor holding a user's id finds their requests, samples and audit rows by recomputing the
+pseudonym. A shard is `<model_id>/<k>` (k = the shard index of the model directory).
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ Split = Literal["train", "valid", "test"]
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
 ID = 128
-"""Length of user, sample, interaction, request, model and replica ids."""
+"""Length of request, model and replica ids (`apa.ids`)."""
+PID = 64
+"""Length of a pseudonym (hex HMAC-SHA256)."""
 SHARD_ID = 160
 """Length of a shard id (`<model_id>/<k>`)."""
 SHA256 = 64
@@ -115,9 +121,12 @@ class Model(Base):
 
 
 class User(Base):
+    """A user the registry holds (or held) data of, by pseudonym only."""
+
     __tablename__ = "users"
 
-    id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    pid: Mapped[str] = mapped_column(String(PID), primary_key=True)
+    """Pseudonym of the user id."""
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime)
     erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """When a whole-user erasure removed all their samples (None: not erased as a whole)."""
@@ -145,27 +154,29 @@ class Shard(Base):
 class Sample(Base):
     __tablename__ = "samples"
     __table_args__ = (
-        UniqueConstraint("model_id", "sample_id"),
+        UniqueConstraint("model_id", "sample_pid"),
         CheckConstraint("split IN ('train', 'valid', 'test')", name="split"),
-        Index("ix_samples_user_id", "user_id"),
+        Index("ix_samples_user_pid", "user_pid"),
         Index("ix_samples_shard_id", "shard_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
-    sample_id: Mapped[str] = mapped_column(String(ID))
-    """The sample's id in the model directory (unique across its splits)."""
-    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    sample_pid: Mapped[str] = mapped_column(String(PID))
+    """Pseudonym of the sample's id in the model directory (what adapter manifests list)."""
+    user_pid: Mapped[str] = mapped_column(ForeignKey("users.pid"))
     split: Mapped[str] = mapped_column(String(8))
     shard_id: Mapped[str | None] = mapped_column(ForeignKey("shards.id"))
     """The train shard holding the sample (None for valid/test samples)."""
     label: Mapped[int | None] = mapped_column(Integer)
-    content_digest: Mapped[str] = mapped_column(String(SHA256))
-    """sha256 of the canonical JSON of the sample record; kept after erasure as proof."""
+    """1 liked / 0 not; deleted (NULL) on erasure."""
+    content_hmac: Mapped[str] = mapped_column(String(PID))
+    """Keyed digest of the sample record (`Pseudonymizer.content`); kept after erasure as proof
+    of what was held, without letting anyone confirm a guess of it."""
     text: Mapped[str | None] = mapped_column(Text)
-    """The sample record (canonical JSON); deleted (NULL) on erasure."""
-    interaction_ids: Mapped[list[str]] = mapped_column(JSON)
-    """Every interaction the sample contains, history first, the target last."""
+    """The sample record (canonical JSON, clear ids inside); deleted (NULL) on erasure."""
+    interaction_pids: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    """Pseudonyms of every interaction the sample contains, the target last; NULL after erasure."""
     erased: Mapped[bool] = mapped_column(Boolean, default=False)
     erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     erasure_request_id: Mapped[str | None] = mapped_column(ForeignKey("erasure_requests.request_id"))
@@ -173,21 +184,22 @@ class Sample(Base):
 
 
 class Interaction(Base):
-    """Index interaction id -> every sample that contains it (as history or as target)."""
+    """Index interaction -> every live sample that contains it (as history or as target); an
+    erasure deletes the rows of the samples it erases."""
 
     __tablename__ = "interactions"
     __table_args__ = (
-        UniqueConstraint("interaction_id", "sample_pk"),
+        UniqueConstraint("interaction_pid", "sample_pk"),
         CheckConstraint("role IN ('history', 'target')", name="role"),
-        Index("ix_interactions_user_id_interaction_id", "user_id", "interaction_id"),
+        Index("ix_interactions_user_pid_interaction_pid", "user_pid", "interaction_pid"),
         Index("ix_interactions_sample_pk", "sample_pk"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    interaction_id: Mapped[str] = mapped_column(String(ID))
+    interaction_pid: Mapped[str] = mapped_column(String(PID))
     sample_pk: Mapped[int] = mapped_column(ForeignKey("samples.id"))
     """samples.id of the sample holding the interaction."""
-    user_id: Mapped[str] = mapped_column(String(ID))
+    user_pid: Mapped[str] = mapped_column(String(PID))
     """Owner of the sample (an erasure request only ever reaches its own user's samples)."""
     role: Mapped[str] = mapped_column(String(8))
 
@@ -230,14 +242,15 @@ class ErasureRequest(Base):
     __table_args__ = (
         CheckConstraint("status IN ('received', 'excluded', 'retraining', 'completed')", name="status"),
         CheckConstraint("scope IN ('user', 'interactions')", name="scope"),
-        Index("ix_erasure_requests_user_id", "user_id"),
+        Index("ix_erasure_requests_user_pid", "user_pid"),
         Index("ix_erasure_requests_status", "status"),
     )
 
     request_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
-    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"))
+    user_pid: Mapped[str] = mapped_column(ForeignKey("users.pid"))
     scope: Mapped[str] = mapped_column(String(16))
-    interactions: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    interaction_pids: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True))
+    """Pseudonyms of the erased interactions (scope `interactions`), sorted."""
     status: Mapped[str] = mapped_column(String(16))
     requested_at: Mapped[datetime] = mapped_column(UTCDateTime)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -282,7 +295,7 @@ class AuditLog(Base):
     __tablename__ = "audit_log"
     __table_args__ = (
         Index("ix_audit_log_request_id", "request_id"),
-        Index("ix_audit_log_user_id", "user_id"),
+        Index("ix_audit_log_user_pid", "user_pid"),
         Index("ix_audit_log_shard_id", "shard_id"),
     )
 
@@ -291,7 +304,8 @@ class AuditLog(Base):
     ts: Mapped[datetime] = mapped_column(UTCDateTime)
     event_type: Mapped[str] = mapped_column(String(64))
     request_id: Mapped[str | None] = mapped_column(String(ID))
-    user_id: Mapped[str | None] = mapped_column(String(ID))
+    user_pid: Mapped[str | None] = mapped_column(String(PID))
+    """The pseudonym of the user the row is about (never a clear id: rows outlive erasures)."""
     shard_id: Mapped[str | None] = mapped_column(String(SHARD_ID))
     adapter_version_id: Mapped[int | None] = mapped_column(Integer)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -307,3 +321,13 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     last_id: Mapped[int] = mapped_column(BigID)
     last_hash: Mapped[str] = mapped_column(String(SHA256))
+
+
+class RegistryMeta(Base):
+    """Registry-wide facts, one row each: `pseudonym_key_id` (the fingerprint of the key every
+    pseudonym was made with; a process holding another key refuses to write)."""
+
+    __tablename__ = "registry_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -19,18 +19,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from apa.data.samples import sample_digest
 from apa.db import audit
 from apa.db.models import (
     AdapterVersion,
     ErasureRequest,
     ErasureRequestShard,
     Interaction,
+    RegistryMeta,
     Replica,
     Sample,
     Shard,
@@ -38,6 +38,10 @@ from apa.db.models import (
     utcnow,
 )
 from apa.events import ErasureRequested, parse_timestamp
+from apa.pseudonyms import Pseudonymizer
+
+if TYPE_CHECKING:
+    from apa.modeldir import ShardManifest
 
 DEFAULT_REPLICA_LIVE_SECONDS = 60.0
 """A replica whose last heartbeat is older than this no longer counts as serving."""
@@ -58,10 +62,24 @@ class ConflictError(RegistryError):
 class ManifestRejected(RegistryError, ValueError):
     """A training manifest that must not be registered; `field` names the manifest field."""
 
-    def __init__(self, field: str, message: str, sample_ids: Sequence[str] = ()) -> None:
+    def __init__(self, field: str, message: str, sample_pids: Sequence[str] = ()) -> None:
         super().__init__(f"manifest {field}: {message}")
         self.field = field
-        self.sample_ids = list(sample_ids)
+        self.sample_pids = list(sample_pids)
+
+
+PSEUDONYM_KEY_ID = "pseudonym_key_id"
+
+
+def check_pseudonym_key(session: Session, pseudonymizer: Pseudonymizer) -> None:
+    """Refuse (PseudonymKeyMismatch) to work on a registry whose pseudonyms were made with another
+    key: its erasures would silently find nothing. The first writer records its key's fingerprint."""
+    row = session.get(RegistryMeta, PSEUDONYM_KEY_ID)
+    if row is None:
+        session.add(RegistryMeta(key=PSEUDONYM_KEY_ID, value=pseudonymizer.key_id))
+        session.flush()
+        return
+    pseudonymizer.check_key_id(row.value, "the registry")
 
 
 def _begin(session: Session) -> None:
@@ -87,7 +105,7 @@ class ErasureResult:
     created: bool
     """False when the request id was already recorded (a redelivery: nothing changed)."""
     erased_samples: list[str]
-    """`<model_id>/<sample_id>` of the samples this call erased."""
+    """`<model_id>/<sample pid>` of the samples this call erased."""
     stale_shards: list[str]
     """Shards whose data changed in this call: stale now, to be retrained."""
 
@@ -95,6 +113,7 @@ class ErasureResult:
 def record_erasure(
     session: Session,
     event: ErasureRequested,
+    pseudonymizer: Pseudonymizer,
     *,
     now: datetime | None = None,
     replica_live_seconds: float = DEFAULT_REPLICA_LIVE_SECONDS,
@@ -107,28 +126,38 @@ def record_erasure(
     the interactions, as history or target, in every split; mark their train shards stale, bump
     their generation and exclude their serving adapter versions; set the request `excluded`
     (`completed` at once when no shard is affected).
+
+    Only pseudonyms are stored: the erased samples lose their record, label and interaction
+    index rows, and the request and audit rows name the user and interactions by pseudonym.
     """
     _begin(session)
+    check_pseudonym_key(session, pseudonymizer)
+    user_pid = pseudonymizer.user(event.user_id)
+    interaction_pids = (
+        sorted({pseudonymizer.interaction(i) for i in event.interactions})
+        if event.interactions is not None
+        else None
+    )
     existing = session.get(ErasureRequest, event.request_id, populate_existing=True)
     if existing is not None:
-        same_interactions = sorted(existing.interactions or []) == sorted(event.interactions or [])
-        if existing.user_id != event.user_id or existing.scope != event.scope or not same_interactions:
+        same = existing.user_pid == user_pid and existing.interaction_pids == interaction_pids
+        if not same or existing.scope != event.scope:
             raise ConflictError(
                 f"request {event.request_id!r} was already recorded for another user or other interactions"
             )
         return ErasureResult(existing, created=False, erased_samples=[], stale_shards=[])
 
     now = now or utcnow()
-    user = session.get(User, event.user_id)
+    user = session.get(User, user_pid)
     if user is None:
-        user = User(id=event.user_id, registered_at=now)
+        user = User(pid=user_pid, registered_at=now)
         session.add(user)
         session.flush()  # no ORM relationships: flush parents before children
     request = ErasureRequest(
         request_id=event.request_id,
-        user_id=event.user_id,
+        user_pid=user_pid,
         scope=event.scope,
-        interactions=list(event.interactions) if event.interactions is not None else None,
+        interaction_pids=interaction_pids,
         status="received",
         requested_at=parse_timestamp(event.requested_at, "requested_at"),
         received_at=now,
@@ -140,22 +169,26 @@ def record_erasure(
         session,
         "erasure_received",
         request_id=request.request_id,
-        user_id=request.user_id,
+        user_pid=request.user_pid,
         payload={
             "scope": request.scope,
-            "interactions": request.interactions,
+            "interaction_pids": request.interaction_pids,
             "requested_at": event.requested_at,
         },
         now=now,
     )
 
-    matched = _matching_samples(session, event)
+    matched = _matching_samples(session, user_pid, interaction_pids)
     newly_erased = [s for s in matched if not s.erased]
     for sample in newly_erased:
         sample.erased = True
         sample.erased_at = now
         sample.text = None
+        sample.label = None
+        sample.interaction_pids = None
         sample.erasure_request_id = request.request_id
+    if newly_erased:
+        session.execute(delete(Interaction).where(Interaction.sample_pk.in_([s.id for s in newly_erased])))
     request.samples_erased = len(newly_erased)
     if event.interactions is None and user.erased_at is None:
         user.erased_at = now
@@ -164,17 +197,17 @@ def record_erasure(
         session,
         "samples_erased",
         request_id=request.request_id,
-        user_id=request.user_id,
+        user_pid=request.user_pid,
         payload={
             "count": len(newly_erased),
             "already_erased": len(matched) - len(newly_erased),
             "samples": [
                 {
                     "model_id": s.model_id,
-                    "sample_id": s.sample_id,
+                    "sample_pid": s.sample_pid,
                     "split": s.split,
                     "shard_id": s.shard_id,
-                    "content_digest": s.content_digest,
+                    "content_hmac": s.content_hmac,
                 }
                 for s in newly_erased
             ],
@@ -209,7 +242,7 @@ def record_erasure(
         session,
         "erasure_excluded",
         request_id=request.request_id,
-        user_id=request.user_id,
+        user_pid=request.user_pid,
         payload={
             "affected_shards": affected,
             "stale_shards": stale_shards,
@@ -222,17 +255,18 @@ def record_erasure(
     return ErasureResult(
         request,
         created=True,
-        erased_samples=[f"{s.model_id}/{s.sample_id}" for s in newly_erased],
+        erased_samples=[f"{s.model_id}/{s.sample_pid}" for s in newly_erased],
         stale_shards=stale_shards,
     )
 
 
-def _matching_samples(session: Session, event: ErasureRequested) -> list[Sample]:
-    """The user's samples the request reaches (never another user's)."""
-    query = select(Sample).where(Sample.user_id == event.user_id)
-    if event.interactions is not None:
+def _matching_samples(session: Session, user_pid: str, interaction_pids: list[str] | None) -> list[Sample]:
+    """The user's samples the request reaches (never another user's); with interactions, the live
+    samples holding one of them (erased samples have no interaction rows left)."""
+    query = select(Sample).where(Sample.user_pid == user_pid)
+    if interaction_pids is not None:
         holding = select(Interaction.sample_pk).where(
-            Interaction.user_id == event.user_id, Interaction.interaction_id.in_(event.interactions)
+            Interaction.user_pid == user_pid, Interaction.interaction_pid.in_(interaction_pids)
         )
         query = query.where(Sample.id.in_(holding))
     return list(session.scalars(query.order_by(Sample.id)))
@@ -256,7 +290,7 @@ def _make_stale(session: Session, shard_id: str, request: ErasureRequest, now: d
         session,
         "shard_stale",
         request_id=request.request_id,
-        user_id=request.user_id,
+        user_pid=request.user_pid,
         shard_id=shard_id,
         adapter_version_id=excluded.id if excluded else None,
         payload={
@@ -297,7 +331,7 @@ def _advance_request(session: Session, request: ErasureRequest, now: datetime) -
             session,
             "erasure_completed",
             request_id=request.request_id,
-            user_id=request.user_id,
+            user_pid=request.user_pid,
             payload={},
             now=now,
         )
@@ -308,7 +342,7 @@ def _advance_request(session: Session, request: ErasureRequest, now: datetime) -
             session,
             "erasure_retraining",
             request_id=request.request_id,
-            user_id=request.user_id,
+            user_pid=request.user_pid,
             payload={"retraining_shards": sorted(s.id for s in pending if s.state == "retraining")},
             now=now,
         )
@@ -356,39 +390,34 @@ def _open_requests_waiting_on(session: Session, shard_id: str) -> list[ErasureRe
     )
 
 
-def _validate_manifest(shard: Shard, manifest: Mapping[str, Any]) -> tuple[int, list[str], str | None]:
-    """(version, sample ids, adapter sha256) of a well-formed manifest; ManifestRejected otherwise.
-    A shard whose every sample was erased has a manifest without samples and without adapter."""
-    version = manifest.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ManifestRejected("version", "must be an integer >= 1")
-    sample_ids = manifest.get("sample_ids")
-    if not isinstance(sample_ids, list) or not all(isinstance(i, str) for i in sample_ids):
-        raise ManifestRejected("sample_ids", "must be a list of sample ids")
-    if len(set(sample_ids)) != len(sample_ids):
-        raise ManifestRejected("sample_ids", "contains duplicates")
-    sha = manifest.get("adapter_sha256")
-    if sha is None:
-        if sample_ids:
-            raise ManifestRejected("adapter_sha256", "is required when the manifest has samples")
-    elif not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise ManifestRejected("adapter_sha256", "must be a lowercase hex sha256")
-    if "shard_id" in manifest and manifest["shard_id"] not in (shard.index, shard.id, str(shard.index)):
-        raise ManifestRejected("shard_id", f"is {manifest['shard_id']!r}, not shard {shard.id!r}")
-    if "sample_digest" in manifest and manifest["sample_digest"] != sample_digest(sample_ids):
-        raise ManifestRejected("sample_digest", "does not match the sorted sample ids")
-    if manifest.get("trained_at") is not None:
+def parse_manifest(shard: Shard, manifest: ShardManifest | Mapping[str, Any]) -> ShardManifest:
+    """A manifest as the typed `ShardManifest` (`apa.modeldir`), checked against the shard;
+    ManifestRejected names the field otherwise."""
+    from apa.modeldir import ModelDirError, ShardManifest
+
+    if not isinstance(manifest, ShardManifest):
         try:
-            parse_timestamp(manifest["trained_at"], "trained_at")
-        except ValueError:
-            raise ManifestRejected("trained_at", "must be an ISO-8601 timestamp") from None
-    return version, sample_ids, sha
+            manifest = ShardManifest.from_json(manifest, f"manifest of shard {shard.id}")
+        except ModelDirError as exc:
+            raise ManifestRejected("manifest", str(exc)) from None
+    if manifest.shard_index != shard.index:
+        raise ManifestRejected("shard_index", f"is {manifest.shard_index}, not shard {shard.id!r}")
+    if manifest.adapter_sha256 is not None and (
+        len(manifest.adapter_sha256) != 64
+        or any(c not in "0123456789abcdef" for c in manifest.adapter_sha256)
+    ):
+        raise ManifestRejected("adapter_sha256", "must be a lowercase hex sha256")
+    try:
+        parse_timestamp(manifest.trained_at, "trained_at")
+    except ValueError:
+        raise ManifestRejected("trained_at", "must be an ISO-8601 timestamp") from None
+    return manifest
 
 
 def register_adapter_version(
     session: Session,
     shard_id: str,
-    manifest: Mapping[str, Any],
+    manifest: ShardManifest | Mapping[str, Any],
     artifact_uri: str,
     *,
     started_generation: int | None = None,
@@ -396,21 +425,28 @@ def register_adapter_version(
 ) -> AdapterVersion:
     """Register a trained adapter of a shard and promote it to serving when it is current.
 
-    Refuses (ManifestRejected) a manifest holding an erased sample, or a sample that is not the
-    shard's. The version is promoted only when the shard's generation still equals the one its
-    training data was taken at (`started_generation`, default: the generation `mark_retraining`
-    recorded); otherwise it is registered in state `stale` and the shard stays stale (DESIGN §4:
-    a retrain that finishes after newer erasures is not promoted). Promotion sets the shard
-    serving, retires the previous serving version and completes the erasure requests whose shards
-    are all serving again. Registering the same manifest twice returns the existing version.
+    Refuses (ManifestRejected) a manifest holding an erased sample, a sample that is not the
+    shard's, or pseudonyms made with another key. The version is promoted only when the shard's
+    generation still equals the one its training data was taken at (`started_generation`,
+    default: the generation `mark_retraining` recorded); otherwise it is registered in state
+    `stale` and the shard stays stale (a retrain that finishes after newer erasures is not
+    promoted). Promotion sets the shard serving, retires the previous serving version and
+    completes the erasure requests whose shards are all serving again. Registering the same
+    manifest twice returns the existing version.
     """
     _begin(session)
     now = now or utcnow()
     shard = session.get(Shard, shard_id, populate_existing=True)
     if shard is None:
         raise NotFoundError(f"shard {shard_id!r}")
-    version, sample_ids, adapter_sha = _validate_manifest(shard, manifest)
-    manifest_dict = audit.json_roundtrip(dict(manifest))
+    typed = parse_manifest(shard, manifest)
+    meta = session.get(RegistryMeta, PSEUDONYM_KEY_ID)
+    if meta is not None and meta.value != typed.pseudonym_key_id:
+        raise ManifestRejected(
+            "pseudonym_key_id", f"is {typed.pseudonym_key_id}, the registry's pseudonyms use key {meta.value}"
+        )
+    version, sample_pids, adapter_sha = typed.version, list(typed.sample_pids), typed.adapter_sha256
+    manifest_dict = audit.json_roundtrip(typed.to_json())
     digest = audit.manifest_digest(manifest_dict)
 
     existing = session.scalars(
@@ -422,33 +458,32 @@ def register_adapter_version(
         raise ConflictError(f"shard {shard_id!r} already has a different version {version}")
 
     known = {
-        sid: erased
-        for sid, erased in session.execute(
-            select(Sample.sample_id, Sample.erased).where(Sample.shard_id == shard_id)
+        pid: erased
+        for pid, erased in session.execute(
+            select(Sample.sample_pid, Sample.erased).where(Sample.shard_id == shard_id)
         )
     }
-    unknown = sorted(i for i in sample_ids if i not in known)
+    unknown = sorted(i for i in sample_pids if i not in known)
     if unknown:
-        raise ManifestRejected("sample_ids", f"{len(unknown)} samples are not in shard {shard_id}", unknown)
-    erased = sorted(i for i in sample_ids if known[i])
+        raise ManifestRejected("sample_pids", f"{len(unknown)} samples are not in shard {shard_id}", unknown)
+    erased = sorted(i for i in sample_pids if known[i])
     if erased:
-        raise ManifestRejected("sample_ids", f"{len(erased)} samples were erased", erased)
+        raise ManifestRejected("sample_pids", f"{len(erased)} samples were erased", erased)
 
     generation = started_generation
     if generation is None:
         generation = shard.retrain_generation if shard.retrain_generation is not None else shard.generation
     promote = generation == shard.generation
-    trained_at = manifest.get("trained_at")
     adapter = AdapterVersion(
         shard_id=shard_id,
         version=version,
         artifact_uri=artifact_uri,
         adapter_sha256=adapter_sha,
         manifest_digest=digest,
-        sample_digest=sample_digest(sample_ids),
-        num_samples=len(sample_ids),
+        sample_digest=typed.sample_digest,
+        num_samples=len(sample_pids),
         manifest=manifest_dict,
-        trained_at=parse_timestamp(trained_at, "trained_at") if trained_at else None,
+        trained_at=parse_timestamp(typed.trained_at, "trained_at"),
         registered_at=now,
         started_generation=generation,
         state="serving" if promote else "stale",
@@ -466,7 +501,7 @@ def register_adapter_version(
             "adapter_sha256": adapter_sha,
             "manifest_digest": digest,
             "sample_digest": adapter.sample_digest,
-            "num_samples": len(sample_ids),
+            "num_samples": len(sample_pids),
             "started_generation": generation,
             "shard_generation": shard.generation,
             "promoted": promote,
@@ -520,7 +555,7 @@ def _promote(session: Session, shard: Shard, adapter: AdapterVersion, now: datet
             session,
             "erasure_shard_retrained",
             request_id=request.request_id,
-            user_id=request.user_id,
+            user_pid=request.user_pid,
             shard_id=shard.id,
             adapter_version_id=adapter.id,
             payload={"version": adapter.version},
@@ -624,7 +659,7 @@ def _confirm_replicas(
             session,
             "replicas_confirmed",
             request_id=request.request_id,
-            user_id=request.user_id,
+            user_pid=request.user_pid,
             payload={"live_replicas": sorted(r.id for r in live), "shards": sorted(shards)},
             now=now,
         )
@@ -647,14 +682,25 @@ def remaining_samples(session: Session, shard_id: str) -> list[Sample]:
         session.scalars(
             select(Sample)
             .where(Sample.shard_id == shard_id, Sample.erased.is_(False))
-            .order_by(Sample.sample_id)
+            .order_by(Sample.sample_pid)
         )
     )
 
 
-def erased_sample_ids(session: Session, model_id: str) -> set[str]:
-    """Ids of the model's erased samples, every split (valid ones leave the neighbour pool)."""
-    return set(session.scalars(select(Sample.sample_id).where(Sample.model_id == model_id, Sample.erased)))
+def live_samples(session: Session, model_id: str, split: str) -> list[Sample]:
+    """A split's samples that are not erased (e.g. the validation pool), by pseudonym order."""
+    return list(
+        session.scalars(
+            select(Sample)
+            .where(Sample.model_id == model_id, Sample.split == split, Sample.erased.is_(False))
+            .order_by(Sample.sample_pid)
+        )
+    )
+
+
+def erased_sample_pids(session: Session, model_id: str) -> set[str]:
+    """Pseudonyms of the model's erased samples, every split (valid ones leave the neighbour pool)."""
+    return set(session.scalars(select(Sample.sample_pid).where(Sample.model_id == model_id, Sample.erased)))
 
 
 def serving_adapters(session: Session, model_id: str) -> dict[str, AdapterVersion]:
@@ -730,9 +776,9 @@ def request_view(session: Session, request: ErasureRequest) -> dict[str, Any]:
     )
     return {
         "request_id": request.request_id,
-        "user_id": request.user_id,
+        "user_pid": request.user_pid,
         "scope": request.scope,
-        "interactions": request.interactions,
+        "interaction_pids": request.interaction_pids,
         "status": request.status,
         "samples_erased": request.samples_erased,
         "requested_at": _iso(request.requested_at),
@@ -763,22 +809,24 @@ def erasure_status(session: Session, request_id: str) -> dict[str, Any]:
     return view
 
 
-def user_erasure_status(session: Session, user_id: str) -> dict[str, Any]:
+def user_erasure_status(session: Session, user_id: str, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
     """For a compliance officer: is the user erased, when was their data excluded from serving,
-    when was every affected shard retrained, which adapter versions were involved. Only this
-    user's requests and audit rows are read. NotFoundError if the registry never heard of them."""
-    user = session.get(User, user_id)
+    when was every affected shard retrained, which adapter versions were involved. The user is
+    found by pseudonym; only this user's requests and audit rows are read. NotFoundError if the
+    registry never heard of them."""
+    user_pid = pseudonymizer.user(user_id)
+    user = session.get(User, user_pid)
     requests = list(
         session.scalars(
             select(ErasureRequest)
-            .where(ErasureRequest.user_id == user_id)
+            .where(ErasureRequest.user_pid == user_pid)
             .order_by(ErasureRequest.received_at)
         )
     )
     if user is None and not requests:
         raise NotFoundError(f"user {user_id!r}")
     views = [request_view(session, r) for r in requests]
-    held = session.execute(select(Sample.split, Sample.erased).where(Sample.user_id == user_id))
+    held = session.execute(select(Sample.split, Sample.erased).where(Sample.user_pid == user_pid))
     counts = {"held": 0, "erased": 0}
     for _split, erased in held:
         counts["erased" if erased else "held"] += 1
@@ -799,6 +847,7 @@ def user_erasure_status(session: Session, user_id: str) -> dict[str, Any]:
     }
     return {
         "user_id": user_id,
+        "user_pid": user_pid,
         "erased": user is not None and user.erased_at is not None,
         "erased_at": _iso(user.erased_at) if user else None,
         "samples_held": counts["held"],
@@ -819,5 +868,5 @@ def user_erasure_status(session: Session, user_id: str) -> dict[str, Any]:
             "retrained": [retrained_versions[k] for k in sorted(retrained_versions)],
         },
         "requests": views,
-        "timeline": [audit.row_view(r) for r in audit.rows_for(session, user_id=user_id)],
+        "timeline": [audit.row_view(r) for r in audit.rows_for(session, user_pid=user_pid)],
     }
