@@ -71,13 +71,18 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 # --- migrations (Alembic) ------------------------------------------------------------------------
 
 
+MIGRATIONS_PACKAGE = "apa.migrations"
+"""The repository's `migrations/` folder, shipped as this package (pyproject.toml `package-dir`)."""
+
+
 def migrations_dir(settings: Settings | None = None) -> Path:
-    """The Alembic directory: `APA_MIGRATIONS_DIR`, else `migrations/` of the source tree."""
+    """The Alembic directory: `APA_MIGRATIONS_DIR`, else the installed package `apa.migrations`."""
     settings = settings or Settings.from_env()
     if settings.migrations_dir:
         return Path(settings.migrations_dir)
-    # shared/apa/db/session.py -> repository root
-    return Path(__file__).resolve().parents[3] / "migrations"
+    from importlib.resources import files
+
+    return Path(str(files(MIGRATIONS_PACKAGE)))
 
 
 def alembic_config(url: str | None = None, *, connection: Connection | None = None) -> Any:
