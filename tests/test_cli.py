@@ -1,5 +1,7 @@
 """The `apa` entry point: sub-command table, argument spelling users expect, clean errors."""
 
+# ruff: noqa: F811 - pytest fixtures imported from db_fixtures are redefined as test arguments
+
 from __future__ import annotations
 
 import ast
@@ -10,8 +12,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from apa.cli import COMMANDS, ENTRY_POINT_GROUP, commands, main, normalise_args
+from apa.db.session import make_engine, upgrade
+from db_fixtures import pg_url  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,3 +159,84 @@ def test_sub_command_help_exits_cleanly(name):
     with pytest.raises(SystemExit) as exit_info:
         main([name, "--help"])
     assert exit_info.value.code == 0
+
+
+# --- database errors: one line naming the problem, no traceback ----------------------------------
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], prog: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    return lines[0]
+
+
+def test_an_unparseable_database_url_is_one_line(capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APA_DATABASE_URL", "notaurl")
+    assert main(["db", "current"]) == 2
+    assert "invalid database URL 'notaurl'" in _one_line_error(capsys, "apa db")
+    assert main(["audit", "verify", "--url", "nodialect://user:secret@host/db"]) == 2
+    line = _one_line_error(capsys, "apa audit")
+    assert "invalid database URL" in line and "secret" not in line
+
+
+def test_an_unreachable_database_is_one_line(capsys) -> None:
+    assert main(["db", "current", "--url", "postgresql://nobody:secret@127.0.0.1:1/x"]) == 1
+    line = _one_line_error(capsys, "apa db")
+    assert "cannot connect to the registry database" in line and "127.0.0.1:1/x" in line
+    assert "secret" not in line
+    assert main(["erase", "--user-id", "1", "--url", "sqlite:////no/such/folder/registry.db"]) == 1
+    assert "cannot connect" in _one_line_error(capsys, "apa erase")
+
+
+def test_an_unknown_migration_revision_is_one_line(capsys, tmp_path: Path) -> None:
+    assert main(["db", "upgrade", "--revision", "deadbeef", "--url", f"sqlite:///{tmp_path / 'r.db'}"]) == 2
+    line = _one_line_error(capsys, "apa db")
+    assert "deadbeef" in line and "revisions: base, head" in line
+
+
+def _assert_commands_ask_for_a_migration(capsys, url: str, tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    for args in (
+        ["audit", "verify", "--url", url],
+        ["bootstrap", str(tmp_path / "model"), "--url", url],
+        ["erase", "--user-id", "1", "--url", url],
+    ):
+        assert main(args) == 1, args
+        line = _one_line_error(capsys, f"apa {args[0]}")
+        assert "has no schema" in line and "run `apa db upgrade`" in line
+
+
+def test_an_unmigrated_sqlite_database_asks_for_a_migration(capsys, tmp_path: Path) -> None:
+    _assert_commands_ask_for_a_migration(capsys, f"sqlite:///{tmp_path / 'empty.db'}", tmp_path)
+
+
+@pytest.mark.integration
+def test_an_unmigrated_postgres_database_asks_for_a_migration(capsys, tmp_path: Path, pg_url: str) -> None:
+    _assert_commands_ask_for_a_migration(capsys, pg_url, tmp_path)
+
+
+def test_a_database_newer_than_the_code_says_so(capsys, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+    engine.dispose()
+    assert main(["audit", "verify", "--url", url]) == 1
+    assert "revision f00d, which this version of apa does not know" in _one_line_error(capsys, "apa audit")
+
+
+def test_the_installed_script_prints_the_error_without_a_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "apa.cli", "db", "current"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "APA_DATABASE_URL": "notaurl"},
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.startswith("apa db: error: invalid database URL") and len(done.stderr.splitlines()) == 1
+    )

@@ -29,6 +29,8 @@ from importlib.machinery import PathFinder
 from pathlib import Path
 from typing import Any
 
+from apa.errors import UserError
+
 ENTRY_POINT_GROUP = "apa.commands"
 """Entry-point group through which installed packages add `apa` sub-commands."""
 
@@ -200,24 +202,19 @@ def normalise_args(func: Callable[..., Any], args: list[str]) -> list[str]:
 def run(func: Callable[..., Any], args: list[str], prog: str) -> int:
     """Parse `args` for `func` with jsonargparse, call it and return its exit status.
 
-    Errors the user can act on (a missing file, a bad value) are one line
+    Errors the user can act on (`apa.errors.UserError`, a missing file, a bad value) are one line
     `<prog>: error: <message>` on stderr and a non-zero status, never a traceback.
     """
     from jsonargparse import CLI
 
     try:
         result = CLI(func, args=normalise_args(func, args), as_positional=True, prog=prog)
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (FileNotFoundError, ValueError, LookupError) as exc:  # bad input: a message, not a traceback
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:
-        if type(exc).__name__ == "OperationalError" and "no such table" in str(exc):
-            print(
-                f"{prog}: error: the registry database has no schema; run `apa db upgrade` first",
-                file=sys.stderr,
-            )
-            return 2
-        raise
     return int(result) if isinstance(result, int) else 0
 
 

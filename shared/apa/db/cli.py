@@ -8,6 +8,7 @@ from typing import Literal
 
 from apa.db import registry
 from apa.db.session import (
+    check_schema,
     current_revision,
     downgrade,
     head_revision,
@@ -79,6 +80,7 @@ def erase_command(
     settings = Settings.from_env()
     engine = make_engine(url, settings=settings)
     try:
+        check_schema(engine)
         with session_scope(engine) as session:
             result = registry.record_erasure(session, event)
             view = registry.request_view(session, result.request)
