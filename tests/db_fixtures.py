@@ -9,11 +9,10 @@ APA_SKIP_POSTGRES=1 is set.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
-
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

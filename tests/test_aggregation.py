@@ -7,6 +7,7 @@ Equivalences are checked three ways: the batched in-layer mixture, a dense per-r
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,16 +17,15 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import save_file
 
 from apa.aggregation import (
     AllShardsExcludedError,
     MixtureLoRA,
     WeightConfig,
     aggregation_weights,
-    export_merged_adapter,
     cache_sample_ids,
     cached_embeddings,
+    export_merged_adapter,
     lora_layers,
     prune_caches,
     valid_predictions,
@@ -561,7 +561,9 @@ def test_pruning_removes_erased_samples_from_every_cache(tmp_path: Path) -> None
 
     class FakeBackbone:
         model_digest, model_id = "0" * 64, "fake"
-        config = type("C", (), {"pooling": "last", "embed_layer": -1, "max_length": 64, "bf16_autocast": False})
+        config = type(
+            "C", (), {"pooling": "last", "embed_layer": -1, "max_length": 64, "bf16_autocast": False}
+        )
 
         def embed(self, texts: list[str], **_: Any) -> np.ndarray:
             return np.ones((len(texts), 4))

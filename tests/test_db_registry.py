@@ -91,7 +91,9 @@ def loaded(sqlite_engine: Engine, model_dir: Path, store: ArtifactStore) -> Engi
 # --- bootstrap ---------------------------------------------------------------------------------------
 
 
-def test_bootstrap_loads_samples_with_shards_and_serving_adapters(loaded: Engine, store: ArtifactStore) -> None:
+def test_bootstrap_loads_samples_with_shards_and_serving_adapters(
+    loaded: Engine, store: ArtifactStore
+) -> None:
     with Session(loaded) as session:
         samples = _samples(session)
         assert len(samples) == 10
@@ -195,9 +197,8 @@ def test_bootstrap_refuses_new_data_of_an_erased_user(
 def test_bootstrap_refuses_a_model_dir_pseudonymised_under_another_key(
     loaded: Engine, tmp_path: Path, store: ArtifactStore
 ) -> None:
-    from db_fixtures import write_fake_model_dir
-
     from apa.pseudonyms import Pseudonymizer
+    from db_fixtures import write_fake_model_dir
 
     other = Pseudonymizer(b"another-key-of-32-bytes-xxxxxxxx")
     with pytest.raises(BootstrapError, match="pseudonym key"), session_scope(loaded) as session:
@@ -216,13 +217,19 @@ def test_erased_user_samples_leave_every_split_and_keep_their_digest(loaded: Eng
         for sid, sample in _samples(session).items():
             assert sample.erased == (sample.user_pid == PSEUDO.user("alice")), sid
             assert (sample.text is None) == sample.erased
-            assert (sample.label is None) == sample.erased and (sample.interaction_pids is None) == sample.erased
+            assert (sample.label is None) == sample.erased and (
+                sample.interaction_pids is None
+            ) == sample.erased
             assert sample.content_hmac == digests[sid]
             if sample.erased:
                 assert sample.erased_at is not None and sample.erasure_request_id == "req-1"
-                assert not session.scalars(select(Interaction).where(Interaction.sample_pk == sample.id)).all()
+                assert not session.scalars(
+                    select(Interaction).where(Interaction.sample_pk == sample.id)
+                ).all()
         assert session.get(User, PSEUDO.user("alice")).erased_at is not None  # type: ignore[union-attr]
-        assert registry.erased_sample_pids(session, MODEL_ID) == {pid(i) for i in ("t-a1", "t-a2", "v-a1", "s-a1")}
+        assert registry.erased_sample_pids(session, MODEL_ID) == {
+            pid(i) for i in ("t-a1", "t-a2", "v-a1", "s-a1")
+        }
 
 
 def test_erasure_marks_train_shards_stale_and_excludes_their_adapters(loaded: Engine) -> None:

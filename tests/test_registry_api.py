@@ -64,7 +64,13 @@ def registry_template(
     path = tmp_path_factory.mktemp("registry") / "registry.db"
     engine = sqlite_copy(migrated_sqlite_template, path)
     with session_scope(engine) as session:
-        bootstrap(session, fake_model_template, PSEUDO, ArtifactStore(tmp_path_factory.mktemp("store")), model_id=MODEL_ID)
+        bootstrap(
+            session,
+            fake_model_template,
+            PSEUDO,
+            ArtifactStore(tmp_path_factory.mktemp("store")),
+            model_id=MODEL_ID,
+        )
         registry.record_erasure(session, ErasureRequested("req-alice", "alice", ["alice:1"]), PSEUDO)
         registry.record_erasure(session, ErasureRequested("req-bob", "bob"), PSEUDO)
     with session_scope(engine) as session:

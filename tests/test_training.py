@@ -103,8 +103,6 @@ def test_early_stopping_keeps_the_best_validation_epoch(tiny_llama):
     assert len(result.metrics) <= 6
 
 
-
-
 def test_length_grouped_batches_cover_every_sample_once_and_hold_similar_lengths():
     from apa.training import _epoch_order
 

@@ -83,7 +83,9 @@ def _victim_ids(md: ModelDir) -> set[str]:
     return erased_sample_ids([s for v in md.splits().values() for s in v], user_ids=[VICTIM])
 
 
-def test_unlearning_a_user_retrains_exactly_the_shards_that_held_them(model_dir: ModelDir, template: Path) -> None:
+def test_unlearning_a_user_retrains_exactly_the_shards_that_held_them(
+    model_dir: ModelDir, template: Path
+) -> None:
     md = model_dir
     p = pseudonymizer_from_settings()
     before = md.manifests()
@@ -160,7 +162,10 @@ def test_a_failed_delete_is_an_error(model_dir: ModelDir, monkeypatch: pytest.Mo
     with pytest.raises(PermissionError):
         unlearn(model_dir.root, _victim_ids(model_dir), backbone=loadable_tiny_backbone(), progress=False)
     monkeypatch.undo()
-    assert any("were not deleted" in p for p in erasure_problems(model_dir, model_dir.journal().erased_pids, pseudonymizer_from_settings()))
+    assert any(
+        "were not deleted" in p
+        for p in erasure_problems(model_dir, model_dir.journal().erased_pids, pseudonymizer_from_settings())
+    )
 
 
 # --- crashes: a real process killed with SIGKILL at a chosen point, then a plain re-run ------------

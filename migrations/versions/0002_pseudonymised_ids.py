@@ -244,7 +244,9 @@ def _create_erasure_request_shards() -> None:
             ["erasure_requests.request_id"],
             name="fk_erasure_request_shards_request_id_erasure_requests",
         ),
-        sa.ForeignKeyConstraint(["shard_id"], ["shards.id"], name="fk_erasure_request_shards_shard_id_shards"),
+        sa.ForeignKeyConstraint(
+            ["shard_id"], ["shards.id"], name="fk_erasure_request_shards_shard_id_shards"
+        ),
         sa.ForeignKeyConstraint(
             ["excluded_version_id"],
             ["adapter_versions.id"],

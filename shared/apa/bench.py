@@ -499,11 +499,13 @@ def bench_command(
     seed: int = 0,
     model_dir: str | None = None,
 ) -> int:
-    """Benchmark APA: `inference` (throughput, latency), `train` (one shard vs everything) or
-    `backbone` (what bf16 autocast and answer-only logits buy: speed and AUC).
+    """Benchmark APA: inference throughput and latency, one shard's training vs all, or the backbone.
+
+    `inference` (throughput, latency), `train` (one shard vs everything) or `backbone` (what bf16
+    autocast and answer-only logits buy: speed and AUC).
 
     Args:
-        what: inference or train.
+        what: inference, train or backbone.
         model: Backbone: embedded, a local model directory, a .gguf file or a hub id.
         out: Directory for inference.json / inference.png or train.json.
         data: Prepared data directory (test prompts for inference, training samples for train);

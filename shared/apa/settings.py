@@ -67,7 +67,7 @@ class Settings:
     replica_live_seconds: float = 60.0
     """A replica whose last heartbeat is older than this no longer counts as serving."""
     migrations_dir: str | None = None
-    """Alembic `migrations/` directory; default: the one next to the installed `apa` sources."""
+    """Alembic `migrations/` directory; default: the one installed as the package `apa.migrations`."""
     log_level: str = "INFO"
     """Python logging level of the services."""
 

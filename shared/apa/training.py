@@ -10,6 +10,7 @@ unlearning them in `apa.sharded`.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import time
@@ -311,8 +312,8 @@ def _json_safe(value: Any) -> Any:
         return sorted(_json_safe(v) for v in value)
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
-    if hasattr(value, "value") and isinstance(value, str):  # str-valued enums (PeftType, TaskType)
-        return str(value.value)
+    if isinstance(value, enum.Enum):  # PeftType, TaskType
+        return value.value
     return value
 
 

@@ -331,10 +331,11 @@ def audit_command(action: Literal["verify", "show"], limit: int = 20, url: str |
         limit: how many of the newest rows `show` prints.
         url: database URL (default: APA_DATABASE_URL).
     """
-    from apa.db.session import make_engine, make_sessionmaker
+    from apa.db.session import check_schema, make_engine, make_sessionmaker
 
     engine = make_engine(url)
     try:
+        check_schema(engine)
         with make_sessionmaker(engine)() as session:
             if action == "verify":
                 result = verify(session)

@@ -328,19 +328,14 @@ def bootstrap_command(model_dir: str, model_id: str | None = None, url: str | No
         model_id: registry id of the model (default: the directory's name).
         url: database URL (default: APA_DATABASE_URL).
     """
-    from apa.db.session import current_revision, head_revision, make_engine, session_scope
+    from apa.db.session import check_schema, make_engine, session_scope
     from apa.pseudonyms import pseudonymizer_from_settings
     from apa.settings import Settings
 
     settings = Settings.from_env()
     engine = make_engine(url, settings=settings)
     try:
-        if current_revision(engine) != head_revision():
-            print(
-                "apa bootstrap: the database is not at the newest migration; run `apa db upgrade`",
-                file=sys.stderr,
-            )
-            return 1
+        check_schema(engine)
         with session_scope(engine) as session:
             result = bootstrap(
                 session,

@@ -9,6 +9,7 @@ from typing import Literal
 from apa.db import registry
 from apa.db.models import ErasureRequest
 from apa.db.session import (
+    check_schema,
     current_revision,
     downgrade,
     head_revision,
@@ -83,6 +84,7 @@ def erase_command(
     pseudonymizer = pseudonymizer_from_settings(settings)
     engine = make_engine(url, settings=settings)
     try:
+        check_schema(engine)
         with session_scope(engine) as session:
             outcome = handle_erasure(session, event, pseudonymizer)
             view = registry.request_view(session, session.get(ErasureRequest, outcome.request_id))  # type: ignore[arg-type]

@@ -6,19 +6,59 @@ wrap them in `session_scope(...)` or `with session.begin():`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from apa.errors import UserError
 from apa.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+POSTGRES_DRIVER = "psycopg2"
+"""Driver of a `postgresql://` URL that names none (the one pyproject.toml installs)."""
+
+
+class RegistryDatabaseError(UserError):
+    """The registry database cannot be used as asked; the message names it, the problem and the fix."""
+
+
+class InvalidDatabaseURL(RegistryDatabaseError):
+    """The database URL cannot be parsed, or names a dialect or driver that is not installed."""
+
+    exit_code = 2
+
+
+class RegistryUnavailable(RegistryDatabaseError):
+    """The database cannot be reached (server down, wrong host or port, unknown database or user)."""
+
+
+class SchemaNotMigrated(RegistryDatabaseError):
+    """The database is not at the newest migration (never migrated, behind, or unknown to this code)."""
+
+
+class MigrationError(RegistryDatabaseError):
+    """Alembic refused the migration target (an unknown revision, a step past base or head)."""
+
+    exit_code = 2
+
+
+def _redacted(url: str) -> str:
+    """`url` with any password replaced, also when it cannot be parsed."""
+    return re.sub(r"(//[^/:@]*):[^@/]*@", r"\1:***@", url)
+
+
+def describe(engine_or_url: Engine | URL) -> str:
+    """The database's URL without its password, for messages."""
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else engine_or_url
+    return url.render_as_string(hide_password=True)
 
 
 def make_engine(url: str | None = None, *, settings: Settings | None = None, **kwargs: Any) -> Engine:
@@ -26,11 +66,30 @@ def make_engine(url: str | None = None, *, settings: Settings | None = None, **k
 
     SQLite gets foreign keys on, a busy timeout and `BEGIN IMMEDIATE` transactions (one writer
     at a time, so the audit chain cannot fork); an in-memory SQLite URL gets one shared
-    connection. Postgres gets pre-ping.
+    connection. Postgres gets pre-ping, and psycopg2 when the URL names no driver.
+
+    Raises InvalidDatabaseURL for a URL that cannot be parsed or whose driver is not installed.
+    Nothing is connected yet: `connect` and `check_schema` report an unreachable database.
     """
     if url is None:
         url = (settings or Settings.from_env()).database_url
-    sa_url = make_url(url)
+    fix = "set APA_DATABASE_URL (or --url), e.g. postgresql://user@host:5432/apa or sqlite:///apa.db"
+    try:
+        sa_url = make_url(url)
+        if sa_url.drivername == "postgresql":
+            sa_url = sa_url.set(drivername=f"postgresql+{POSTGRES_DRIVER}")
+        sa_url.get_dialect()  # an unknown dialect or driver fails here, not at first use
+    except ArgumentError as exc:
+        raise InvalidDatabaseURL(f"invalid database URL {_redacted(url)!r}: {exc}; {fix}") from exc
+    try:
+        return _create_engine(sa_url, **kwargs)
+    except ImportError as exc:
+        raise InvalidDatabaseURL(
+            f"the database driver of {describe(sa_url)} is not installed ({exc}); {fix}"
+        ) from exc
+
+
+def _create_engine(sa_url: URL, **kwargs: Any) -> Engine:
     if sa_url.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         return create_engine(sa_url, **kwargs)
@@ -56,6 +115,46 @@ def make_engine(url: str | None = None, *, settings: Settings | None = None, **k
     return engine
 
 
+def connect(engine: Engine) -> Connection:
+    """A connection of `engine`; raises RegistryUnavailable, naming the database and the driver's
+    reason, when it cannot be reached."""
+    try:
+        return engine.connect()
+    except DBAPIError as exc:
+        reason = " ".join(str(exc.orig or exc).strip().splitlines()[0].split())
+        fix = (
+            "that its folder exists and is writable"
+            if engine.dialect.name == "sqlite"
+            else "that the database server is running and the database exists"
+        )
+        raise RegistryUnavailable(
+            f"cannot connect to the registry database {describe(engine)}: {reason}; "
+            f"check APA_DATABASE_URL (or --url) and {fix}"
+        ) from exc
+
+
+def check_schema(engine: Engine) -> str:
+    """The revision of the database, which must be the newest migration.
+
+    Raises RegistryUnavailable when the database cannot be reached and SchemaNotMigrated when it
+    was never migrated or is behind; commands call this before they touch a table.
+    """
+    current, head = current_revision(engine), head_revision()
+    if current is not None and current == head:
+        return current
+    where = describe(engine)
+    if current is None:
+        problem = "has no schema (it was never migrated)"
+    elif _known_revision(current):
+        problem = f"is at revision {current}, the code needs {head}"
+    else:
+        raise SchemaNotMigrated(
+            f"the registry database {where} is at revision {current}, which this version of apa does "
+            f"not know (its newest is {head}); upgrade apa"
+        )
+    raise SchemaNotMigrated(f"the registry database {where} {problem}; run `apa db upgrade` on it first")
+
+
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose objects stay readable after commit."""
     return sessionmaker(bind=engine, expire_on_commit=False)
@@ -71,13 +170,18 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 # --- migrations (Alembic) ------------------------------------------------------------------------
 
 
+MIGRATIONS_PACKAGE = "apa.migrations"
+"""The repository's `migrations/` folder, shipped as this package (pyproject.toml `package-dir`)."""
+
+
 def migrations_dir(settings: Settings | None = None) -> Path:
-    """The Alembic directory: `APA_MIGRATIONS_DIR`, else `migrations/` of the source tree."""
+    """The Alembic directory: `APA_MIGRATIONS_DIR`, else the installed package `apa.migrations`."""
     settings = settings or Settings.from_env()
     if settings.migrations_dir:
         return Path(settings.migrations_dir)
-    # shared/apa/db/session.py -> repository root
-    return Path(__file__).resolve().parents[3] / "migrations"
+    from importlib.resources import files
+
+    return Path(str(files(MIGRATIONS_PACKAGE)))
 
 
 def alembic_config(url: str | None = None, *, connection: Connection | None = None) -> Any:
@@ -97,32 +201,58 @@ def alembic_config(url: str | None = None, *, connection: Connection | None = No
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Run the migrations up to `revision`."""
+def _migrate(engine: Engine, direction: str, revision: str) -> None:
+    """Run Alembic's `upgrade` or `downgrade` to `revision` in one transaction."""
     from alembic import command
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
 
-    with engine.begin() as connection:
-        command.upgrade(alembic_config(connection=connection), revision)
+    with connect(engine) as connection, connection.begin():
+        try:
+            getattr(command, direction)(alembic_config(connection=connection), revision)
+        except (CommandError, RevisionError) as exc:
+            known = ", ".join(["base", "head", *(s.revision for s in _script_directory().walk_revisions())])
+            raise MigrationError(
+                f"cannot {direction} {describe(engine)} to {revision!r}: {exc} (revisions: {known}; "
+                "relative steps like -1 or +1; `apa db current` shows where the database is)"
+            ) from exc
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Run the migrations up to `revision` (MigrationError for a revision Alembic cannot reach)."""
+    _migrate(engine, "upgrade", revision)
 
 
 def downgrade(engine: Engine, revision: str = "-1") -> None:
     """Undo migrations down to `revision` (`base` drops everything)."""
-    from alembic import command
+    _migrate(engine, "downgrade", revision)
 
-    with engine.begin() as connection:
-        command.downgrade(alembic_config(connection=connection), revision)
+
+def _script_directory() -> Any:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def _known_revision(revision: str) -> bool:
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
+    try:
+        return _script_directory().get_revision(revision) is not None
+    except (CommandError, RevisionError):
+        return False
 
 
 def head_revision() -> str | None:
     """The newest migration revision."""
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return _script_directory().get_current_head()  # type: ignore[no-any-return]
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The revision the database is at (None: never migrated)."""
+    """The revision the database is at (None: never migrated); RegistryUnavailable when it cannot
+    be reached."""
     from alembic.runtime.migration import MigrationContext
 
-    with engine.connect() as connection:
+    with connect(engine) as connection:
         return MigrationContext.configure(connection).get_current_revision()
