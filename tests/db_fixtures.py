@@ -1,5 +1,5 @@
 """Fixtures and helpers for the registry tests: migrated SQLite and Postgres databases, and a small
-fake model directory (docs/LAYOUT.md) with 3 users, 10 samples and 2 shards.
+fake model directory (docs/ARCHITECTURE.md §4) with 3 users, 10 samples and 2 shards.
 
 Import the fixtures you use into a test module (`from db_fixtures import sqlite_engine  # noqa: F401`).
 Postgres tests need the server on 127.0.0.1:5432; when it is unreachable they FAIL, unless

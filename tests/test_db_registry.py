@@ -1,4 +1,4 @@
-"""Registry transitions (DESIGN §4): bootstrap, erasure, retraining, promotion, replicas.
+"""Registry transitions (docs/ARCHITECTURE.md §5): bootstrap, erasure, retraining, promotion, replicas.
 
 Unit tests run on SQLite; the `integration` ones repeat the life cycle on the real Postgres."""
 

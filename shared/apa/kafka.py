@@ -2,7 +2,7 @@
 delivery guarantees, topic creation, a bounded broker-readiness wait, and the location of the
 `tansu` Kafka-protocol broker binary used by the integration tests.
 
-Delivery guarantees (DESIGN.md §4 "Nothing is lost"): consumers never auto-commit; a consumer
+Delivery guarantees (docs/ARCHITECTURE.md §5): consumers never auto-commit; a consumer
 commits a message's offset (`commit_message`) only after the registry transaction for it has
 committed, so a crash before that redelivers the message to the next member of the group.
 Processing is idempotent by request id, so a redelivery is harmless.

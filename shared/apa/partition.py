@@ -1,6 +1,6 @@
 """Data partition: split the training samples into K disjoint shards, one LoRA adapter each.
 
-Strategies (DESIGN.md §3, paper §3.2.1 and §4.4.1), each one class plus one `STRATEGIES` entry:
+Strategies (docs/ARCHITECTURE.md §3, paper §3.2.1 and §4.4.1), each one class plus one `STRATEGIES` entry:
 
 * `semantic` -- Algorithm 1 of the paper: K-means on the frozen LLM's hidden states h_i, then
   walk every (sample, centre) pair in ascending cosine distance and put sample i into shard k
@@ -83,7 +83,7 @@ def _checked_int(name: str, value: object, minimum: int) -> int:
 
 @dataclass(eq=False)
 class Partition:
-    """The shards of one partition run, as saved in `partition.json` (docs/LAYOUT.md)."""
+    """The shards of one partition run, as saved in `partition.json` (docs/ARCHITECTURE.md §4)."""
 
     shards: list[list[str]]
     """Sample ids of each shard, each list sorted; shard k trains adapter k."""

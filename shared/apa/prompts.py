@@ -1,4 +1,4 @@
-"""The alpaca/TALLRec prompt and its Yes/No answers (DESIGN.md §3, TALLRec's templates)."""
+"""The alpaca/TALLRec prompt and its Yes/No answers (docs/ARCHITECTURE.md §1, TALLRec's templates)."""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ class Settings:
     pseudonym_key: str | None = None
     """Secret key of the HMAC pseudonyms that replace stored ids; unset: a generated development key."""
     model_dir: str | None = None
-    """Model directory (docs/LAYOUT.md) the services serve and retrain."""
+    """Model directory (docs/ARCHITECTURE.md §4) the services serve and retrain."""
     model_id: str | None = None
     """Registry id of the served model; default: the model directory's name."""
     registry_url: str = "http://127.0.0.1:8000"

@@ -1,8 +1,8 @@
-"""Data for APA (DESIGN.md §3): loaders, TALLRec preprocessing, the paper's sampling, JSONL I/O.
+"""Data for APA (docs/ARCHITECTURE.md §3): loaders, TALLRec preprocessing, the paper's sampling, JSONL I/O.
 
 - `loaders`: MovieLens-100K (raw or recbole's copy), BookCrossing, generic CSV -> `Interaction`s
 - `tallrec`: TALLRec's movie and book recipes -> `Sample`s in train/valid/test
-- `samples`: the `Sample` contract (docs/LAYOUT.md) and its JSONL files
+- `samples`: the `Sample` contract (docs/ARCHITECTURE.md §4) and its JSONL files
 - `pipeline`: `DataConfig`, sampling 1024/500/1000, the `apa prepare` command
 """
 

@@ -1,4 +1,4 @@
-"""`Sample` (the contract in docs/LAYOUT.md) and its JSONL files: one JSON object per line."""
+"""`Sample` (the contract in docs/ARCHITECTURE.md §4) and its JSONL files: one JSON object per line."""
 
 from __future__ import annotations
 
@@ -164,5 +164,5 @@ def load_splits(directory: str | Path) -> dict[str, list[Sample]]:
 
 def sample_digest(sample_ids: Iterable[str]) -> str:
     """sha256 of the sorted sample ids joined by newlines: what an adapter manifest commits to
-    (docs/LAYOUT.md `sample_digest`)."""
+    (docs/ARCHITECTURE.md §4 `sample_digest`)."""
     return hashlib.sha256("\n".join(sorted(sample_ids)).encode("utf-8")).hexdigest()

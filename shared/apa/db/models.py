@@ -45,7 +45,7 @@ SHARD_STATES: tuple[str, ...] = ("serving", "stale", "retraining")
 AdapterState = Literal["serving", "excluded", "retired", "stale"]
 """serving: the shard's current adapter; excluded: withdrawn because an erasure hit its training
 data; retired: replaced by a newer serving version; stale: registered after newer erasures hit the
-shard (DESIGN §4), never served."""
+shard (docs/ARCHITECTURE.md §5), never served."""
 ADAPTER_STATES: tuple[str, ...] = ("serving", "excluded", "retired", "stale")
 
 RequestStatus = Literal["received", "excluded", "retraining", "completed"]
@@ -104,7 +104,7 @@ class Base(DeclarativeBase):
 
 
 class Model(Base):
-    """A trained APA model: one model directory (docs/LAYOUT.md) imported by `apa bootstrap`."""
+    """A trained APA model: one model directory (docs/ARCHITECTURE.md §4) imported by `apa bootstrap`."""
 
     __tablename__ = "models"
 

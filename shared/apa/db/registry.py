@@ -1,4 +1,4 @@
-"""Registry state transitions (DESIGN.md §4) and the compliance views built on them.
+"""Registry state transitions (docs/ARCHITECTURE.md §5) and the compliance views built on them.
 
 Every function takes a Session and works inside the caller's transaction (it never commits):
 the erasure service commits before acknowledging the Kafka message. Each transition first locks
