@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from apa.artifacts import AdapterRef, ArtifactStore
 from apa.db import audit, registry
-from apa.db.models import AdapterVersion, Model, Shard
+from apa.db.models import AdapterVersion, AuditLog, Model, Shard
 from apa.db.models import Sample as SampleRow
 from apa.db.session import session_scope
 from apa.events import ErasureRequested
@@ -132,7 +132,8 @@ class RetrainOutcome:
     manifest: ShardManifest
     artifact_key: str
     """Artifact-store key of the new version ("" for a shard left without samples)."""
-    adapter_version_id: int
+    adapter_version_id: int | None
+    """The registered version (None when it was discarded: trained on samples erased meanwhile)."""
     promoted: bool
     """False when newer erasures hit the shard meanwhile: retrain again."""
     generation: int
@@ -179,7 +180,7 @@ def retrain_shard(
             .order_by(AdapterVersion.version.desc())
             .limit(1)
         ).first()
-        version = (latest.version if latest else 0) + 1
+        version = _next_version(session, shard, latest)
         config = ShardManifest.from_json(latest.manifest).train_config if latest else info.train_config
         model_dir = model.model_dir
 
@@ -199,21 +200,38 @@ def retrain_shard(
         )
         manifest = replace(manifest, adapter_sha256=sha)
 
-    with session_scope(engine) as session:
-        adapter = registry.register_adapter_version(
-            session, shard.key, manifest, key, started_generation=generation
-        )
-        promoted = adapter.state == "serving"
-        adapter_id = adapter.id
-        replaced = [
-            (v.id, v.version, v.artifact_uri)
-            for v in session.scalars(
-                select(AdapterVersion).where(
-                    AdapterVersion.shard_id == shard.key, AdapterVersion.state != "serving"
-                )
+    try:
+        with session_scope(engine) as session:
+            adapter = registry.register_adapter_version(
+                session, shard.key, manifest, key, started_generation=generation
             )
-            if v.artifact_uri
-        ]
+            promoted = adapter.state == "serving"
+            adapter_id: int | None = adapter.id
+            replaced = [
+                (v.id, v.version, v.artifact_uri)
+                for v in session.scalars(
+                    select(AdapterVersion).where(
+                        AdapterVersion.shard_id == shard.key, AdapterVersion.state != "serving"
+                    )
+                )
+                if v.artifact_uri
+            ]
+    except registry.ManifestRejected as exc:
+        if exc.field != "sample_pids":
+            raise
+        # newer erasures removed some of these samples while it trained: never registered, never
+        # served; its weights go, and the shard (stale again) retrains on the newer remainder
+        promoted, adapter_id, replaced = False, None, []
+        with session_scope(engine) as session:
+            audit.lock_chain(session)
+            audit.append(
+                session,
+                "retrain_discarded",
+                shard_id=shard.key,
+                payload={"version": version, "reason": str(exc), "started_generation": generation},
+            )
+        if key:
+            store.delete(key)
     deleted = _delete_artifacts(engine, store, shard, replaced)
     if promoted and model_dir and (Path(model_dir) / "model.json").is_file():
         md = ModelDir(model_dir)
@@ -225,6 +243,18 @@ def retrain_shard(
         "retrained %s v%d (%s)", shard, version, "promoted" if promoted else "not promoted: newer erasures"
     )
     return RetrainOutcome(shard, manifest, key, adapter_id, promoted, generation, deleted)
+
+
+def _next_version(session: Session, shard: ShardRef, latest: AdapterVersion | None) -> int:
+    """The next version number of a shard: never one used before, by a registered version or by a
+    retrain that was discarded (its number is in the audit log)."""
+    discarded = session.scalars(
+        select(AuditLog.payload).where(
+            AuditLog.shard_id == shard.key, AuditLog.event_type == "retrain_discarded"
+        )
+    )
+    used = [latest.version if latest else 0, *(int(p.get("version", 0)) for p in discarded)]
+    return max(used) + 1
 
 
 def _delete_artifacts(
