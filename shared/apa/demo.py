@@ -37,7 +37,7 @@ from apa.lifecycle import (
 from apa.metrics import auc
 from apa.modeldir import ModelDir
 from apa.partition import PartitionConfig
-from apa.pseudonyms import pseudonymizer_from_settings
+from apa.pseudonyms import development_key, pseudonymizer_from_settings
 from apa.settings import Settings
 from apa.sharded import build_model
 from apa.training import TrainConfig
@@ -77,7 +77,13 @@ def demo_command(
         raise ValueError(f"{root} is not empty; pass --out with a new directory")
     root.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_env()
-    pseudonymizer = pseudonymizer_from_settings(settings)
+    if settings.pseudonym_key:
+        pseudonymizer = pseudonymizer_from_settings(settings)
+    else:
+        pseudonymizer = development_key(warn=False)
+        _say(
+            f"pseudonym key: the generated development key (id {pseudonymizer.key_id}); set APA_PSEUDONYM_KEY in production"
+        )
     summary: dict[str, Any] = {
         "pseudonym_key": pseudonymizer.source,
         "pseudonym_key_id": pseudonymizer.key_id,
