@@ -54,5 +54,5 @@ def test_bf16_autocast_keeps_scores_close_to_fp32(backbone, splits):
 def test_a_few_lora_steps_on_the_real_model_lower_the_answer_loss(backbone, splits):
     config = TrainConfig.preset("cpu", epochs=2, batch_size=4, micro_batch_size=4, lr=1e-3, patience=5)
     result = train_adapter(backbone, splits["train"], splits["valid"], config)
-    assert result.metrics[1]["loss"] < result.metrics[0]["loss"]
+    assert result.metrics[1].loss < result.metrics[0].loss
     assert all(k.endswith("weight") and "lora_" in k for k in result.adapter_state)
