@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "apa.sharded:evaluate_command",
     "unlearn": "apa.sharded:unlearn_command",
     "demo": "apa.demo:demo_command",
+    "stack": "apa.stack:stack_command",
     "experiment": "apa.experiments:experiment_command",
     "bench": "apa.bench:bench_command",
     "db": "apa.db.cli:db_command",
