@@ -191,7 +191,8 @@ class Backbone:
             return cls(model, tokenizer, config, model_id=model_id, model_digest=digest)
         location, model_id, digest = resolve_model(config)
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
         return cls(model, tokenizer, config, model_id=model_id, model_digest=digest)
 
     def _first_token(self, word: str) -> int:
@@ -296,6 +297,20 @@ class Backbone:
             for row, i in enumerate(idx):
                 rows[i] = pooled[row].cpu().numpy()
         return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers draws a progress bar per weight file; a local load takes a second: no bar."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_device(name: str) -> torch.device:
