@@ -3,12 +3,18 @@
 Every field of `Settings` is read from the variable `APA_<FIELD NAME IN UPPER CASE>`
 (`database_url` <- `APA_DATABASE_URL`). Services, the CLI and the migrations take a `Settings`
 object; nothing else in the code base looks at `os.environ`.
+
+`python -m apa.settings` prints the configuration table of README.md (`markdown_table`), made from
+the fields, their defaults and their docstrings, so the documentation cannot drift from the code.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import os
+import textwrap
 import types
 import typing
 from collections.abc import Mapping
@@ -124,3 +130,42 @@ def _parse(var: str, raw: str, hint: Any) -> Any:
         return raw
     except ValueError as exc:
         raise ValueError(f"{var}={raw!r}: {exc}") from exc
+
+
+def field_docs(cls: type = Settings) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), from the source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def markdown_table() -> str:
+    """The configuration table of README.md: each setting's variable, default and meaning."""
+    docs = field_docs()
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for field in dataclasses.fields(Settings):
+        default = _shown_default(field.default)
+        meaning = docs.get(field.name, "").replace("|", "\\|")
+        rows.append(f"| `{ENV_PREFIX}{field.name.upper()}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown_default(value: Any) -> str:
+    if value is dataclasses.MISSING:
+        return "(computed)"
+    if value is None:
+        return "unset"
+    return f"`{str(value).lower() if isinstance(value, bool) else value}`"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")
