@@ -420,3 +420,43 @@ def test_un_erased_sample_reinserted_under_a_new_row_is_found_by_its_content_hma
     problem = result.first("sample")
     assert problem is not None and problem.subject == f"{MODEL_ID}/{'b' * 64}"
     assert f"holds the record of sample {MODEL_ID}/{pid('t-c1')}" in problem.reason
+
+
+def test_migration_0005_as_a_createrole_admin_leaves_it_outside_the_owner_role(
+    model_dir: Path, store: ArtifactStore
+) -> None:
+    """README "Postgres roles": the migrating admin is no superuser; afterwards it is not a member of
+    apa_audit_owner (it cannot disable the audit triggers either), and up/down/up works."""
+    from apa.db.session import downgrade, upgrade
+
+    role, database = f"apa_test_admin_{uuid.uuid4().hex[:8]}", f"apa_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN CREATEROLE"))
+        conn.execute(text(f'CREATE DATABASE "{database}" OWNER {role}'))
+    server = PG_SERVER.replace("//postgres@", f"//{role}@")
+    engine = make_engine(f"{server}/{database}")
+    try:
+        upgrade(engine)
+        with engine.connect() as conn:
+            assert not conn.execute(
+                text("SELECT pg_has_role(current_user, 'apa_audit_owner', 'MEMBER')")
+            ).scalar()
+            owners = dict(
+                conn.execute(
+                    text("SELECT tablename, tableowner FROM pg_tables WHERE tablename LIKE 'audit%'")
+                ).all()
+            )
+        assert owners == dict.fromkeys(("audit_log", "audit_head", "audit_anchors"), "apa_audit_owner")
+        _registry(engine, model_dir, store)
+        assert _verify(engine).ok
+        with pytest.raises(DBAPIError, match="must be owner"), engine.begin() as conn:
+            conn.execute(text("ALTER TABLE audit_log DISABLE TRIGGER USER"))
+        downgrade(engine, "base")
+        upgrade(engine)
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+            conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+        admin.dispose()

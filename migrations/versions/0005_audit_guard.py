@@ -252,10 +252,14 @@ def _postgres_roles(bind: sa.engine.Connection) -> None:
         )
     joined = _become_owner_member(bind)
     schema = _scalar(bind, "SELECT current_schema()")
+    # A new owner needs CREATE on the schema while ownership moves, and USAGE afterwards (its
+    # SECURITY DEFINER trigger moves audit_head).
+    op.execute(f'GRANT USAGE, CREATE ON SCHEMA "{schema}" TO {OWNER_ROLE}')
     for table in AUDIT_TABLES:
         op.execute(f"ALTER TABLE {table} OWNER TO {OWNER_ROLE}")
     for function in FUNCTIONS:
         op.execute(f"ALTER FUNCTION {function} OWNER TO {OWNER_ROLE}")
+    op.execute(f'REVOKE CREATE ON SCHEMA "{schema}" FROM {OWNER_ROLE}')
     op.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO {APP_ROLE}')
     op.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO {APP_ROLE}')
     op.execute(f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA "{schema}" TO {APP_ROLE}')
@@ -294,6 +298,6 @@ def _postgres_downgrade(bind: sa.engine.Connection) -> None:
     op.execute(f'ALTER DEFAULT PRIVILEGES IN SCHEMA "{schema}" REVOKE ALL ON SEQUENCES FROM {APP_ROLE}')
     op.execute(f'REVOKE ALL ON ALL TABLES IN SCHEMA "{schema}" FROM {APP_ROLE}')
     op.execute(f'REVOKE ALL ON ALL SEQUENCES IN SCHEMA "{schema}" FROM {APP_ROLE}')
-    op.execute(f'REVOKE USAGE ON SCHEMA "{schema}" FROM {APP_ROLE}')
+    op.execute(f'REVOKE USAGE ON SCHEMA "{schema}" FROM {APP_ROLE}, {OWNER_ROLE}')
     if joined:
         op.execute(f"REVOKE {OWNER_ROLE} FROM CURRENT_USER")
