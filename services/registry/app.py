@@ -125,7 +125,12 @@ def create_app(
 
     if start_anchoring and state.anchor_sinks and settings.audit_anchor_interval_s > 0:
         app.extensions["apa_anchors"] = anchors.AnchorScheduler(
-            engine, state.anchor_sinks, state.signer, audit_key, settings.audit_anchor_interval_s
+            engine,
+            state.anchor_sinks,
+            state.signer,
+            audit_key,
+            settings.audit_anchor_interval_s,
+            legacy_rows=settings.audit_legacy_rows,
         ).start()
 
     @app.before_request
@@ -336,7 +341,13 @@ def _receipt(state: RegistryState, request_id: str) -> dict[str, Any]:
     if receipt["receipt"]["anchor"] is not None or not state.anchor_sinks:
         return receipt
     try:
-        anchors.anchor_now(state.engine, state.anchor_sinks, state.signer, state.audit_key)
+        anchors.anchor_now(
+            state.engine,
+            state.anchor_sinks,
+            state.signer,
+            state.audit_key,
+            legacy_rows=state.settings.audit_legacy_rows,
+        )
     except anchors.AnchorError as exc:  # still a signed receipt; its anchor follows later
         log.warning("anchoring for the receipt of %s failed: %s", request_id, exc)
         return receipt

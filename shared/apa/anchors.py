@@ -405,9 +405,12 @@ class AnchorScheduler:
         signer: SigningKey,
         key: audit.AuditKey,
         interval_s: float,
+        *,
+        legacy_rows: int | None = None,
     ) -> None:
         self.engine, self.sinks, self.signer, self.key = engine, list(sinks), signer, key
         self.interval_s = interval_s
+        self.legacy_rows = legacy_rows
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="apa-audit-anchors", daemon=True)
         self.last: Anchor | None = None
@@ -429,7 +432,7 @@ class AnchorScheduler:
             head = session.get(AuditHead, audit.HEAD_ID)
             if head is None or (self.last is not None and self.last.sequence == head.last_id):
                 return None
-        self.last = anchor_now(self.engine, self.sinks, self.signer, self.key)
+        self.last = anchor_now(self.engine, self.sinks, self.signer, self.key, legacy_rows=self.legacy_rows)
         return self.last
 
     def _run(self) -> None:
