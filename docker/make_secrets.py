@@ -41,6 +41,8 @@ def secret_files(existing: dict[str, str]) -> dict[str, str]:
         "APA_REPLICA_TOKEN": existing.get("APA_REPLICA_TOKEN") or secrets.token_urlsafe(32),
         "APA_PSEUDONYM_KEY": existing.get("APA_PSEUDONYM_KEY") or secrets.token_hex(32),
         "APA_AUDIT_KEY": existing.get("APA_AUDIT_KEY") or secrets.token_hex(32),
+        # Ed25519 private key (32 bytes, hex): signs erasure receipts and audit anchors; registry only
+        "APA_SIGNING_KEY": existing.get("APA_SIGNING_KEY") or secrets.token_hex(32),
     }
 
 

@@ -13,6 +13,12 @@ from apa.tiny import build_tiny_llama, build_tiny_tokenizer
 TEST_PSEUDONYM_KEY = "7465737420707365756430ff6e796d206b6579206f6620746865207465737473"
 """Every test (and every process a test starts) pseudonymises ids under this key."""
 os.environ["APA_PSEUDONYM_KEY"] = TEST_PSEUDONYM_KEY
+TEST_AUDIT_KEY = "61756469742d636861696e2d6b65792d666f722d7468652d74657374732d2121"
+"""The audit chain's HMAC key (APA_AUDIT_KEY) of every test."""
+os.environ["APA_AUDIT_KEY"] = TEST_AUDIT_KEY
+TEST_SIGNING_KEY = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"
+"""The Ed25519 seed (APA_SIGNING_KEY) that signs receipts and anchors in the tests (RFC 8032 test 1)."""
+os.environ["APA_SIGNING_KEY"] = TEST_SIGNING_KEY
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -231,10 +231,28 @@ def pg_engine(pg_url: str) -> Iterator[Engine]:
 
 
 def disable_append_only_guard(engine: Engine) -> None:
-    """Drop the database's append-only triggers on audit_log, as an attacker with DDL rights would."""
+    """Switch off the database's guards of the audit tables (append-only audit_log and
+    audit_anchors, the audit_head guard), as an attacker with DDL rights would. The trigger that
+    moves the head on INSERT stays, so the code can still append."""
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
-            conn.execute(text("ALTER TABLE audit_log DISABLE TRIGGER USER"))
+            for table, trigger in (
+                ("audit_log", "audit_log_append_only"),
+                ("audit_log", "audit_log_no_truncate"),
+                ("audit_head", "audit_head_guard"),
+                ("audit_head", "audit_head_no_truncate"),
+                ("audit_anchors", "audit_anchors_append_only"),
+                ("audit_anchors", "audit_anchors_no_truncate"),
+            ):
+                conn.execute(text(f"ALTER TABLE {table} DISABLE TRIGGER {trigger}"))
         else:
-            conn.execute(text("DROP TRIGGER IF EXISTS audit_log_no_update"))
-            conn.execute(text("DROP TRIGGER IF EXISTS audit_log_no_delete"))
+            for trigger in (
+                "audit_log_no_update",
+                "audit_log_no_delete",
+                "audit_head_guard_update",
+                "audit_head_no_delete",
+                "audit_head_no_insert",
+                "audit_anchors_no_update",
+                "audit_anchors_no_delete",
+            ):
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {trigger}"))

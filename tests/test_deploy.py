@@ -52,7 +52,6 @@ PENDING_COMMANDS = {
 PENDING_SETTINGS = {
     "APA_CELERY_BROKER_URL": "issue 8: the Celery broker URL (Settings has `celery_broker` today)",
     "APA_REPLICA_TOKEN": "issue 9: the token replicas authenticate heartbeats with",
-    "APA_AUDIT_KEY": "the audit chain's key",
     "APA_LIVENESS_FILE": "issue 8: file the consumer's poll loop and the worker's heartbeat thread touch",
 }
 
@@ -81,6 +80,7 @@ READS: dict[str, set[str]] = {
         "APA_DATABASE_URL", "APA_API_TOKEN", "APA_ALLOW_UNAUTHENTICATED", "APA_PSEUDONYM_KEY",
         "APA_KAFKA_BOOTSTRAP", "APA_ERASURE_TOPIC", "APA_KAFKA_TIMEOUT_S", "APA_REPLICA_LIVE_SECONDS",
         "APA_MIGRATIONS_DIR", "APA_LOG_LEVEL", "APA_REPLICA_TOKEN", "APA_AUDIT_KEY",
+        "APA_SIGNING_KEY", "APA_AUDIT_ANCHOR_TOPIC", "APA_AUDIT_ANCHOR_INTERVAL_S", "APA_AUDIT_LEGACY_ROWS",
     },
     "erasure-consumer": {
         "APA_DATABASE_URL", "APA_PSEUDONYM_KEY", "APA_AUDIT_KEY", "APA_KAFKA_BOOTSTRAP",
@@ -109,6 +109,8 @@ UNSET_ON_PURPOSE = {
     "APA_MIGRATIONS_DIR": "the migrations installed with the package",
     "APA_CELERY_RESULT_BACKEND": "no task result is read back",
     "APA_CELERY_BROKER": "superseded by APA_CELERY_BROKER_URL (issue 8)",
+    "APA_AUDIT_ANCHOR_FILE": "anchors go to the Kafka topic apa.audit-anchors (several registry replicas "
+    "must not share one append-only file)",
 }
 
 

@@ -44,7 +44,7 @@ def test_an_accepted_id_is_one_url_segment_of_valid_text(value: str) -> None:
 
 def test_shard_ids_are_a_model_id_and_an_index() -> None:
     assert check_shard_id("model-1/3", "shard_id") == "model-1/3"
-    for bad in ("model-1", "model-1/x", "model-1/03", "/3", "a/b/3", " m/1"):
+    for bad in ("model-1", "model-1/x", "model-1/03", "/3", "a/b/3", " m/1", "m/²", "m/٣"):
         with pytest.raises(InvalidInput):
             check_shard_id(bad, "shard_id")
 

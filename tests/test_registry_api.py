@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
 from apa.artifacts import ArtifactStore
@@ -21,6 +24,7 @@ from apa.db import registry
 from apa.db.bootstrap import bootstrap
 from apa.db.session import downgrade, make_engine, session_scope
 from apa.events import ErasureRequested, InMemoryEventBus
+from apa.ids import id_problem, shard_id_problem
 from apa.settings import Settings
 from db_fixtures import (  # noqa: F401 - fixtures
     MODEL_ID,
@@ -35,6 +39,7 @@ from db_fixtures import (  # noqa: F401 - fixtures
     sqlite_copy,
 )
 from services.registry.app import create_app
+from services.registry.validation import ID_PATTERN, SHARD_ID_PATTERN
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -45,6 +50,8 @@ def _settings(engine: Engine, **overrides: Any) -> Settings:
         database_url=engine.url.render_as_string(hide_password=False),
         api_token=TOKEN,
         pseudonym_key=os.environ["APA_PSEUDONYM_KEY"],
+        audit_key=os.environ["APA_AUDIT_KEY"],
+        signing_key=os.environ["APA_SIGNING_KEY"],
         **overrides,
     )
 
@@ -293,7 +300,7 @@ def test_bad_erasure_input_is_a_400_naming_the_field(
 
 def test_non_json_or_oversized_body_is_a_4xx(client: FlaskClient) -> None:
     response = client.post("/erasures", headers={**AUTH, "Content-Type": "text/plain"}, data="user_id=u")
-    assert response.status_code == 400 and response.json["field"] == "body"
+    assert response.status_code == 415 and response.json["field"] == "Content-Type"
     huge = client.post("/erasures", headers=AUTH, json={"user_id": "u", "interactions": ["i" * 100] * 20000})
     assert huge.status_code == 413 and huge.is_json
 
@@ -329,7 +336,7 @@ def test_replica_heartbeat_is_recorded_and_listed(client: FlaskClient) -> None:
     listed = client.get("/replicas", headers=AUTH).json["replicas"]
     assert [r["replica_id"] for r in listed] == ["replica-1"]
     bad = client.post("/replicas/replica-1/heartbeat", headers=AUTH, json={"loaded": {shard_id(0): "2"}})
-    assert bad.status_code == 400 and bad.json["field"] == "loaded"
+    assert bad.status_code == 400 and bad.json["field"] == f'loaded["{shard_id(0)}"]'
 
 
 # --- OpenAPI and errors ------------------------------------------------------------------------------
@@ -367,3 +374,129 @@ def test_api_on_postgres_reports_an_erasure_and_readiness(
     assert body["status"] == "excluded" and body["samples_erased"] == 3
     downgrade(pg_engine, "base")
     assert client.get("/readyz").status_code == 503
+
+
+# --- the OpenAPI document declares what the code enforces ---------------------------------------------
+
+
+_id_text = st.text(
+    alphabet=st.one_of(
+        st.characters(codec="utf-8"),
+        st.sampled_from([" ", "/", ".", "\x00", "\n", "\x85", "\u3000", "\ufeff", "\ud800", "\udfff"]),
+    ),
+    max_size=140,
+)
+
+
+@hyp_settings(max_examples=400, deadline=None)
+@given(_id_text)
+def test_openapi_id_pattern_accepts_exactly_what_apa_ids_accepts(value: str) -> None:
+    declared = 1 <= len(value) <= 128 and re.search(ID_PATTERN, value) is not None
+    assert declared == (id_problem(value) is None), (value, id_problem(value))
+    shard = f"{value}/3"
+    declared_shard = len(shard) <= 138 and re.search(SHARD_ID_PATTERN, shard) is not None
+    assert declared_shard == (shard_id_problem(shard) is None), shard
+
+
+@pytest.mark.parametrize(
+    "value", [".", "..", "a/b", " a", "a ", "a\n", "\u3000a", "a\ufeff", "\x85", "x" * 128, "x" * 129, "é☃"]
+)
+def test_openapi_id_pattern_on_the_edge_cases(value: str) -> None:
+    declared = 1 <= len(value) <= 128 and re.search(ID_PATTERN, value) is not None
+    assert declared == (id_problem(value) is None)
+
+
+def test_openapi_document_declares_id_limits_and_the_4xx_answers(client: FlaskClient) -> None:
+    doc = client.get("/openapi.json", headers=AUTH).json
+    ids = [
+        p["schema"]
+        for ops in doc["paths"].values()
+        for op in ops.values()
+        for p in op.get("parameters", [])
+        if p["in"] == "path" or p["name"] == "model_id"
+    ]
+    assert ids and all(
+        s["minLength"] == 1 and s["maxLength"] == 128 and s["pattern"] == ID_PATTERN for s in ids
+    )
+    submit = doc["components"]["schemas"]["ErasureSubmit"]["properties"]
+    assert submit["user_id"]["minLength"] == 1 and submit["request_id"]["pattern"] == ID_PATTERN
+    assert submit["interactions"]["items"]["maxLength"] == 128
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            assert {"400", "414", "431"} <= codes, (method, path)
+            if "requestBody" in op:
+                assert {"413", "415"} <= codes, (method, path)
+            if "{" in path:
+                assert "404" in codes, (method, path)
+    limit = next(p for p in doc["paths"]["/audit"]["get"]["parameters"] if p["name"] == "limit")
+    assert limit["schema"] == {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": 1000,
+        "default": 100,
+        "description": "Page size",
+    }
+
+
+# --- receipts ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def anchored_client(registry_db: Engine, tmp_path: Path) -> FlaskClient:
+    settings = _settings(registry_db, audit_anchor_file=str(tmp_path / "anchors.jsonl"))
+    return create_app(settings, engine=registry_db, event_bus=InMemoryEventBus()).test_client()
+
+
+def test_erasure_receipt_is_signed_anchored_and_checks_offline(
+    anchored_client: FlaskClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apa.db.audit import check_receipt_command
+
+    response = anchored_client.get("/erasures/req-alice/receipt", headers=AUTH)
+    assert response.status_code == 200
+    document = response.json
+    receipt = document["receipt"]
+    assert receipt["request"]["user_pid"] == PSEUDO.user("alice")
+    assert '"alice"' not in json.dumps(document) and "alice:1" not in json.dumps(document)  # pseudonyms only
+    [shard] = receipt["adapters"]
+    assert shard["excluded"]["version"] == 1 and shard["retrained"]["version"] == 2
+    assert len(shard["excluded"]["adapter_sha256"]) == 64 and len(shard["retrained"]["adapter_sha256"]) == 64
+    trail = receipt["audit"]
+    assert trail["first_row"] == trail["rows"][0]["id"] and trail["last_row"] == trail["rows"][-1]["id"]
+    assert receipt["anchor"]["sequence"] >= trail["last_row"]  # anchored on demand
+    path = tmp_path / "receipt.json"
+    path.write_text(json.dumps(document))
+    key = tmp_path / "public.pem"
+    key.write_text(anchored_client.get("/audit/public-key", headers=AUTH).json["pem"])
+    assert check_receipt_command(str(path), public_key=str(key)) == 0
+    assert "receipt VALID" in capsys.readouterr().out
+
+    forged = json.loads(path.read_text())
+    forged["receipt"]["adapters"][0]["retrained"]["adapter_sha256"] = "0" * 64
+    path.write_text(json.dumps(forged))
+    assert check_receipt_command(str(path), public_key=str(key)) == 1
+    assert "FAIL Ed25519 signature" in capsys.readouterr().out
+
+    other = tmp_path / "other.pem"
+    from apa.signing import SigningKey
+
+    other.write_text(SigningKey.parse("11" * 32).public.pem())
+    path.write_text(json.dumps(document))
+    assert check_receipt_command(str(path), public_key=str(other)) == 1
+    assert "names the published key" in capsys.readouterr().out
+
+
+def test_receipt_without_an_anchor_sink_is_signed_but_not_valid_until_anchored(
+    client: FlaskClient, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apa.db.audit import check_receipt_command
+
+    document = client.get("/erasures/req-bob/receipt", headers=AUTH).json
+    assert document["receipt"]["anchor"] is None and document["receipt"]["request"]["status"] != "completed"
+    path = tmp_path / "receipt.json"
+    path.write_text(json.dumps(document))
+    assert check_receipt_command(str(path)) == 1
+    out = capsys.readouterr().out
+    assert "ok   Ed25519 signature" in out and "no anchor covers audit rows" in out
+    assert client.get("/erasures/nope/receipt", headers=AUTH).status_code == 404

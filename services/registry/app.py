@@ -1,8 +1,13 @@
 """Registry service: the compliance and registry HTTP API over the registry database.
 
 A Flask app factory (`create_app`) served by gunicorn (`apa serve-registry`). Routes are thin:
-they validate input, call `apa.db.registry` / `apa.db.audit`, and return JSON. Every endpoint
-except /healthz and /readyz requires `Authorization: Bearer <APA_API_TOKEN>`. Errors are JSON
+they call `apa.db.registry` / `apa.db.audit` / `apa.receipts` and return JSON. Every endpoint
+except /healthz and /readyz requires `Authorization: Bearer <APA_API_TOKEN>`.
+
+Input is checked before any route runs, by one layer (`validation`) driven by the operation table
+that also renders /openapi.json (`openapi.OPERATIONS`): request limits (`_limits`), then the token
+(`_authenticate`), then path ids, query parameters and the JSON body (`_validate_input`, which
+leaves the parsed values in `flask.g.query` and `flask.g.body`). Errors are JSON
 `{"error": ..., "field": ...}`; bad input is a 4xx naming the field, never a 500.
 """
 
@@ -16,15 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
+from apa import anchors, receipts
 from apa.db import audit, registry
-from apa.db.models import ADAPTER_STATES, SHARD_STATES, AdapterVersion, ErasureRequest, Replica, Shard
+from apa.db.models import AdapterVersion, ErasureRequest, RegistryMeta, Replica, Shard
 from apa.db.session import current_revision, head_revision, make_engine, make_sessionmaker
 from apa.events import (
     ErasureRequested,
@@ -34,28 +40,18 @@ from apa.events import (
     build_event_bus,
     utc_now_iso,
 )
-from apa.ids import id_problem
 from apa.lifecycle import handle_erasure
 from apa.pseudonyms import Pseudonymizer, pseudonymizer_from_settings
 from apa.settings import Settings
-from services.registry.openapi import openapi_document
+from apa.signing import SigningKey, signing_key_from_settings
+from services.registry import validation
+from services.registry.openapi import BY_ENDPOINT, openapi_document
+from services.registry.validation import ApiError
 
 log = logging.getLogger(__name__)
 
 PUBLIC_ENDPOINTS = frozenset({"healthz", "readyz"})
-MAX_PAGE = 1000
-DEFAULT_PAGE = 100
-MAX_BODY_BYTES = 1 << 20
-
-
-class ApiError(Exception):
-    """An error response: HTTP status, message and the offending field (if any)."""
-
-    def __init__(self, status: int, error: str, field: str | None = None) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-        self.field = field
+MAX_BODY_BYTES = validation.MAX_BODY_BYTES
 
 
 @dataclass
@@ -69,6 +65,9 @@ class RegistryState:
     head: str | None
     pseudonymizer: Pseudonymizer
     bus_factory: Callable[[], EventBus]
+    signer: SigningKey
+    audit_key: audit.AuditKey
+    anchor_sinks: list[anchors.AnchorSink] = field(default_factory=list)
     _bus: EventBus | None = None
     _bus_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -86,58 +85,36 @@ def _state() -> RegistryState:
     return current_app.extensions["apa_registry"]  # type: ignore[no-any-return]
 
 
-def _int_arg(name: str, default: int, low: int, high: int | None = None) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"{name} must be an integer", name) from None
-    if value < low or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ApiError(400, f"{name} must be {bounds}", name)
-    return value
-
-
-def _choice_arg(name: str, choices: tuple[str, ...]) -> str | None:
-    value = request.args.get(name)
-    if value is not None and value not in choices:
-        raise ApiError(400, f"{name} must be one of {', '.join(choices)}", name)
-    return value
-
-
-def _path_id(value: str, field: str) -> str:
-    problem = id_problem(value)
-    if problem:
-        raise ApiError(400, f"{field} {problem}", field)
-    return value
-
-
-def _json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object", "body")
-    return body
-
-
 def create_app(
-    settings: Settings | None = None, *, engine: Engine | None = None, event_bus: EventBus | None = None
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    event_bus: EventBus | None = None,
+    start_anchoring: bool = False,
 ) -> Flask:
     """The registry API. Refuses to start (ValueError) without an API token unless the settings
     allow unauthenticated dev mode. POST /erasures publishes on `event_bus` (default: Kafka when
-    APA_KAFKA_BOOTSTRAP is set, else in-process)."""
+    APA_KAFKA_BOOTSTRAP is set, else in-process). Audit rows are keyed with the settings' audit
+    key; receipts and anchors are signed with their signing key. With `start_anchoring` (the
+    served app), the chain head is anchored to the configured sinks every
+    `audit_anchor_interval_s` seconds."""
     settings = settings or Settings.from_env()
     token = settings.require_api_token()
     engine = engine or make_engine(settings=settings)
+    audit_key = audit.audit_key_from_settings(settings)
+    sessions = make_sessionmaker(engine)
+    sessions.configure(info={audit.SESSION_KEY: audit_key})
     state = RegistryState(
         settings=settings,
         engine=engine,
-        sessions=make_sessionmaker(engine),
+        sessions=sessions,
         token=token,
         head=head_revision(),
         pseudonymizer=pseudonymizer_from_settings(settings),
         bus_factory=(lambda: event_bus) if event_bus is not None else (lambda: build_event_bus(settings)),
+        signer=signing_key_from_settings(settings),
+        audit_key=audit_key,
+        anchor_sinks=anchors.configured_sinks(settings),
     )
     if event_bus is None and not settings.kafka_bootstrap:
         state._bus = _local_bus(settings, state.sessions, state.pseudonymizer)
@@ -145,6 +122,20 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["apa_registry"] = state
+
+    if start_anchoring and state.anchor_sinks and settings.audit_anchor_interval_s > 0:
+        app.extensions["apa_anchors"] = anchors.AnchorScheduler(
+            engine,
+            state.anchor_sinks,
+            state.signer,
+            audit_key,
+            settings.audit_anchor_interval_s,
+            legacy_rows=settings.audit_legacy_rows,
+        ).start()
+
+    @app.before_request
+    def _limits() -> None:
+        validation.check_limits(request)
 
     @app.before_request
     def _authenticate() -> Response | None:
@@ -161,13 +152,30 @@ def create_app(
             return response
         return None
 
+    @app.before_request
+    def _validate_input() -> None:
+        """Path ids, query parameters and the JSON body of the matched operation, before the route."""
+        op = BY_ENDPOINT.get(request.endpoint or "")
+        if op is None:  # no route matched: the 404/405 follows
+            return
+        for name, value in (request.view_args or {}).items():
+            validation.path_id(value, name)
+        g.query = validation.query(request, op.query)
+        g.body = op.body.parse(request) if op.body is not None else None
+
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> tuple[Response, int]:
         return jsonify(error=exc.error, field=exc.field), exc.status
 
     @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> tuple[Response, int]:
-        return jsonify(error=(exc.description or exc.name), field=None), exc.code or 500
+    def _http_error(exc: HTTPException) -> Response:
+        field = {413: "body", 414: "url", 415: "Content-Type", 431: "headers"}.get(exc.code or 0)
+        response = jsonify(error=(exc.description or exc.name), field=field)
+        response.status_code = exc.code or 500
+        for name, value in exc.get_headers():  # keep Allow (405), WWW-Authenticate, Retry-After, ...
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
@@ -194,22 +202,31 @@ def create_app(
             return jsonify(
                 status="not ready", reason=f"database at revision {current}, head is {state.head}"
             ), 503
+        with state.sessions() as session:
+            recorded = session.get(RegistryMeta, audit.AUDIT_KEY_ID)
+        if recorded is not None and recorded.value != state.audit_key.key_id:
+            reason = (
+                f"the audit chain is keyed with {recorded.value}, this process holds {state.audit_key.key_id}"
+            )
+            return jsonify(status="not ready", reason=reason), 503
         return jsonify(status="ready", revision=current), 200
 
     # --- compliance ------------------------------------------------------------------------------
 
     @app.get("/erasures/<request_id>")
     def get_erasure(request_id: str) -> Response:
-        _path_id(request_id, "request_id")
         with state.sessions() as session:
             try:
                 return jsonify(registry.erasure_status(session, request_id))
             except registry.NotFoundError:
                 raise ApiError(404, f"no erasure request {request_id!r}", "request_id") from None
 
+    @app.get("/erasures/<request_id>/receipt")
+    def get_erasure_receipt(request_id: str) -> Response:
+        return jsonify(_receipt(state, request_id))
+
     @app.get("/users/<user_id>/erasure-status")
     def get_user_erasure_status(user_id: str) -> Response:
-        _path_id(user_id, "user_id")
         with state.sessions() as session:
             try:
                 return jsonify(registry.user_erasure_status(session, user_id, state.pseudonymizer))
@@ -218,8 +235,7 @@ def create_app(
 
     @app.get("/audit")
     def get_audit() -> Response:
-        since = _int_arg("since", 0, 0)
-        limit = _int_arg("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        since, limit = g.query["since"], g.query["limit"]
         with state.sessions() as session:
             rows = audit.page(session, since=since, limit=limit)
             return jsonify(
@@ -228,15 +244,19 @@ def create_app(
                 has_more=len(rows) == limit,
             )
 
+    @app.get("/audit/public-key")
+    def get_public_key() -> Response:
+        public = state.signer.public
+        return jsonify(alg="Ed25519", key_id=public.key_id, public_key=public.b64, pem=public.pem())
+
     @app.get("/shards")
     def get_shards() -> Response:
-        model_id = request.args.get("model_id")
-        shard_state = _choice_arg("state", SHARD_STATES)
+        model_id, shard_state = g.query["model_id"], g.query["state"]
         with state.sessions() as session:
             query = select(Shard).order_by(Shard.model_id, Shard.index)
-            if model_id:
+            if model_id is not None:
                 query = query.where(Shard.model_id == model_id)
-            if shard_state:
+            if shard_state is not None:
                 query = query.where(Shard.state == shard_state)
             serving = {
                 v.shard_id: v
@@ -246,22 +266,18 @@ def create_app(
 
     @app.get("/adapters")
     def get_adapters() -> Response:
-        shard_id = request.args.get("shard_id")
-        adapter_state = _choice_arg("state", ADAPTER_STATES)
+        shard_id, adapter_state = g.query["shard_id"], g.query["state"]
         with state.sessions() as session:
             query = select(AdapterVersion).order_by(AdapterVersion.shard_id, AdapterVersion.version)
-            if shard_id:
+            if shard_id is not None:
                 query = query.where(AdapterVersion.shard_id == shard_id)
-            if adapter_state:
+            if adapter_state is not None:
                 query = query.where(AdapterVersion.state == adapter_state)
             return jsonify(adapters=[registry.adapter_view(v) for v in session.scalars(query)])
 
     @app.post("/erasures")
     def post_erasure() -> tuple[Response, int]:
-        body = _json_body()
-        unknown = sorted(set(body) - {"request_id", "user_id", "interactions", "requested_at"})
-        if unknown:
-            raise ApiError(400, f"unknown field {unknown[0]!r}", unknown[0])
+        body = g.body
         try:
             event = ErasureRequested.from_dict(
                 {"request_id": str(uuid.uuid4()), "requested_at": utc_now_iso(), **body}
@@ -289,16 +305,7 @@ def create_app(
 
     @app.post("/replicas/<replica_id>/heartbeat")
     def post_heartbeat(replica_id: str) -> Response:
-        _path_id(replica_id, "replica_id")
-        body = _json_body()
-        loaded = body.get("loaded")
-        if not isinstance(loaded, dict) or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in loaded.items()
-        ):
-            raise ApiError(400, "loaded must be an object mapping shard id to adapter version", "loaded")
-        model_id = body.get("model_id")
-        if model_id is not None and not isinstance(model_id, str):
-            raise ApiError(400, "model_id must be a string", "model_id")
+        loaded, model_id = g.body["loaded"], g.body.get("model_id")
         with state.sessions() as session, session.begin():
             replica = registry.record_replica_heartbeat(
                 session,
@@ -321,6 +328,31 @@ def create_app(
         return jsonify(openapi_document())
 
     return app
+
+
+def _receipt(state: RegistryState, request_id: str) -> dict[str, Any]:
+    """The signed receipt; when no anchor covers its audit rows yet and sinks are configured, the
+    head is anchored first (so a receipt is anchored as soon as it is asked for)."""
+    with state.sessions() as session:
+        try:
+            receipt = receipts.build_receipt(session, request_id, state.signer)
+        except receipts.ReceiptNotFound:
+            raise ApiError(404, f"no erasure request {request_id!r}", "request_id") from None
+    if receipt["receipt"]["anchor"] is not None or not state.anchor_sinks:
+        return receipt
+    try:
+        anchors.anchor_now(
+            state.engine,
+            state.anchor_sinks,
+            state.signer,
+            state.audit_key,
+            legacy_rows=state.settings.audit_legacy_rows,
+        )
+    except anchors.AnchorError as exc:  # still a signed receipt; its anchor follows later
+        log.warning("anchoring for the receipt of %s failed: %s", request_id, exc)
+        return receipt
+    with state.sessions() as session:
+        return receipts.build_receipt(session, request_id, state.signer)
 
 
 def _local_bus(
@@ -375,7 +407,17 @@ def serve_command(host: str = "127.0.0.1", port: int = 8000, workers: int = 2) -
                 self.cfg.set(key, value)
 
         def load(self) -> Flask:
-            return create_app()  # in each worker: its own engine and connection pool
+            return create_app(start_anchoring=True)  # in each worker: its own engine and pool
 
-    RegistryServer({"bind": f"{host}:{port}", "workers": workers, "accesslog": "-"}).run()
+    RegistryServer(
+        {
+            "bind": f"{host}:{port}",
+            "workers": workers,
+            "accesslog": "-",
+            # the limits the app and its OpenAPI document declare (414, 431)
+            "limit_request_line": validation.MAX_URL_BYTES,
+            "limit_request_fields": validation.MAX_HEADER_FIELDS,
+            "limit_request_field_size": validation.MAX_HEADER_BYTES,
+        }
+    ).run()
     return 0

@@ -1,302 +1,492 @@
-"""The registry API's OpenAPI 3 document (served at /openapi.json)."""
+"""The registry API's declaration: every operation with its path, query and body inputs (the
+`validation` kinds the app parses them with) and its responses; `openapi_document()` renders it as
+the OpenAPI 3.1 document served at /openapi.json. The app validates input from the same table, so
+the document declares exactly what the code enforces (tests/test_registry_api_fuzz.py fuzzes the
+app from this document and fails on any 5xx or schema mismatch)."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
+from apa.db.models import ADAPTER_STATES, REQUEST_STATUSES, SHARD_STATES
+from services.registry.validation import (
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_HEADER_FIELDS,
+    MAX_INT,
+    MAX_JSON_DEPTH,
+    MAX_URL_BYTES,
+    Body,
+    Value,
+)
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _errors(*codes: int) -> dict[str, Any]:
-    text = {
-        400: "Bad input; `field` names it",
-        401: "Missing or wrong bearer token",
-        404: "Not found",
-        409: "Conflicts with the registry's state",
-        503: "Dependency unavailable",
-    }
-    return {str(code): _json(_ERROR, text[code]) for code in codes}
-
-
-def _path_param(name: str, description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "description": description,
-        "schema": {"type": "string"},
-    }
-
-
-def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
-
-
-_OBJ = {"type": "object", "additionalProperties": True}
 _TS = {"type": ["string", "null"], "format": "date-time"}
+_TS_SET = {"type": "string", "format": "date-time"}
+_STR_OR_NULL = {"type": ["string", "null"]}
+_INT_OR_NULL = {"type": ["integer", "null"]}
+_SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_OBJ = {"type": "object"}
+
+
+def _obj(properties: dict[str, Any], *, required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": list(properties) if required is None else required,
+        "properties": properties,
+    }
+
+
+ERROR_TEXT = {
+    400: "Bad input; `field` names it",
+    401: "Missing or wrong bearer token",
+    404: "Not found",
+    409: "Conflicts with the registry's state",
+    413: f"Body larger than {MAX_BODY_BYTES} bytes",
+    414: f"URL longer than {MAX_URL_BYTES} bytes",
+    415: "Body is not application/json",
+    431: f"More than {MAX_HEADER_FIELDS} header fields, or one longer than {MAX_HEADER_BYTES} bytes",
+    503: "Dependency unavailable",
+}
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One route: `endpoint` is the Flask view function's name."""
+
+    endpoint: str
+    method: str
+    path: str
+    """OpenAPI path; every `{name}` is an id (`apa.ids`)."""
+    summary: str
+    response: dict[str, Any]
+    status: int = 200
+    query: dict[str, Value] = field(default_factory=dict)
+    body: Body | None = None
+    errors: tuple[int, ...] = ()
+    """Errors beyond the common ones (400, 401, 414, 431; 404 with path ids; 413/415 with a body)."""
+    public: bool = False
+    description: str = ""
+
+    @property
+    def path_params(self) -> list[str]:
+        return re.findall(r"{([^}]+)}", self.path)
+
+
+AUDIT_ROW = _obj(
+    {
+        "id": {"type": "integer", "minimum": 1},
+        "ts": _TS_SET,
+        "event_type": {"type": "string"},
+        "request_id": _STR_OR_NULL,
+        "user_pid": _STR_OR_NULL,
+        "shard_id": _STR_OR_NULL,
+        "adapter_version_id": _INT_OR_NULL,
+        "payload": _OBJ,
+        "prev_hash": _SHA,
+        "hash": _SHA,
+    }
+)
+VERSION_REF = {
+    "type": ["object", "null"],
+    "required": ["id", "shard_id", "version", "state"],
+    "properties": {
+        "id": {"type": "integer"},
+        "shard_id": {"type": "string"},
+        "version": {"type": "integer"},
+        "state": {"enum": list(ADAPTER_STATES)},
+    },
+}
+REQUEST = _obj(
+    {
+        "request_id": {"type": "string"},
+        "user_pid": {"type": "string"},
+        "scope": {"enum": ["user", "interactions"]},
+        "interaction_pids": {"type": ["array", "null"], "items": {"type": "string"}},
+        "status": {"enum": list(REQUEST_STATUSES)},
+        "samples_erased": {"type": "integer"},
+        "requested_at": _TS,
+        "received_at": _TS,
+        "excluded_at": _TS,
+        "retraining_at": _TS,
+        "completed_at": _TS,
+        "replicas_confirmed_at": _TS,
+        "shards": {
+            "type": "array",
+            "items": _obj(
+                {
+                    "shard_id": {"type": "string"},
+                    "excluded_version": VERSION_REF,
+                    "retrained_version": VERSION_REF,
+                    "retrained_at": _TS,
+                }
+            ),
+        },
+    }
+)
+ERASURE_STATUS = {
+    **REQUEST,
+    "required": [*REQUEST["required"], "timeline"],
+    "properties": {
+        **REQUEST["properties"],
+        "timeline": {"type": "array", "items": {"$ref": "#/components/schemas/AuditRow"}},
+    },
+}
+USER_STATUS = _obj(
+    {
+        "user_id": {"type": "string"},
+        "user_pid": {"type": "string"},
+        "erased": {"type": "boolean"},
+        "erased_at": _TS,
+        "samples_held": {"type": "integer"},
+        "samples_erased": {"type": "integer"},
+        "excluded_from_serving_at": _TS,
+        "replicas_confirmed_at": _TS,
+        "all_shards_retrained_at": _TS,
+        "adapter_versions": _obj(
+            {
+                "excluded": {"type": "array", "items": VERSION_REF},
+                "retrained": {"type": "array", "items": VERSION_REF},
+            }
+        ),
+        "requests": {"type": "array", "items": REQUEST},
+        "timeline": {"type": "array", "items": {"$ref": "#/components/schemas/AuditRow"}},
+    }
+)
+SHARD = _obj(
+    {
+        "shard_id": {"type": "string"},
+        "model_id": {"type": "string"},
+        "index": {"type": "integer"},
+        "state": {"enum": list(SHARD_STATES)},
+        "generation": {"type": "integer"},
+        "retrain_generation": _INT_OR_NULL,
+        "serving_version": _INT_OR_NULL,
+        "updated_at": _TS,
+    }
+)
+ADAPTER = _obj(
+    {
+        "id": {"type": "integer"},
+        "shard_id": {"type": "string"},
+        "version": {"type": "integer"},
+        "state": {"enum": list(ADAPTER_STATES)},
+        "artifact_uri": {"type": "string"},
+        "adapter_sha256": {"type": ["string", "null"]},
+        "manifest_digest": _SHA,
+        "sample_digest": _SHA,
+        "num_samples": {"type": "integer"},
+        "started_generation": {"type": "integer"},
+        "trained_at": _TS,
+        "registered_at": _TS,
+        "promoted_at": _TS,
+        "excluded_at": _TS,
+        "retired_at": _TS,
+    }
+)
+REPLICA = _obj(
+    {
+        "replica_id": {"type": "string"},
+        "model_id": _STR_OR_NULL,
+        "loaded": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "first_seen": _TS_SET,
+        "last_heartbeat": _TS_SET,
+        "loaded_changed_at": _TS_SET,
+    }
+)
+SIGNED_ANCHOR = {
+    "type": ["object", "null"],
+    "required": ["format", "registry_id", "sequence", "hash", "anchored_at", "audit_key_id", "signature"],
+    "properties": {
+        "format": {"const": "apa.audit-anchor/1"},
+        "registry_id": {"type": "string"},
+        "sequence": {"type": "integer", "minimum": 0},
+        "hash": _SHA,
+        "anchored_at": _TS_SET,
+        "audit_key_id": {"type": "string"},
+        "signature": _OBJ,
+    },
+}
+RECEIPT = _obj(
+    {
+        "receipt": _obj(
+            {
+                "format": {"const": "apa.erasure-receipt/1"},
+                "issued_at": _TS_SET,
+                "issuer": _obj({"registry_id": {"type": "string"}, "signing_key_id": {"type": "string"}}),
+                "request": _obj(
+                    {
+                        "request_id": {"type": "string"},
+                        "user_pid": {"type": "string"},
+                        "scope": {"enum": ["user", "interactions"]},
+                        "interaction_pids": {"type": ["array", "null"], "items": {"type": "string"}},
+                        "status": {"enum": list(REQUEST_STATUSES)},
+                        "samples_erased": {"type": "integer"},
+                    }
+                ),
+                "times": {"type": "object", "additionalProperties": _TS},
+                "adapters": {"type": "array", "items": _OBJ},
+                "audit": _obj(
+                    {
+                        "audit_key_id": _STR_OR_NULL,
+                        "pseudonym_key_id": _STR_OR_NULL,
+                        "first_row": _INT_OR_NULL,
+                        "last_row": _INT_OR_NULL,
+                        "rows": {"type": "array", "items": _OBJ},
+                    }
+                ),
+                "anchor": SIGNED_ANCHOR,
+            }
+        ),
+        "signature": _obj(
+            {
+                "alg": {"const": "Ed25519"},
+                "key_id": {"type": "string"},
+                "public_key": {"type": "string"},
+                "value": {"type": "string"},
+            }
+        ),
+    }
+)
+
+ERASURE_SUBMIT = Body(
+    fields={
+        "request_id": Value("id", "Idempotency key (default: a new UUID)"),
+        "user_id": Value("id", "Whose data to erase"),
+        "interactions": Value("id_list", "Only these interactions of the user; absent: the whole user"),
+        "requested_at": Value("datetime", "When the account system received the request (RFC 3339)"),
+    },
+    required=("user_id",),
+)
+HEARTBEAT = Body(
+    fields={
+        "loaded": Value("loaded", "shard id -> adapter version loaded"),
+        "model_id": Value("id", "The model the replica serves"),
+    },
+    required=("loaded",),
+)
+_SINCE = Value("integer", "Return rows with id > since", low=0, high=MAX_INT, default=0)
+_LIMIT = Value("integer", "Page size", low=1, high=MAX_PAGE, default=DEFAULT_PAGE)
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        "healthz",
+        "get",
+        "/healthz",
+        "Liveness: the process is up",
+        _obj({"status": {"const": "ok"}}),
+        public=True,
+    ),
+    Operation(
+        "readyz",
+        "get",
+        "/readyz",
+        "Readiness: database reachable and migrations at head",
+        _obj({"status": {"const": "ready"}, "revision": {"type": "string"}}),
+        errors=(503,),
+        public=True,
+    ),
+    Operation(
+        "post_erasure",
+        "post",
+        "/erasures",
+        "Submit an erasure request (published on the erasure topic like a Kafka event)",
+        _obj(
+            {
+                "request_id": {"type": "string"},
+                "status": {"const": "accepted"},
+                "status_url": {"type": "string"},
+            }
+        ),
+        status=202,
+        body=ERASURE_SUBMIT,
+        errors=(409, 503),
+    ),
+    Operation(
+        "get_erasure",
+        "get",
+        "/erasures/{request_id}",
+        "An erasure request's status and the timeline of its audit events",
+        {"$ref": "#/components/schemas/ErasureStatus"},
+    ),
+    Operation(
+        "get_erasure_receipt",
+        "get",
+        "/erasures/{request_id}/receipt",
+        "A signed receipt of the erasure, for a regulator to check offline (`apa audit check-receipt`)",
+        {"$ref": "#/components/schemas/Receipt"},
+        description="Ed25519-signed: the request by pseudonym, its times, the excluded and retrained adapter "
+        "versions with their sha256, its audit rows and the signed anchor of the chain that covers them "
+        "(null until one is written).",
+    ),
+    Operation(
+        "get_user_erasure_status",
+        "get",
+        "/users/{user_id}/erasure-status",
+        "For compliance: is the user erased, when was their data excluded from serving, when was every "
+        "affected shard retrained, which adapter versions were involved",
+        {"$ref": "#/components/schemas/UserErasureStatus"},
+    ),
+    Operation(
+        "get_audit",
+        "get",
+        "/audit",
+        "Audit rows with their hashes, oldest first, paged by id",
+        _obj(
+            {
+                "rows": {"type": "array", "items": {"$ref": "#/components/schemas/AuditRow"}},
+                "next_since": {"type": "integer"},
+                "has_more": {"type": "boolean"},
+            }
+        ),
+        query={"since": _SINCE, "limit": _LIMIT},
+    ),
+    Operation(
+        "get_public_key",
+        "get",
+        "/audit/public-key",
+        "The Ed25519 public key that checks receipts and anchors",
+        _obj(
+            {
+                "alg": {"const": "Ed25519"},
+                "key_id": {"type": "string"},
+                "public_key": {"type": "string"},
+                "pem": {"type": "string"},
+            }
+        ),
+    ),
+    Operation(
+        "get_shards",
+        "get",
+        "/shards",
+        "Shards with their state, generation and serving adapter version",
+        _obj({"shards": {"type": "array", "items": SHARD}}),
+        query={
+            "model_id": Value("id", "Only this model's shards"),
+            "state": Value("choice", "Only shards in this state", choices=SHARD_STATES),
+        },
+    ),
+    Operation(
+        "get_adapters",
+        "get",
+        "/adapters",
+        "Adapter versions with artifact URI, weights sha256, manifest digest and state",
+        _obj({"adapters": {"type": "array", "items": ADAPTER}}),
+        query={
+            "shard_id": Value("shard_id", "Only this shard's versions (<model_id>/<k>)"),
+            "state": Value("choice", "Only versions in this state", choices=ADAPTER_STATES),
+        },
+    ),
+    Operation(
+        "get_replicas",
+        "get",
+        "/replicas",
+        "Inference replicas and the adapter versions they reported loaded",
+        _obj({"replicas": {"type": "array", "items": REPLICA}}),
+    ),
+    Operation(
+        "post_heartbeat",
+        "post",
+        "/replicas/{replica_id}/heartbeat",
+        "An inference replica reports its loaded adapter versions",
+        REPLICA,
+        body=HEARTBEAT,
+    ),
+    Operation("openapi", "get", "/openapi.json", "This document", _OBJ),
+)
+BY_ENDPOINT = {op.endpoint: op for op in OPERATIONS}
+
+
+def _responses(op: Operation) -> dict[str, Any]:
+    def error(code: int) -> dict[str, Any]:
+        return {"description": ERROR_TEXT[code], "content": {"application/json": {"schema": _ERROR}}}
+
+    codes = {400, 414, 431, *op.errors}
+    if not op.public:
+        codes.add(401)
+    if op.path_params:
+        codes.add(404)
+    if op.body is not None:
+        codes.update({413, 415})
+    out = {
+        str(op.status): {"description": op.summary, "content": {"application/json": {"schema": op.response}}}
+    }
+    out.update({str(code): error(code) for code in sorted(codes)})
+    if op.endpoint == "readyz":
+        out["503"] = {
+            "description": "Not ready, with the reason",
+            "content": {
+                "application/json": {
+                    "schema": _obj({"status": {"const": "not ready"}, "reason": {"type": "string"}})
+                }
+            },
+        }
+    return out
+
+
+def _operation(op: Operation) -> dict[str, Any]:
+    parameters = [
+        {"name": name, "in": "path", "required": True, "schema": Value("id").schema()}
+        for name in op.path_params
+    ]
+    parameters += [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": value.description,
+            "schema": value.schema(),
+        }
+        for name, value in op.query.items()
+    ]
+    out: dict[str, Any] = {"operationId": op.endpoint, "summary": op.summary, "responses": _responses(op)}
+    if op.description:
+        out["description"] = op.description
+    if parameters:
+        out["parameters"] = parameters
+    if op.body is not None:
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": op.body.schema()}},
+        }
+    if op.public:
+        out["security"] = []
+    return out
 
 
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1 description of every route of `services.registry.app.create_app`."""
-    public: list[dict[str, Any]] = []
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method] = _operation(op)
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "APA registry",
-            "version": "1",
-            "description": "Registry and compliance audit API: erasure requests, shards, adapter versions, "
-            "replicas and the hash-chained audit trail.",
+            "version": "2",
+            "description": "Registry and compliance audit API: erasure requests and their signed receipts, "
+            "shards, adapter versions, replicas and the keyed audit chain. Every error is JSON "
+            '`{"error": ..., "field": ...}` naming the field. Ids follow one rule (1-128 characters, no '
+            "surrounding whitespace, no control characters, no '/'). Query parameters may appear once; "
+            f"JSON bodies nest at most {MAX_JSON_DEPTH} levels and hold no duplicate keys. Behind gunicorn, "
+            "414 and 431 may come from gunicorn itself as plain text.",
         },
         "security": [{"bearer": []}],
-        "paths": {
-            "/healthz": {
-                "get": {
-                    "summary": "Liveness: the process is up",
-                    "security": public,
-                    "responses": {"200": _json(_OBJ, "Alive")},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness: database reachable and migrations at head",
-                    "security": public,
-                    "responses": {
-                        "200": _json(_OBJ, "Ready"),
-                        "503": _json(_OBJ, "Not ready, with the reason"),
-                    },
-                }
-            },
-            "/erasures": {
-                "post": {
-                    "summary": "Submit an erasure request (published on the erasure topic like a Kafka event)",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/ErasureSubmit"}}
-                        },
-                    },
-                    "responses": {
-                        "202": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "request_id": {"type": "string"},
-                                    "status": {"const": "accepted"},
-                                    "status_url": {"type": "string"},
-                                },
-                            },
-                            "Accepted; follow status_url",
-                        ),
-                        **_errors(400, 401, 409, 503),
-                    },
-                }
-            },
-            "/erasures/{request_id}": {
-                "get": {
-                    "summary": "An erasure request's status and the timeline of its audit events",
-                    "parameters": [_path_param("request_id", "The request id")],
-                    "responses": {
-                        "200": _json({"$ref": "#/components/schemas/ErasureStatus"}, "The request"),
-                        **_errors(401, 404),
-                    },
-                }
-            },
-            "/users/{user_id}/erasure-status": {
-                "get": {
-                    "summary": "For compliance: is the user erased, when was their data excluded from serving, "
-                    "when was every affected shard retrained, which adapter versions were involved",
-                    "parameters": [_path_param("user_id", "The user id")],
-                    "responses": {
-                        "200": _json(
-                            {"$ref": "#/components/schemas/UserErasureStatus"}, "Only this user's data"
-                        ),
-                        **_errors(401, 404),
-                    },
-                }
-            },
-            "/audit": {
-                "get": {
-                    "summary": "Audit rows with their hashes, oldest first, paged by id",
-                    "parameters": [
-                        _query(
-                            "since",
-                            "Return rows with id > since",
-                            {"type": "integer", "minimum": 0, "default": 0},
-                        ),
-                        _query(
-                            "limit",
-                            "Page size",
-                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-                        ),
-                    ],
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "rows": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/AuditRow"},
-                                    },
-                                    "next_since": {"type": "integer"},
-                                    "has_more": {"type": "boolean"},
-                                },
-                            },
-                            "A page of rows",
-                        ),
-                        **_errors(400, 401),
-                    },
-                }
-            },
-            "/shards": {
-                "get": {
-                    "summary": "Shards with their state, generation and serving adapter version",
-                    "parameters": [
-                        _query("model_id", "Only this model's shards", {"type": "string"}),
-                        _query(
-                            "state", "Only shards in this state", {"enum": ["serving", "stale", "retraining"]}
-                        ),
-                    ],
-                    "responses": {"200": _json(_OBJ, "The shards"), **_errors(400, 401)},
-                }
-            },
-            "/adapters": {
-                "get": {
-                    "summary": "Adapter versions with artifact URI, weights sha256, manifest digest and state",
-                    "parameters": [
-                        _query("shard_id", "Only this shard's versions", {"type": "string"}),
-                        _query(
-                            "state",
-                            "Only versions in this state",
-                            {"enum": ["serving", "excluded", "retired", "stale"]},
-                        ),
-                    ],
-                    "responses": {"200": _json(_OBJ, "The adapter versions"), **_errors(400, 401)},
-                }
-            },
-            "/replicas": {
-                "get": {
-                    "summary": "Inference replicas and the adapter versions they reported loaded",
-                    "responses": {"200": _json(_OBJ, "The replicas"), **_errors(401)},
-                }
-            },
-            "/replicas/{replica_id}/heartbeat": {
-                "post": {
-                    "summary": "An inference replica reports its loaded adapter versions",
-                    "parameters": [_path_param("replica_id", "The replica id")],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["loaded"],
-                                    "properties": {
-                                        "loaded": {
-                                            "type": "object",
-                                            "additionalProperties": {"type": "integer"},
-                                            "description": "shard id -> adapter version",
-                                        },
-                                        "model_id": {"type": "string"},
-                                    },
-                                }
-                            }
-                        },
-                    },
-                    "responses": {"200": _json(_OBJ, "The replica as recorded"), **_errors(400, 401)},
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "responses": {"200": _json(_OBJ, "OpenAPI 3.1 document"), **_errors(401)},
-                }
-            },
-        },
+        "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error", "field"],
-                    "properties": {"error": {"type": "string"}, "field": {"type": ["string", "null"]}},
-                },
-                "ErasureSubmit": {
-                    "type": "object",
-                    "required": ["user_id"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "request_id": {
-                            "type": "string",
-                            "description": "Idempotency key (default: a new UUID)",
-                        },
-                        "user_id": {"type": "string"},
-                        "interactions": {
-                            "type": "array",
-                            "items": {"type": "string"},
-                            "minItems": 1,
-                            "description": "Only these interactions of the user; absent: the whole user",
-                        },
-                        "requested_at": {"type": "string", "format": "date-time"},
-                    },
-                },
-                "AuditRow": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "integer"},
-                        "ts": {"type": "string", "format": "date-time"},
-                        "event_type": {"type": "string"},
-                        "request_id": {"type": ["string", "null"]},
-                        "user_id": {"type": ["string", "null"]},
-                        "shard_id": {"type": ["string", "null"]},
-                        "adapter_version_id": {"type": ["integer", "null"]},
-                        "payload": {"type": "object"},
-                        "prev_hash": {"type": "string"},
-                        "hash": {"type": "string"},
-                    },
-                },
-                "ErasureStatus": {
-                    "type": "object",
-                    "properties": {
-                        "request_id": {"type": "string"},
-                        "user_id": {"type": "string"},
-                        "scope": {"enum": ["user", "interactions"]},
-                        "interactions": {"type": ["array", "null"], "items": {"type": "string"}},
-                        "status": {"enum": ["received", "excluded", "retraining", "completed"]},
-                        "samples_erased": {"type": "integer"},
-                        "requested_at": _TS,
-                        "received_at": _TS,
-                        "excluded_at": _TS,
-                        "retraining_at": _TS,
-                        "completed_at": _TS,
-                        "replicas_confirmed_at": _TS,
-                        "shards": {"type": "array", "items": _OBJ},
-                        "timeline": {"type": "array", "items": {"$ref": "#/components/schemas/AuditRow"}},
-                    },
-                },
-                "UserErasureStatus": {
-                    "type": "object",
-                    "properties": {
-                        "user_id": {"type": "string"},
-                        "erased": {"type": "boolean"},
-                        "erased_at": _TS,
-                        "samples_held": {"type": "integer"},
-                        "samples_erased": {"type": "integer"},
-                        "excluded_from_serving_at": _TS,
-                        "replicas_confirmed_at": _TS,
-                        "all_shards_retrained_at": _TS,
-                        "adapter_versions": _OBJ,
-                        "requests": {
-                            "type": "array",
-                            "items": {"$ref": "#/components/schemas/ErasureStatus"},
-                        },
-                        "timeline": {"type": "array", "items": {"$ref": "#/components/schemas/AuditRow"}},
-                    },
-                },
+                "Error": _obj({"error": {"type": "string"}, "field": {"type": ["string", "null"]}}),
+                "ErasureSubmit": ERASURE_SUBMIT.schema(),
+                "AuditRow": AUDIT_ROW,
+                "ErasureStatus": ERASURE_STATUS,
+                "UserErasureStatus": USER_STATUS,
+                "Receipt": RECEIPT,
             },
         },
     }

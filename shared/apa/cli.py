@@ -203,13 +203,21 @@ def normalise_args(func: Callable[..., Any], args: list[str]) -> list[str]:
 def run(func: Callable[..., Any], args: list[str], prog: str) -> int:
     """Parse `args` for `func` with jsonargparse, call it and return its exit status.
 
-    Errors the user can act on (`apa.errors.UserError`, a missing file, a bad value) are one line
-    `<prog>: error: <message>` on stderr and a non-zero status, never a traceback.
+    A function with a `subcommands` attribute (name -> function) is a group: `args[0]` picks the
+    sub-command (`apa audit verify --anchors F`). Errors the user can act on (`apa.errors.UserError`,
+    a missing file, a bad value) are one line `<prog>: error: <message>` on stderr and a non-zero
+    status, never a traceback.
     """
     from jsonargparse import CLI
 
+    subcommands: dict[str, Callable[..., Any]] | None = getattr(func, "subcommands", None)
     try:
-        result = CLI(func, args=normalise_args(func, args), as_positional=True, prog=prog)
+        if subcommands:  # `apa audit verify ...`: the function names its sub-commands
+            name = args[0] if args else ""
+            rest = normalise_args(subcommands[name], args[1:]) if name in subcommands else args[1:]
+            result = CLI(subcommands, args=[name, *rest] if args else [], as_positional=True, prog=prog)
+        else:
+            result = CLI(func, args=normalise_args(func, args), as_positional=True, prog=prog)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -62,7 +62,7 @@ def shard_id_problem(value: object) -> str | None:
     if not isinstance(value, str):
         return "must be a string"
     model_id, sep, index = value.rpartition("/")
-    if not sep or not index.isdigit() or str(int(index)) != index:
+    if not sep or not (index.isascii() and index.isdigit()) or str(int(index)) != index:
         return "must be <model_id>/<k> with k a shard index"
     problem = id_problem(model_id)
     return None if problem is None else f"model id part {problem}"

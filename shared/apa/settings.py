@@ -62,6 +62,21 @@ class Settings:
     """Root directory of the adapter artifact store (a shared volume in production)."""
     pseudonym_key: str | None = None
     """Secret key of the HMAC pseudonyms that replace stored ids; unset: a generated development key."""
+    audit_key: str | None = None
+    """Secret key of the audit chain's HMAC-SHA256 (keep it outside the database, like
+    `pseudonym_key`); unset: a generated development key. `apa audit verify` needs it."""
+    audit_legacy_rows: int = 0
+    """Audit rows 1..N written before migration 0005 keyed the chain (plain sha256); 0 for a
+    registry created at 0005 or later. Kept outside the database, so an attacker cannot widen it."""
+    signing_key: str | None = None
+    """Ed25519 private key (64 hex digits of its seed, or PEM) that signs erasure receipts and audit
+    anchors; unset: a generated development key. Publish its public key (`apa audit public-key`)."""
+    audit_anchor_file: str | None = None
+    """Append-only JSON Lines file the audit anchors are written to (outside the database)."""
+    audit_anchor_topic: str = "apa.audit-anchors"
+    """Kafka topic the audit anchors are published on (when `kafka_bootstrap` is set)."""
+    audit_anchor_interval_s: float = 300.0
+    """Seconds between the registry service's anchors of the chain head (0: on demand only)."""
     model_dir: str | None = None
     """Model directory (docs/ARCHITECTURE.md §4) the services serve and retrain."""
     model_id: str | None = None

@@ -3,8 +3,10 @@
 Tables: `models`, `users`, `samples`, `interactions` (interaction -> samples holding it),
 `shards`, `adapter_versions`, `erasure_requests`, `erasure_request_shards` (which shards an
 erasure request waits on, and the adapter versions it excluded and got back), `replicas`,
-`audit_log` (append-only, hash chained), `audit_head` (the chain's last id and hash, so that
-deleting the newest rows is detected too) and `registry_meta` (the pseudonym key's fingerprint).
+`audit_log` (append-only, HMAC chained), `audit_head` (the chain's last id and hash, so that
+deleting the newest rows is detected too; moved by the database only), `audit_anchors` (the
+anchors of the head written outside the database) and `registry_meta` (key fingerprints, the
+registry's id).
 
 Personal data: every user, sample and interaction id column holds a keyed pseudonym (`*_pid`,
 HMAC-SHA256 under `APA_PSEUDONYM_KEY`, see `apa.pseudonyms`), never the id itself. The only clear
@@ -290,7 +292,8 @@ class Replica(Base):
 
 
 class AuditLog(Base):
-    """Append-only, hash-chained: hash = sha256(prev_hash + canonical JSON of the row's content)."""
+    """Append-only, keyed hash chain: hash = HMAC-SHA256(APA_AUDIT_KEY, prev_hash + canonical JSON
+    of the row's content) (`apa.db.audit`)."""
 
     __tablename__ = "audit_log"
     __table_args__ = (
@@ -314,7 +317,8 @@ class AuditLog(Base):
 
 
 class AuditHead(Base):
-    """One row (id 1): the id and hash of the newest audit row; also the lock that serialises appends."""
+    """One row (id 1): the id and hash of the newest audit row. Only the database moves it (a trigger
+    on INSERT into audit_log, migration 0005), one row at a time."""
 
     __tablename__ = "audit_head"
 
@@ -323,9 +327,30 @@ class AuditHead(Base):
     last_hash: Mapped[str] = mapped_column(String(SHA256))
 
 
+class AuditAnchor(Base):
+    """The registry's own record of the anchors of the chain head it wrote outside the database
+    (`apa.anchors`); append-only. It finds the anchor covering a receipt; `apa audit verify` never
+    trusts it and reads the anchors from their sink instead."""
+
+    __tablename__ = "audit_anchors"
+    __table_args__ = (Index("ix_audit_anchors_sequence", "sequence"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sequence: Mapped[int] = mapped_column(BigID)
+    """Id of the newest audit row when anchored."""
+    hash: Mapped[str] = mapped_column(String(SHA256))
+    anchored_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sinks: Mapped[list[str]] = mapped_column(JSON)
+    """Where it was written (`file:...`, `kafka://...`)."""
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The signed anchor as written."""
+
+
 class RegistryMeta(Base):
     """Registry-wide facts, one row each: `pseudonym_key_id` (the fingerprint of the key every
-    pseudonym was made with; a process holding another key refuses to write)."""
+    pseudonym was made with; a process holding another key refuses to write), `audit_key_id` (the
+    same for the audit chain's key), `registry_id` (named by the audit anchors) and
+    `audit_legacy_rows` (unkeyed rows found by migration 0005)."""
 
     __tablename__ = "registry_meta"
 
