@@ -17,20 +17,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
-import secrets
-import sys
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 log = logging.getLogger(__name__)
 
 Kind = Literal["user", "sample", "interaction", "content"]
 DEV_KEY_FILE = "dev-pseudonym.key"
-"""The generated development key, in the cache directory (`APA_CACHE_DIR` or ~/.cache/apa)."""
+"""The generated development key's file in the cache directory (`apa.devkeys`)."""
 MIN_KEY_BYTES = 16
 
 
@@ -96,37 +91,12 @@ class Pseudonymizer:
         return cls(key, source)
 
 
-_dev_lock = threading.Lock()
-_warned = False
+def development_key(*, warn: bool = True) -> Pseudonymizer:
+    """The generated development key (`apa.devkeys`), with a loud warning unless `warn` is False."""
+    from apa.devkeys import development_secret
 
-
-def development_key(cache_dir: Path | None = None, *, warn: bool = True) -> Pseudonymizer:
-    """The generated development key (created once in the cache directory), with a loud warning."""
-    global _warned
-    directory = cache_dir or Path(os.environ.get("APA_CACHE_DIR") or Path.home() / ".cache" / "apa")
-    path = directory / DEV_KEY_FILE
-    with _dev_lock:
-        if not path.is_file():
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32))
-            try:
-                os.link(tmp, path)  # never replace a key another process created meanwhile
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-        pseudonymizer = Pseudonymizer.from_secret(path.read_text(), source=f"development key {path}")
-        if warn and not _warned:
-            _warned = True
-            print(
-                f"apa: WARNING: APA_PSEUDONYM_KEY is not set; using the generated development key {path} "
-                f"(key id {pseudonymizer.key_id}). Never run production without APA_PSEUDONYM_KEY.",
-                file=sys.stderr,
-            )
-    return pseudonymizer
+    secret, path = development_secret(DEV_KEY_FILE, "APA_PSEUDONYM_KEY", warn=warn)
+    return Pseudonymizer.from_secret(secret, source=f"development key {path}")
 
 
 def pseudonymizer_from_settings(settings: object | None = None) -> Pseudonymizer:

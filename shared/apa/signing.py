@@ -14,57 +14,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import secrets
-import sys
-import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from apa.devkeys import development_secret
+
 ALGORITHM = "Ed25519"
 DEV_SIGNING_KEY_FILE = "dev-signing.key"
-
-_dev_lock = threading.Lock()
-_warned: set[str] = set()
-
-
-def cache_dir() -> Path:
-    """Where development keys are kept: `APA_CACHE_DIR`, else ~/.cache/apa (as `apa.pseudonyms`)."""
-    return Path(os.environ.get("APA_CACHE_DIR") or Path.home() / ".cache" / "apa")
-
-
-def development_secret(filename: str, variable: str, *, warn: bool = True) -> tuple[str, Path]:
-    """A random 32-byte hex secret created once in the cache directory (never replaced), with a
-    loud warning that `variable` should be set instead. Returns (secret, path)."""
-    directory = cache_dir()
-    path = directory / filename
-    with _dev_lock:
-        if not path.is_file():
-            directory.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets.token_hex(32))
-            try:
-                os.link(tmp, path)  # never replace a key another process created meanwhile
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-        secret = path.read_text().strip()
-        if warn and variable not in _warned:
-            _warned.add(variable)
-            print(
-                f"apa: WARNING: {variable} is not set; using the generated development key {path}. "
-                f"Never run production without {variable}.",
-                file=sys.stderr,
-            )
-    return secret, path
 
 
 def b64(data: bytes) -> str:
@@ -185,7 +145,6 @@ __all__ = [
     "ALGORITHM",
     "PublicKey",
     "SigningKey",
-    "development_secret",
     "public_key_id",
     "signing_key_from_settings",
 ]

@@ -160,7 +160,7 @@ class AuditKey:
 def _key_for(secret: str | None) -> AuditKey:
     if secret:
         return AuditKey.from_secret(secret, source="APA_AUDIT_KEY")
-    from apa.signing import development_secret
+    from apa.devkeys import development_secret
 
     dev, path = development_secret(DEV_AUDIT_KEY_FILE, "APA_AUDIT_KEY")
     return AuditKey.from_secret(dev, source=f"development key {path}")
