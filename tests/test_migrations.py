@@ -32,6 +32,9 @@ TABLES = {
     "audit_head",
     # 0002: the pseudonym key's fingerprint
     "registry_meta",
+    # 0003: the transactional outbox and the retrain-task ledger
+    "outbox",
+    "retrain_tasks",
 }
 
 
@@ -84,7 +87,7 @@ def test_db_command_finds_the_migrations_from_any_directory(
     assert db_command("current", url=url) == 0
     assert f"revision {head_revision()} (at head)" in capsys.readouterr().out
     assert db_command("downgrade", url=url) == 0
-    assert "revision 0001 (head is" in capsys.readouterr().out
+    assert "revision 0002 (head is" in capsys.readouterr().out
 
 
 def test_db_url_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

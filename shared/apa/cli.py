@@ -45,7 +45,7 @@ COMMANDS: dict[str, str] = {
     "bench": "apa.bench:bench_command",
     "db": "apa.db.cli:db_command",
     "bootstrap": "apa.db.bootstrap:bootstrap_command",
-    "audit": "apa.db.audit:audit_command",
+    "audit": "apa.deadlines:audit_command",  # apa.db.audit's verify/show, plus `deadlines`
     "erase": "apa.db.cli:erase_command",
 }
 """The library's sub-commands; services add theirs through `ENTRY_POINT_GROUP`."""
