@@ -447,6 +447,8 @@ class TaskResult:
     finish: TaskFinish | None = None
     outcome: RetrainOutcome | None = None
     deleted_unregistered: list[str] = field(default_factory=list)
+    redelivered: bool = False
+    """The task had been started before by a worker that died."""
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"shard": self.shard, "task": self.ledger_id}
@@ -493,7 +495,13 @@ def run_task(
             log.info(
                 "%s: retrain refused (newer erasures hit its data); next task %s", shard, done.retrain_again
             )
-            return TaskResult(shard.key, started.ledger_id, finish=done, deleted_unregistered=swept)
+            return TaskResult(
+                shard.key,
+                started.ledger_id,
+                finish=done,
+                deleted_unregistered=swept,
+                redelivered=started.redelivered,
+            )
         except (OperationalError, DBAPIError):
             raise
         except Exception as exc:
@@ -501,7 +509,14 @@ def run_task(
             raise
     crash_point(settings, "worker.after_register")
     done = finish(engine, started.ledger_id, shard, outcome, settings)
-    return TaskResult(shard.key, started.ledger_id, finish=done, outcome=outcome, deleted_unregistered=swept)
+    return TaskResult(
+        shard.key,
+        started.ledger_id,
+        finish=done,
+        outcome=outcome,
+        deleted_unregistered=swept,
+        redelivered=started.redelivered,
+    )
 
 
 # --- resume ------------------------------------------------------------------------------------------
