@@ -105,6 +105,34 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/erasure-deadlines": {
+                "get": {
+                    "summary": "Open erasure requests overdue or due within N days (due: requested_at + one "
+                    "month, GDPR Art. 12(3)), soonest first",
+                    "parameters": [
+                        _query(
+                            "within_days",
+                            "Also list requests due within this many days",
+                            {"type": "integer", "minimum": 0, "maximum": 3660, "default": 7},
+                        )
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "as_of": {"type": "string", "format": "date-time"},
+                                    "within_days": {"type": "number"},
+                                    "overdue": {"type": "array", "items": _OBJ},
+                                    "due_soon": {"type": "array", "items": _OBJ},
+                                },
+                            },
+                            "Overdue and soon-due requests",
+                        ),
+                        **_errors(400, 401),
+                    },
+                }
+            },
             "/users/{user_id}/erasure-status": {
                 "get": {
                     "summary": "For compliance: is the user erased, when was their data excluded from serving, "
@@ -268,7 +296,14 @@ def openapi_document() -> dict[str, Any]:
                         "interactions": {"type": ["array", "null"], "items": {"type": "string"}},
                         "status": {"enum": ["received", "excluded", "retraining", "completed"]},
                         "samples_erased": {"type": "integer"},
+                        "outcome": {
+                            "enum": ["erased", "no_data_held", None],
+                            "description": "no_data_held: the request matched nothing the registry held",
+                        },
+                        "no_data_held": {"type": "boolean"},
                         "requested_at": _TS,
+                        "due_at": _TS,
+                        "overdue": {"type": "boolean"},
                         "received_at": _TS,
                         "excluded_at": _TS,
                         "retraining_at": _TS,
