@@ -56,6 +56,72 @@ LIVE_STATES = ("queued", "started")
 # --- enqueueing --------------------------------------------------------------------------------------
 
 
+def request_retrains(
+    session: Session,
+    shards: dict[ShardRef, int],
+    *,
+    reason: str,
+    settings: Settings,
+    request_id: str | None = None,
+    now: datetime | None = None,
+) -> dict[ShardRef, tuple[RetrainTask, bool]]:
+    """A retrain task for each shard (shard -> the generation it is queued for), in the caller's
+    transaction, which holds the audit-chain lock: shard -> (task, created).
+
+    With coalescing on (`settings.retrain_coalesce`), a shard whose task is queued and not yet
+    started gets that task back instead of a new one (its `coalesced` count goes up). A new task is
+    a ledger row and an outbox row that enqueues `retrain_shard(shard_id, generation)` under the
+    Celery task id `apa-retrain-<row id>`. Queueing writes no audit row: the ledger is its record,
+    and the erasure's own audit rows name the shards it made stale.
+    """
+    now = now or utcnow()
+    out: dict[ShardRef, tuple[RetrainTask, bool]] = {}
+    if settings.retrain_coalesce and shards:
+        keys = {shard.key: shard for shard in shards}
+        queued = session.scalars(
+            select(RetrainTask)
+            .where(RetrainTask.shard_id.in_(sorted(keys)), RetrainTask.state == "queued")
+            .order_by(RetrainTask.id)
+            .with_for_update()
+        )
+        for task in queued:
+            shard = keys[task.shard_id]
+            if shard in out:
+                continue
+            task.coalesced += 1
+            task.generation = max(task.generation, shards[shard])
+            out[shard] = (task, False)
+    created = {
+        shard: RetrainTask(
+            shard_id=shard.key,
+            generation=generation,
+            reason=reason,
+            request_id=request_id,
+            state="queued",
+            coalesced=0,
+            deliveries=0,
+            created_at=now,
+        )
+        for shard, generation in sorted(shards.items())
+        if shard not in out
+    }
+    if created:
+        session.add_all(created.values())
+        session.flush()  # the ledger ids name the Celery tasks
+    for shard, task in created.items():
+        add_task(
+            session,
+            RETRAIN_TASK,
+            shard.key,
+            args=[shard.key, task.generation],
+            task_id=task_id(task.id),
+            request_id=request_id,
+            now=now,
+        )
+        out[shard] = (task, True)
+    return out
+
+
 def request_retrain(
     session: Session,
     shard: ShardRef,
@@ -66,57 +132,10 @@ def request_retrain(
     request_id: str | None = None,
     now: datetime | None = None,
 ) -> tuple[RetrainTask, bool]:
-    """A retrain task for `shard`, in the caller's transaction: (task, created).
-
-    With coalescing on (`settings.retrain_coalesce`), a task that is queued and not yet started is
-    returned instead of a new one (its `coalesced` count goes up). A new task is a ledger row, an
-    outbox row that enqueues `retrain_shard(shard_id, generation)` under the Celery task id
-    `apa-retrain-<row id>`, and an audit row.
-    """
-    audit.lock_chain(session)
-    now = now or utcnow()
-    if settings.retrain_coalesce:
-        queued = session.scalars(
-            select(RetrainTask)
-            .where(RetrainTask.shard_id == shard.key, RetrainTask.state == "queued")
-            .order_by(RetrainTask.id)
-            .limit(1)
-            .with_for_update()
-        ).first()
-        if queued is not None:
-            queued.coalesced += 1
-            queued.generation = max(queued.generation, generation)
-            return queued, False
-    task = RetrainTask(
-        shard_id=shard.key,
-        generation=generation,
-        reason=reason,
-        request_id=request_id,
-        state="queued",
-        coalesced=0,
-        deliveries=0,
-        created_at=now,
-    )
-    session.add(task)
-    session.flush()
-    add_task(
-        session,
-        RETRAIN_TASK,
-        shard.key,
-        args=[shard.key, generation],
-        task_id=task_id(task.id),
-        request_id=request_id,
-        now=now,
-    )
-    audit.append(
-        session,
-        "retrain_queued",
-        request_id=request_id,
-        shard_id=shard.key,
-        payload={"task": task.id, "generation": generation, "reason": reason},
-        now=now,
-    )
-    return task, True
+    """`request_retrains` for one shard: (task, created)."""
+    return request_retrains(
+        session, {shard: generation}, reason=reason, settings=settings, request_id=request_id, now=now
+    )[shard]
 
 
 def erase(
@@ -133,7 +152,7 @@ def erase(
     outcome = handle_erasure(
         session, event, pseudonymizer, now=now, replica_live_seconds=settings.replica_live_seconds
     )
-    if not outcome.created:
+    if not outcome.created or not outcome.stale:
         return outcome
     for shard, generation in sorted(outcome.stale.items()):
         stale = ShardEvent(shard_id=shard.key, state="stale", generation=generation)
@@ -145,15 +164,14 @@ def erase(
             request_id=outcome.request_id,
             now=now,
         )
-        request_retrain(
-            session,
-            shard,
-            generation,
-            reason="erasure",
-            settings=settings,
-            request_id=outcome.request_id,
-            now=now,
-        )
+    request_retrains(
+        session,
+        dict(outcome.stale),
+        reason="erasure",
+        settings=settings,
+        request_id=outcome.request_id,
+        now=now,
+    )
     return outcome
 
 
@@ -612,6 +630,7 @@ __all__ = [
     "heartbeat",
     "reject",
     "request_retrain",
+    "request_retrains",
     "resume",
     "run_task",
     "start",
