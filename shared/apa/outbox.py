@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -225,11 +225,15 @@ class Relay:
             if sent:
                 crash_point(self.settings, "relay.after_publish")
             now = utcnow()
-            for row in rows:
-                if row.id in sent or row.id in discarded:
-                    row.sent_at = now
-                    row.attempts += 1
-                    row.last_error = NO_EVENT_BUS if row.id in discarded else None
+            session.flush()  # the failed rows' attempts and errors
+            for ids, error in ((sent, None), (discarded, NO_EVENT_BUS)):
+                if ids:  # one statement for the batch, not one per row
+                    session.execute(
+                        update(OutboxMessage)
+                        .where(OutboxMessage.id.in_(sorted(ids)))
+                        .values(sent_at=now, attempts=OutboxMessage.attempts + 1, last_error=error)
+                        .execution_options(synchronize_session=False)
+                    )
         result = RelayResult(len(sent), failed, len(discarded))
         if result.sent or result.discarded:
             log.debug("outbox: %d sent, %d discarded, %d failed", result.sent, result.discarded, failed)
