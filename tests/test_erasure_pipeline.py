@@ -234,7 +234,10 @@ def _fake_retrain(
 
     def retrain() -> Any:
         with session_scope(engine) as session:
-            generation = registry.mark_retraining(session, shard_id(k))
+            try:
+                generation = registry.mark_retraining(session, shard_id(k))
+            except registry.ConflictError:  # serving: nothing to retrain (as retrain_shard does)
+                return None
             remaining = [s.sample_pid for s in registry.remaining_samples(session, shard_id(k))]
             latest = max(
                 v.version for v in session.scalars(select(AdapterVersion)) if v.shard_id == shard_id(k)
@@ -472,3 +475,55 @@ def test_open_requests_are_listed_when_overdue_or_due_soon(loaded: Engine) -> No
         assert request is not None and request.due_at == due_date(request.requested_at)
         status = registry.erasure_status(session, "r-old")
         assert status["overdue"] and status["due_at"]
+
+
+def test_a_task_redelivered_after_its_worker_died_past_registration_announces_the_serving_version(
+    loaded: Engine, store: ArtifactStore
+) -> None:
+    _erase(loaded, "alice", "r-alice")
+    shard = ShardRef(MODEL_ID, 0)
+    task = _tasks(loaded)[0]
+    assert start(loaded, task.id, shard, 1).run
+    promoted = _fake_retrain(loaded, store, 0)()  # registered and promoted; then the worker dies
+    assert promoted.promoted
+    assert not [r for r in _outbox(loaded) if r.kind == "event" and r.payload["state"] == "serving"]
+    again = run_task(loaded, SETTINGS, store, task.id, shard, 1, _fake_retrain(loaded, store, 0))
+    assert again.redelivered and again.outcome is None and again.deleted_unregistered == []
+    ready = [r.payload for r in _outbox(loaded) if r.kind == "event" and r.payload["state"] == "serving"]
+    assert [(e["shard_id"], e["adapter_version"]) for e in ready] == [(shard.key, 2)]
+    assert [t.state for t in _tasks(loaded) if t.shard_id == shard.key] == ["done"]
+
+
+def test_the_celery_configuration_is_at_least_once_one_task_at_a_time() -> None:
+    from apa.taskqueue import celery_config
+
+    config = celery_config(Settings(celery_broker_url="redis://127.0.0.1:6379/0"))
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["worker_prefetch_multiplier"] == 1 and config["worker_pool"] == "solo"
+    assert config["worker_concurrency"] == 1 and config["broker_heartbeat"] == 0
+    assert config["broker_transport_options"]["visibility_timeout"] >= 3600
+    embedded = celery_config(Settings(celery_embedded_broker="/tmp/x/broker.sqlite"))
+    assert embedded["broker_url"] == "sqla+sqlite:////tmp/x/broker.sqlite"
+    with pytest.raises(ValueError, match="APA_WORKER_POOL"):
+        celery_config(Settings(worker_pool="gevent"))
+
+
+@pytest.mark.integration
+def test_the_relay_enqueues_on_redis(loaded: Engine) -> None:
+    import uuid
+
+    from kombu import Connection
+
+    queue = f"apa.retrain.redis-{uuid.uuid4().hex[:8]}"
+    settings = replace(SETTINGS, celery_broker_url="redis://127.0.0.1:6379/0", retrain_queue=queue)
+    _erase(loaded, "alice", "r-alice", settings)
+    relay = Relay(loaded, settings, tasks=CelerySender(make_celery(settings), queue), discard_events=True)
+    assert relay.drain().sent == 2
+    with Connection(settings.celery_broker_url) as connection:
+        simple = connection.SimpleQueue(queue)
+        try:
+            ids = sorted(simple.get(timeout=5).headers["id"] for _ in range(2))
+        finally:
+            simple.queue.delete()
+            simple.close()
+    assert ids == sorted(task_id(t.id) for t in _tasks(loaded))

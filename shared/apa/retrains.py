@@ -323,6 +323,22 @@ def finish(
                 payload={"task": ledger_id, "trained": False, "reason": "shard already serving"},
                 now=now,
             )
+            # Announce what serves again: a worker that died between registering its version and
+            # this step never published that version's `ready` event (a second one is harmless).
+            current = session.get(Shard, shard.key, populate_existing=True)
+            serving = session.scalars(
+                select(AdapterVersion).where(
+                    AdapterVersion.shard_id == shard.key, AdapterVersion.state == "serving"
+                )
+            ).first()
+            if current is not None and current.state == "serving" and serving is not None:
+                ready = ShardEvent(
+                    shard_id=shard.key,
+                    state="serving",
+                    generation=current.generation,
+                    adapter_version=serving.version,
+                )
+                add_event(session, settings.shard_events_topic, shard.key, ready.to_dict(), now=now)
             return TaskFinish(promoted=None)
         task.adapter_version_id = outcome.adapter_version_id
         task.promoted = outcome.promoted
