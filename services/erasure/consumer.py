@@ -173,18 +173,27 @@ class ErasureConsumer:
             if not self._wait_for_database() or not self._wait_for_kafka():
                 return 0
             self._connect()
-            assert self.relay is not None
-            started = self.relay.drain()  # what a crash left unsent
-            if started.sent or started.failed:
+            started = self._relay()  # what a crash left unsent
+            if started is not None and (started.sent or started.failed):
                 log.info("start-up relay: %d outbox rows published, %d failed", started.sent, started.failed)
             log.info(
                 "consuming %s as group %s", self.settings.erasure_topic, self.settings.erasure_consumer_group
             )
             last_relay = time.monotonic()
+            failures = 0
             while not self.stopping.is_set():
-                done = self._poll_once()
+                try:
+                    done = self._poll_once()
+                    failures = 0
+                except Fatal:
+                    raise
+                except Exception as exc:  # Kafka client trouble: nothing was acknowledged, try again
+                    log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
+                    self._sleep(failures)
+                    failures += 1
+                    continue
                 if done or time.monotonic() - last_relay >= RELAY_EVERY_S:
-                    self.relay.drain()
+                    self._relay()
                     last_relay = time.monotonic()
             return 0
         except Fatal as exc:
@@ -192,6 +201,15 @@ class ErasureConsumer:
             return 1
         finally:
             self._close()
+
+    def _relay(self) -> Any:
+        """Drain the outbox; a failure (the database, a broker) is logged and retried on the next pass."""
+        assert self.relay is not None
+        try:
+            return self.relay.drain()
+        except Exception as exc:
+            log.warning("outbox relay failed (%s: %s); retrying", type(exc).__name__, exc)
+            return None
 
     def _poll_once(self) -> int:
         """Handle one poll batch; commit the offsets of the handled events. Returns how many."""
@@ -205,7 +223,10 @@ class ErasureConsumer:
             for record in records:
                 if self.stopping.is_set() or not self.handle(record):
                     retry = not self.stopping.is_set()
-                    self.consumer.seek(partition, record.offset)  # again on the next poll
+                    try:
+                        self.consumer.seek(partition, record.offset)  # again on the next poll
+                    except Exception as exc:  # revoked meanwhile: its next owner starts there
+                        log.info("could not seek back on %s: %s", partition, exc)
                     break
                 offsets[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
         if offsets:

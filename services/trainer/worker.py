@@ -1,22 +1,23 @@
 """Trainer workers: the Celery app and the `retrain_shard(shard_id, generation)` task (`apa run-worker`).
 
-A task run:
+A task delivery is `apa.retrains.run_task` (docs/ARCHITECTURE.md §7) around one training step:
 
-1. `apa.retrains.start`: the ledger row goes `queued -> started` (a task already done, failed or
-   replaced does nothing; one already started was redelivered after its worker died and runs again);
+1. `start`: the ledger row goes `queued -> started` (a task already done, failed or replaced does
+   nothing; one already started was redelivered after its worker died: it runs again, after the
+   artifacts its dead worker stored but never registered are deleted);
 2. a heartbeat thread moves the row's `heartbeat_at` while it trains (`apa resume` replaces a task
    whose heartbeat stopped);
 3. `apa.lifecycle.retrain_shard`: the shard's remaining samples from the registry, a fresh adapter
    trained from scratch with the shard's seed, the content-addressed artifact, registration under
    the promotion rule, the superseded artifacts deleted;
-4. `apa.retrains.finish`: the ledger row done; a promoted version gives a `ready` shard event
-   (state `serving`), one overtaken by newer erasures gives the next retrain task, both through the
-   outbox, with their audit rows; then the outbox is relayed.
+4. `finish`: the ledger row done with its audit row; a promoted version gives a `ready` shard event
+   (state `serving`), one overtaken by newer erasures the next retrain task, both through the
+   outbox; then this worker relays the outbox.
 
-The worker runs `apa resume` when it starts (stale shards without a live task get one, model
-directories are scrubbed) and relays the outbox every few seconds (rows written by a registry
-without Kafka). Broker, pool and device come from settings (`apa.taskqueue`); one worker process
-per GPU with the solo pool.
+The worker runs `apa resume` when it starts, relays the outbox every 2 s (rows written by a
+registry without Kafka), and scrubs the model directories registered on its machine at each task's
+start and end. Broker, pool and device come from settings (`apa.taskqueue`): one worker process per
+GPU with the solo pool.
 """
 
 from __future__ import annotations
@@ -143,7 +144,10 @@ def run_retrain(
     result = retrains.run_task(
         ctx.engine, ctx.settings, ctx.store, ledger_id(celery_task_id), shard, generation, train
     )
-    ctx.relay.drain()
+    try:
+        ctx.relay.drain()
+    except Exception as exc:  # the relay thread retries; the task itself is done
+        log.warning("outbox relay after task %s failed: %s", celery_task_id, exc)
     ctx.scrub()
     again = " (redelivered: its first worker died)" if result.redelivered else ""
     if result.skipped:
@@ -281,7 +285,10 @@ def run_worker_command(
     )
     trainer = Trainer(settings)
     if resume_at_start:
-        resume(settings, trainer.app)
+        try:
+            resume(settings, trainer.app)
+        except Exception:  # e.g. the database is still starting: the tasks themselves retry
+            log.exception("resume at start-up failed; run `apa resume` once the registry is reachable")
     stop = threading.Event()
     relay = threading.Thread(target=_relay_loop, args=(trainer, stop), name="outbox-relay", daemon=True)
     relay.start()
