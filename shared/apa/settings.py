@@ -52,7 +52,7 @@ class Settings:
     """Celery broker of the retrain tasks: `amqp://...` (RabbitMQ) or `redis://...` in production;
     unset: the embedded broker that needs no server, kombu's SQLAlchemy transport on the SQLite
     file `celery_embedded_broker`."""
-    celery_embedded_broker: str = "./apa-broker.sqlite"
+    celery_embedded_broker: str = "./apa-broker.db"
     """SQLite file of the embedded Celery broker (used when `celery_broker_url` is unset)."""
     celery_result_backend: str | None = None
     """Celery result backend URL; unset means none (task outcomes live in the registry)."""
