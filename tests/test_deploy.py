@@ -45,14 +45,10 @@ K8S_VERSION = "1.32.0"
 # --- Names that issues 8 and 9 add. The deployment files use them already; the lead deletes each line
 # --- when its issue merges (test_pending_names_are_still_pending fails once a name exists).
 PENDING_COMMANDS = {
-    "run-erasure-consumer": "issue 8: the Kafka erasure consumer and outbox relay",
-    "run-worker": "issue 8: the Celery trainer worker (solo pool, one per GPU)",
     "serve-inference": "issue 9: the inference service (Flask + gunicorn; --host/--port assumed)",
 }
 PENDING_SETTINGS = {
-    "APA_CELERY_BROKER_URL": "issue 8: the Celery broker URL (Settings has `celery_broker` today)",
     "APA_REPLICA_TOKEN": "issue 9: the token replicas authenticate heartbeats with",
-    "APA_LIVENESS_FILE": "issue 8: file the consumer's poll loop and the worker's heartbeat thread touch",
 }
 
 ROLE_OF_COMMAND = {
@@ -81,6 +77,7 @@ READS: dict[str, set[str]] = {
         "APA_KAFKA_BOOTSTRAP", "APA_ERASURE_TOPIC", "APA_KAFKA_TIMEOUT_S", "APA_REPLICA_LIVE_SECONDS",
         "APA_MIGRATIONS_DIR", "APA_LOG_LEVEL", "APA_REPLICA_TOKEN", "APA_AUDIT_KEY",
         "APA_SIGNING_KEY", "APA_AUDIT_ANCHOR_TOPIC", "APA_AUDIT_ANCHOR_INTERVAL_S", "APA_AUDIT_LEGACY_ROWS",
+        "APA_ERASURE_PUBLISH_TIMEOUT_S",
     },
     "erasure-consumer": {
         "APA_DATABASE_URL", "APA_PSEUDONYM_KEY", "APA_AUDIT_KEY", "APA_KAFKA_BOOTSTRAP",
@@ -88,11 +85,14 @@ READS: dict[str, set[str]] = {
         "APA_ERASURE_CONSUMER_GROUP", "APA_KAFKA_SESSION_TIMEOUT_MS", "APA_KAFKA_HEARTBEAT_INTERVAL_MS",
         "APA_KAFKA_MAX_POLL_INTERVAL_MS", "APA_KAFKA_TIMEOUT_S", "APA_CELERY_BROKER_URL",
         "APA_MODEL_DIR", "APA_ARTIFACT_STORE", "APA_LIVENESS_FILE", "APA_LOG_LEVEL", "APA_CACHE_DIR",
+        "APA_CRASH_AT", "APA_ERASURE_MAX_EVENT_BYTES", "APA_RETRAIN_QUEUE",
     },
     "trainer": {
         "APA_DATABASE_URL", "APA_PSEUDONYM_KEY", "APA_AUDIT_KEY", "APA_CELERY_BROKER_URL",
         "APA_KAFKA_BOOTSTRAP", "APA_SHARD_EVENTS_TOPIC", "APA_KAFKA_TIMEOUT_S", "APA_ARTIFACT_STORE",
         "APA_MODEL_DIR", "APA_MODEL_ID", "APA_CACHE_DIR", "APA_LIVENESS_FILE", "APA_LOG_LEVEL",
+        "APA_CRASH_AT", "APA_RETRAIN_QUEUE", "APA_WORKER_CONCURRENCY", "APA_WORKER_DEVICE", "APA_WORKER_MODEL",
+        "APA_WORKER_POOL",
     },
     "inference": {
         "APA_DATABASE_URL", "APA_API_TOKEN", "APA_ALLOW_UNAUTHENTICATED", "APA_PSEUDONYM_KEY",
@@ -108,7 +108,9 @@ UNSET_ON_PURPOSE = {
     "APA_REPLICA_ID": "the default, host name + process id, is unique per gunicorn worker and pod",
     "APA_MIGRATIONS_DIR": "the migrations installed with the package",
     "APA_CELERY_RESULT_BACKEND": "no task result is read back",
-    "APA_CELERY_BROKER": "superseded by APA_CELERY_BROKER_URL (issue 8)",
+    "APA_CELERY_EMBEDDED_BROKER": "the deployments use RabbitMQ (APA_CELERY_BROKER_URL), not the embedded broker",
+    "APA_WORKER_MODEL": "workers train with the registered model's own backbone",
+    "APA_CRASH_AT": "testing only (fault injection)",
     "APA_AUDIT_ANCHOR_FILE": "anchors go to the Kafka topic apa.audit-anchors (several registry replicas "
     "must not share one append-only file)",
 }

@@ -32,6 +32,9 @@ TABLES = {
     "audit_head",
     # 0002: the pseudonym key's fingerprint
     "registry_meta",
+    # 0003: the transactional outbox and the retrain-task ledger
+    "outbox",
+    "retrain_tasks",
     # 0005: the anchors of the audit chain's head
     "audit_anchors",
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,16 +33,18 @@ from apa import anchors, receipts
 from apa.db import audit, registry
 from apa.db.models import AdapterVersion, ErasureRequest, RegistryMeta, Replica, Shard
 from apa.db.session import current_revision, head_revision, make_engine, make_sessionmaker
+from apa.deadlines import deadlines_view
 from apa.events import (
     ErasureRequested,
     EventBus,
     EventValidationError,
     InMemoryEventBus,
+    KafkaEventBus,
     build_event_bus,
     utc_now_iso,
 )
-from apa.lifecycle import handle_erasure
 from apa.pseudonyms import Pseudonymizer, pseudonymizer_from_settings
+from apa.retrains import erase
 from apa.settings import Settings
 from apa.signing import SigningKey, signing_key_from_settings
 from services.registry import validation
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 
 PUBLIC_ENDPOINTS = frozenset({"healthz", "readyz"})
 MAX_BODY_BYTES = validation.MAX_BODY_BYTES
+BUS_RETRY_S = 5.0
+"""After the event bus failed, POST /erasures answers 503 at once for this long (Retry-After)."""
 
 
 @dataclass
@@ -70,13 +75,25 @@ class RegistryState:
     anchor_sinks: list[anchors.AnchorSink] = field(default_factory=list)
     _bus: EventBus | None = None
     _bus_lock: threading.Lock = field(default_factory=threading.Lock)
+    _bus_down_until: float = 0.0
 
     @property
     def bus(self) -> EventBus:
+        """The event bus; after a failure to reach it, fails at once for `BUS_RETRY_S` seconds (so
+        a broker outage costs one short timeout, not one per request)."""
         with self._bus_lock:
             if self._bus is None:
-                self._bus = self.bus_factory()
+                if time.monotonic() < self._bus_down_until:
+                    raise ConnectionError("event bus unavailable (recent failure)")
+                try:
+                    self._bus = self.bus_factory()
+                except Exception:
+                    self.bus_failed()
+                    raise
             return self._bus
+
+    def bus_failed(self) -> None:
+        self._bus_down_until = time.monotonic() + BUS_RETRY_S
 
 
 def _state() -> RegistryState:
@@ -111,7 +128,7 @@ def create_app(
         token=token,
         head=head_revision(),
         pseudonymizer=pseudonymizer_from_settings(settings),
-        bus_factory=(lambda: event_bus) if event_bus is not None else (lambda: build_event_bus(settings)),
+        bus_factory=(lambda: event_bus) if event_bus is not None else (lambda: _erasure_bus(settings)),
         signer=signing_key_from_settings(settings),
         audit_key=audit_key,
         anchor_sinks=anchors.configured_sinks(settings),
@@ -293,13 +310,23 @@ def create_app(
         except registry.ConflictError:
             raise ApiError(409, "request_id already used by another request", "request_id") from None
         except Exception as exc:  # the broker, whatever its client raises
-            log.warning("publishing erasure %s failed: %s", event.request_id, exc)
-            raise ApiError(503, "event bus unavailable; retry later", None) from None
+            state.bus_failed()
+            log.warning("publishing erasure %s failed: %s", event.request_id, type(exc).__name__)
+            unavailable = jsonify(error="event bus unavailable; retry later", field=None)
+            unavailable.headers["Retry-After"] = str(int(BUS_RETRY_S))
+            return unavailable, 503
         response = jsonify(
             request_id=event.request_id, status="accepted", status_url=f"/erasures/{event.request_id}"
         )
         response.headers["Location"] = f"/erasures/{event.request_id}"
         return response, 202
+
+    @app.get("/erasure-deadlines")
+    def get_erasure_deadlines() -> Response:
+        """Open erasure requests that are overdue or due within `within_days` days (GDPR Art. 12(3))."""
+        within = g.query["within_days"]
+        with state.sessions() as session:
+            return jsonify(deadlines_view(session, within_days=within))
 
     # --- replicas --------------------------------------------------------------------------------
 
@@ -361,17 +388,31 @@ def _local_bus(
     """Without Kafka, POST /erasures must not drop requests: record them in the registry directly
     (excluded at once; retraining needs the erasure service)."""
     log.warning(
-        "APA_KAFKA_BOOTSTRAP is not set: POST /erasures records erasures in the registry directly, "
-        "without scheduling retrains"
+        "APA_KAFKA_BOOTSTRAP is not set: POST /erasures records erasures in the registry directly "
+        "(their retrain tasks go through the outbox, relayed by the trainer workers)"
     )
     bus = InMemoryEventBus()
 
     def record(_topic: str, _key: str, value: dict[str, Any]) -> None:
         with sessions() as session, session.begin():
-            handle_erasure(session, ErasureRequested.from_dict(value), pseudonymizer)
+            erase(session, ErasureRequested.from_dict(value), pseudonymizer, settings)
 
     bus.subscribe(settings.erasure_topic, record)
     return bus
+
+
+def _erasure_bus(settings: Settings) -> EventBus:
+    """Kafka with short timeouts (POST /erasures must never stall: a broker that is down costs
+    `erasure_publish_timeout_s`, then a 503), else the in-process bus."""
+    if not settings.kafka_bootstrap:
+        return build_event_bus(settings)
+    timeout_ms = max(100, int(settings.erasure_publish_timeout_s * 1000))
+    return KafkaEventBus(
+        settings.kafka_bootstrap,
+        timeout_s=settings.erasure_publish_timeout_s,
+        bootstrap_timeout_ms=timeout_ms,
+        request_timeout_ms=max(timeout_ms, 1000),
+    )
 
 
 def _replica_view(replica: Replica) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apa.db.models import ADAPTER_STATES, REQUEST_STATUSES, SHARD_STATES
+from apa.deadlines import DEFAULT_WITHIN_DAYS, MAX_WITHIN_DAYS  # noqa: E402
 from services.registry.validation import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
@@ -110,6 +111,10 @@ REQUEST = _obj(
         "interaction_pids": {"type": ["array", "null"], "items": {"type": "string"}},
         "status": {"enum": list(REQUEST_STATUSES)},
         "samples_erased": {"type": "integer"},
+        "outcome": {"enum": ["erased", "no_data_held"]},
+        "no_data_held": {"type": "boolean"},
+        "due_at": _TS,
+        "overdue": {"type": "boolean"},
         "requested_at": _TS,
         "received_at": _TS,
         "excluded_at": _TS,
@@ -396,6 +401,30 @@ OPERATIONS: tuple[Operation, ...] = (
         "An inference replica reports its loaded adapter versions",
         REPLICA,
         body=HEARTBEAT,
+    ),
+    Operation(
+        "get_erasure_deadlines",
+        "get",
+        "/erasure-deadlines",
+        "Open erasure requests that are overdue or due within `within_days` days (GDPR Art. 12(3): "
+        "one month from the request)",
+        _obj(
+            {
+                "as_of": _TS_SET,
+                "within_days": {"type": "number"},
+                "overdue": {"type": "array", "items": _OBJ},
+                "due_soon": {"type": "array", "items": _OBJ},
+            }
+        ),
+        query={
+            "within_days": Value(
+                "integer",
+                "Also list requests due within this many days",
+                low=0,
+                high=MAX_WITHIN_DAYS,
+                default=DEFAULT_WITHIN_DAYS,
+            )
+        },
     ),
     Operation("openapi", "get", "/openapi.json", "This document", _OBJ),
 )

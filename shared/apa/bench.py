@@ -486,7 +486,7 @@ def replace_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
 
 
 def bench_command(
-    what: Literal["inference", "train", "backbone"],
+    what: Literal["inference", "train", "backbone", "erasure"],
     model: str = "embedded",
     out: str = "runs/bench",
     data: str = "data/ml-100k",
@@ -498,6 +498,7 @@ def bench_command(
     epochs: int = 1,
     seed: int = 0,
     model_dir: str | None = None,
+    events: int = 1000,
 ) -> int:
     """Benchmark APA: inference throughput and latency, one shard's training vs all, or the backbone.
 
@@ -519,8 +520,17 @@ def bench_command(
         seed: Seed of the random adapters, weights, partition and training.
         model_dir: backbone: score with shard 0's adapter of this model directory (AUC with a
             trained adapter); the base model when not given. num_requests test prompts are scored.
+        events: erasure: events of the throughput burst (tansu + Postgres; see apa.bench_erasure).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if what == "erasure":  # the erasure service's bench: no model, its own module
+        from apa.bench_erasure import ErasureBenchConfig, print_report, run_erasure_bench
+
+        k = _as_list(num_shards, [8])[0]
+        print_report(
+            run_erasure_bench(Path(out), ErasureBenchConfig(num_shards=k, burst_events=events, seed=seed))
+        )
+        return 0
     try:
         default_ks = [4, 8, 16] if what == "inference" else [4]
         ks = _as_list(num_shards, default_ks)

@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from apa.ids import InvalidInput, id_problem, shard_id_problem
@@ -43,6 +43,53 @@ def parse_timestamp(value: object, field_name: str) -> datetime:
         return parsed.astimezone(UTC)
     except OverflowError:
         raise EventValidationError(field_name, f"out of the representable range: {value!r}") from None
+
+
+MAX_EVENT_BYTES = 256 * 1024
+"""Default bound on one erasure message (`Settings.erasure_max_event_bytes`); bigger ones are malformed."""
+EARLIEST_REQUEST = datetime(2000, 1, 1, tzinfo=UTC)
+"""`requested_at` before this is out of range (no such request exists; a parsing accident)."""
+MAX_CLOCK_SKEW = timedelta(days=1)
+"""`requested_at` may lie this far ahead of the receiving clock; further is out of range."""
+
+
+_EVENT_FIELDS = frozenset({"request_id", "user_id", "interactions", "requested_at"})
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:  # ambiguous: JSON parsers disagree on which value wins
+            if key in _EVENT_FIELDS:
+                raise EventValidationError(key, "appears twice in the JSON object")
+            raise EventValidationError("body", "a key appears twice in one JSON object")
+        seen[key] = value
+    return seen
+
+
+def _no_constants(name: str) -> Any:
+    raise EventValidationError("body", f"{name} is not JSON")
+
+
+def decode_json(raw: bytes | bytearray | str | None, *, max_bytes: int = MAX_EVENT_BYTES) -> Any:
+    """The JSON value of a message, or EventValidationError ("body" or the duplicated key) for an
+    empty or oversized message, bytes that are not UTF-8, text that is not JSON (NaN included),
+    nesting too deep to parse, or a key that appears twice in one object."""
+    if raw is None or len(raw) == 0:
+        raise EventValidationError("body", "empty message")
+    if len(raw) > max_bytes:
+        raise EventValidationError("body", f"{len(raw)} bytes, more than the limit of {max_bytes}")
+    if isinstance(raw, bytes | bytearray):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EventValidationError("body", f"not valid UTF-8 at byte {exc.start}") from None
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise EventValidationError("body", f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise EventValidationError("body", "JSON nested too deeply") from None
 
 
 def _check_id(value: object, field_name: str) -> str:
@@ -76,7 +123,11 @@ class ErasureRequested:
                 )
             for i, interaction in enumerate(self.interactions):
                 _check_id(interaction, f"interactions[{i}]")
-        parse_timestamp(self.requested_at, "requested_at")
+        requested = parse_timestamp(self.requested_at, "requested_at")
+        if requested < EARLIEST_REQUEST:
+            raise EventValidationError("requested_at", f"before {EARLIEST_REQUEST.date()}: out of range")
+        if requested > datetime.now(UTC) + MAX_CLOCK_SKEW:
+            raise EventValidationError("requested_at", "lies in the future: out of range")
 
     @property
     def scope(self) -> Literal["user", "interactions"]:
@@ -124,13 +175,12 @@ class ErasureRequested:
         )
 
     @classmethod
-    def from_json(cls, raw: str | bytes | bytearray) -> ErasureRequested:
-        """Parse and validate the wire format; raises EventValidationError naming the bad field."""
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EventValidationError("body", f"not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+    def from_json(
+        cls, raw: str | bytes | bytearray | None, *, max_bytes: int = MAX_EVENT_BYTES
+    ) -> ErasureRequested:
+        """Parse and validate the wire format; raises EventValidationError naming the bad field
+        (`decode_json`'s checks, then the schema's)."""
+        return cls.from_dict(decode_json(raw, max_bytes=max_bytes))
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,7 @@ class RetrainOutcome:
     generation: int
     """The shard generation the training data was taken at."""
     deleted_artifacts: list[str]
-    """Store keys of the replaced versions whose weights were deleted."""
+    """Store keys whose weights were deleted: the replaced versions', or this one's if discarded."""
 
 
 def _records(rows: list[SampleRow]) -> list[DataSample]:
@@ -200,6 +200,7 @@ def retrain_shard(
         )
         manifest = replace(manifest, adapter_sha256=sha)
 
+    discarded: list[str] = []
     try:
         with session_scope(engine) as session:
             adapter = registry.register_adapter_version(
@@ -230,9 +231,9 @@ def retrain_shard(
                 shard_id=shard.key,
                 payload={"version": version, "reason": str(exc), "started_generation": generation},
             )
-        if key:
-            store.delete(key)
-    deleted = _delete_artifacts(engine, store, shard, replaced)
+        if key and store.delete(key):
+            discarded = [key]
+    deleted = discarded + _delete_artifacts(engine, store, shard, replaced)
     if promoted and model_dir and (Path(model_dir) / "model.json").is_file():
         md = ModelDir(model_dir)
         if result is not None:

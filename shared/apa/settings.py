@@ -54,10 +54,44 @@ class Settings:
     """Longest gap between polls (handling one batch) before the group drops the consumer."""
     kafka_timeout_s: float = 30.0
     """Bound on one Kafka producer send, commit or broker-readiness wait, in seconds."""
-    celery_broker: str | None = None
-    """Celery broker URL (redis://, amqp://); unset means tasks run eagerly in-process."""
+    celery_broker_url: str | None = None
+    """Celery broker of the retrain tasks: `amqp://...` (RabbitMQ) or `redis://...` in production;
+    unset: the embedded broker that needs no server, kombu's SQLAlchemy transport on the SQLite
+    file `celery_embedded_broker`."""
+    celery_embedded_broker: str = "./apa-broker.db"
+    """SQLite file of the embedded Celery broker (used when `celery_broker_url` is unset)."""
     celery_result_backend: str | None = None
-    """Celery result backend URL; unset means none."""
+    """Celery result backend URL; unset means none (task outcomes live in the registry)."""
+    retrain_queue: str = "apa.retrain"
+    """Celery queue of the retrain tasks (the trainer workers consume it)."""
+    retrain_coalesce: bool = True
+    """A shard with a retrain task queued and not yet started gets no second task (off: one task per
+    erasure and shard, for comparison in `apa bench erasure`)."""
+    worker_pool: str = "solo"
+    """Celery pool of a trainer worker: `solo` (one task at a time in the worker process: safe with
+    torch and CUDA; run one worker process per GPU), or `prefork` / `threads`."""
+    worker_concurrency: int = 1
+    """Tasks a trainer worker runs at once (1 with the solo pool)."""
+    worker_device: str = "auto"
+    """Device the worker trains on: `auto`, `cpu`, `cuda`, `cuda:N` (one worker per GPU)."""
+    worker_model: str | None = None
+    """Backbone a worker trains with, overriding the registered model's (`tiny`: the random test
+    model, for smoke tests of a deployment without weights); unset: the model's own backbone."""
+    task_heartbeat_s: float = 10.0
+    """A training worker moves its task's heartbeat this often."""
+    task_lost_after_s: float = 120.0
+    """A started task whose heartbeat is older than this is lost: `apa resume` queues it again."""
+    outbox_batch: int = 200
+    """Most outbox rows one relay pass publishes."""
+    erasure_max_event_bytes: int = 262144
+    """Erasure messages larger than this go to the dead-letter topic (reason: too large)."""
+    erasure_publish_timeout_s: float = 2.0
+    """Bound on `POST /erasures` publishing to Kafka; past it the API answers 503 at once."""
+    liveness_file: str | None = None
+    """A file the erasure consumer (every poll pass) and trainer workers (every 10 s once ready) touch;
+    health checks read its age. Unset: none."""
+    crash_at: str | None = None
+    """Testing only: SIGKILL this process at the named point (`apa.failpoints`) to test recovery."""
     artifact_store: str = "./artifacts"
     """Root directory of the adapter artifact store (a shared volume in production)."""
     pseudonym_key: str | None = None

@@ -61,6 +61,8 @@ class Part:
     """GET it: 200 means healthy (HTTP parts)."""
     liveness_file: str | None = None
     """A file the process touches while it works (parts without HTTP)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Settings of this part only (e.g. its APA_LIVENESS_FILE), over the stack's."""
     started_at: float = 0.0
 
 
@@ -166,11 +168,11 @@ def stack_env(config: StackConfig, environ: Mapping[str, str]) -> tuple[dict[str
     if ENV_PREFIX + "CELERY_BROKER_URL" in environ:
         external["celery broker"] = environ[ENV_PREFIX + "CELERY_BROKER_URL"]
     default("DATABASE_URL", f"sqlite:///{root / 'registry.db'}")
-    default("CELERY_BROKER_URL", f"sqla+sqlite:///{root / 'celery-broker.db'}")
+    default("CELERY_EMBEDDED_BROKER", str(root / "celery-broker.db"))  # used while CELERY_BROKER_URL is unset
     default("ARTIFACT_STORE", str(root / "artifacts"))
     default("API_TOKEN", secrets.token_urlsafe(24))
     default("REPLICA_TOKEN", secrets.token_urlsafe(24))
-    default("BACKBONE", config.model)
+    default("WORKER_MODEL", config.model)
     # tansu completes a group join in about half the session timeout: the shortest Kafka accepts
     default("KAFKA_SESSION_TIMEOUT_MS", "6000")
     default("KAFKA_HEARTBEAT_INTERVAL_MS", "1000")
@@ -242,23 +244,18 @@ def up(
                 health_url=f"http://127.0.0.1:{port}/readyz",
             )
         )
-    if "erasure" in wanted:
-        liveness = logs / "erasure.alive"
-        env[ENV_PREFIX + "CONSUMER_LIVENESS_FILE"] = str(liveness)
-        state.parts.append(
-            Part(
-                "erasure",
-                _apa("run-erasure-consumer"),
-                str(logs / "erasure.log"),
-                liveness_file=str(liveness),
+    for name, command in (("erasure", "run-erasure-consumer"), ("trainer", "run-worker")):
+        if name in wanted:
+            liveness = str(logs / f"{name}.alive")
+            state.parts.append(
+                Part(
+                    name,
+                    _apa(command),
+                    str(logs / f"{name}.log"),
+                    liveness_file=liveness,
+                    env={ENV_PREFIX + "LIVENESS_FILE": liveness},
+                )
             )
-        )
-    if "trainer" in wanted:
-        liveness = logs / "trainer.alive"
-        env[ENV_PREFIX + "WORKER_LIVENESS_FILE"] = str(liveness)
-        state.parts.append(
-            Part("trainer", _apa("run-worker"), str(logs / "trainer.log"), liveness_file=str(liveness))
-        )
     if "inference" in wanted:
         port = config.inference_port or free_port()
         env[ENV_PREFIX + "INFERENCE_URL"] = f"http://127.0.0.1:{port}"
@@ -281,7 +278,7 @@ def up(
         raise RuntimeError(f"apa db upgrade failed: {migrate.stderr.strip() or migrate.stdout.strip()}")
     try:
         for part in state.parts:
-            _spawn(part, env)
+            _spawn(part, {**env, **part.env})
             state.save()
             if part.name == "kafka":
                 wait_for_broker(part.url or "", timeout_s=60)

@@ -932,10 +932,13 @@ def public_key_command(pem: bool = True) -> int:
 def audit_command() -> int:
     """Verify the audit trail, anchor it, show it, check an erasure receipt offline.
 
-    Sub-commands: `verify [--anchors SOURCE]`, `anchor`, `show`, `check-receipt FILE`, `public-key`.
+    Sub-commands: `verify [--anchors SOURCE]`, `anchor`, `show`, `check-receipt FILE`, `public-key`,
+    `deadlines [--within-days N]` (erasure requests overdue or due soon).
     """
     return 0
 
+
+from apa.deadlines import deadlines_command  # noqa: E402 - a sub-command of `apa audit`
 
 audit_command.subcommands = {  # type: ignore[attr-defined]
     "verify": verify_command,
@@ -943,4 +946,5 @@ audit_command.subcommands = {  # type: ignore[attr-defined]
     "show": show_command,
     "check-receipt": check_receipt_command,
     "public-key": public_key_command,
+    "deadlines": deadlines_command,
 }

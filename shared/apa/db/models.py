@@ -5,8 +5,9 @@ Tables: `models`, `users`, `samples`, `interactions` (interaction -> samples hol
 erasure request waits on, and the adapter versions it excluded and got back), `replicas`,
 `audit_log` (append-only, HMAC chained), `audit_head` (the chain's last id and hash, so that
 deleting the newest rows is detected too; moved by the database only), `audit_anchors` (the
-anchors of the head written outside the database) and `registry_meta` (key fingerprints, the
-registry's id).
+anchors of the head written outside the database), `registry_meta` (key fingerprints, the
+registry's id), `outbox` (messages a relay publishes after the transaction that wrote them
+committed) and `retrain_tasks` (the ledger of shard retrain tasks: coalescing, redelivery, resume).
 
 Personal data: every user, sample and interaction id column holds a keyed pseudonym (`*_pid`,
 HMAC-SHA256 under `APA_PSEUDONYM_KEY`, see `apa.pseudonyms`), never the id itself. The only clear
@@ -52,6 +53,22 @@ ADAPTER_STATES: tuple[str, ...] = ("serving", "excluded", "retired", "stale")
 
 RequestStatus = Literal["received", "excluded", "retraining", "completed"]
 REQUEST_STATUSES: tuple[str, ...] = ("received", "excluded", "retraining", "completed")
+
+RequestOutcome = Literal["erased", "no_data_held"]
+"""erased: the request reached data the registry held (now erased, or erased by an earlier request);
+no_data_held: it matched nothing (an unknown user, or interactions no sample holds): completed at
+once, and said so distinctly, so that a typo does not look like a normal success."""
+REQUEST_OUTCOMES: tuple[str, ...] = ("erased", "no_data_held")
+
+OutboxKind = Literal["event", "task"]
+"""event: a Kafka message (destination = topic); task: a Celery task (destination = task name)."""
+OUTBOX_KINDS: tuple[str, ...] = ("event", "task")
+
+RetrainTaskState = Literal["queued", "started", "done", "failed", "lost"]
+"""queued: written, not yet started by a worker (a shard with one gets no second: coalescing);
+started: a worker runs it (heartbeat_at moves while it trains); done / failed: finished; lost:
+its worker stopped heart-beating, `resume` queued a new task in its place."""
+RETRAIN_TASK_STATES: tuple[str, ...] = ("queued", "started", "done", "failed", "lost")
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
@@ -246,6 +263,8 @@ class ErasureRequest(Base):
         CheckConstraint("scope IN ('user', 'interactions')", name="scope"),
         Index("ix_erasure_requests_user_pid", "user_pid"),
         Index("ix_erasure_requests_status", "status"),
+        Index("ix_erasure_requests_due_at", "due_at"),
+        CheckConstraint("outcome IN ('erased', 'no_data_held')", name="outcome"),
     )
 
     request_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
@@ -264,6 +283,11 @@ class ErasureRequest(Base):
     replicas_confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """When every live inference replica reported a loaded set without an excluded adapter."""
     samples_erased: Mapped[int] = mapped_column(Integer, default=0)
+    due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """The GDPR Art. 12(3) deadline: `requested_at` + one calendar month (`apa.deadlines`); set for
+    every request (nullable in the schema only: migration 0003 added it without a table rebuild)."""
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    """`erased` or `no_data_held` (RequestOutcome); None for requests recorded before migration 0003."""
 
 
 class ErasureRequestShard(Base):
@@ -356,3 +380,66 @@ class RegistryMeta(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class OutboxMessage(Base):
+    """A message written in the transaction that caused it (transactional outbox): a relay
+    (`apa.outbox.relay`) publishes it after the commit and sets `sent_at`, so a crash between the
+    commit and the publish loses nothing (it is published again: consumers are idempotent)."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        CheckConstraint("kind IN ('event', 'task')", name="kind"),
+        Index("ix_outbox_sent_at_id", "sent_at", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    """Publication order."""
+    kind: Mapped[str] = mapped_column(String(8))
+    destination: Mapped[str] = mapped_column(String(255))
+    """The Kafka topic (event) or the Celery task name (task)."""
+    key: Mapped[str] = mapped_column(String(SHARD_ID))
+    """Kafka message key (the shard id); for a task, the shard it retrains."""
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """The event (JSON), or the task's `args`, `kwargs` and `task_id`. Pseudonyms only."""
+    request_id: Mapped[str | None] = mapped_column(String(ID))
+    """The erasure request whose transaction wrote the row (None for a trainer's row)."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When the relay had it acknowledged by the broker (None: still to publish)."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class RetrainTask(Base):
+    """One retrain task of a shard (Celery task id `apa-retrain-<id>`), from queued to done."""
+
+    __tablename__ = "retrain_tasks"
+    __table_args__ = (
+        CheckConstraint("state IN ('queued', 'started', 'done', 'failed', 'lost')", name="state"),
+        Index("ix_retrain_tasks_shard_id_state", "shard_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    shard_id: Mapped[str] = mapped_column(ForeignKey("shards.id"))
+    generation: Mapped[int] = mapped_column(Integer)
+    """The shard generation the task was queued for (it trains on the newest remainder)."""
+    reason: Mapped[str] = mapped_column(String(16))
+    """erasure | not_promoted (a retrain overtaken by newer erasures) | resume."""
+    request_id: Mapped[str | None] = mapped_column(String(ID))
+    """The erasure request that queued it (None for not_promoted / resume)."""
+    state: Mapped[str] = mapped_column(String(16))
+    coalesced: Mapped[int] = mapped_column(Integer, default=0)
+    """Later erasures of the shard that found this task queued and added no task of their own."""
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    """How often a worker started it (more than 1: redelivered after a worker died)."""
+    worker: Mapped[str | None] = mapped_column(String(ID))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """Moved by the worker while it trains; a started task without a recent one is lost."""
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    adapter_version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
+    """The version the retrain registered."""
+    promoted: Mapped[bool | None] = mapped_column(Boolean)
+    error: Mapped[str | None] = mapped_column(Text)

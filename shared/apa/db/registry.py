@@ -37,6 +37,7 @@ from apa.db.models import (
     User,
     utcnow,
 )
+from apa.deadlines import due_date
 from apa.events import ErasureRequested, parse_timestamp
 from apa.pseudonyms import Pseudonymizer
 
@@ -149,19 +150,22 @@ def record_erasure(
 
     now = now or utcnow()
     user = session.get(User, user_pid)
+    user_known = user is not None
     if user is None:
         user = User(pid=user_pid, registered_at=now)
         session.add(user)
         session.flush()  # no ORM relationships: flush parents before children
+    requested_at = parse_timestamp(event.requested_at, "requested_at")
     request = ErasureRequest(
         request_id=event.request_id,
         user_pid=user_pid,
         scope=event.scope,
         interaction_pids=interaction_pids,
         status="received",
-        requested_at=parse_timestamp(event.requested_at, "requested_at"),
+        requested_at=requested_at,
         received_at=now,
         samples_erased=0,
+        due_at=due_date(requested_at),
     )
     session.add(request)
     session.flush()
@@ -179,6 +183,18 @@ def record_erasure(
     )
 
     matched = _matching_samples(session, user_pid, interaction_pids)
+    request.outcome = "erased" if matched else "no_data_held"
+    if not matched:
+        # An unknown user or interactions no sample holds: completed below with nothing found, and
+        # said so distinctly (a typo in an id must not look like a normal success).
+        audit.append(
+            session,
+            "erasure_no_data_held",
+            request_id=request.request_id,
+            user_pid=request.user_pid,
+            payload={"scope": request.scope, "user_known": user_known},
+            now=now,
+        )
     newly_erased = [s for s in matched if not s.erased]
     for sample in newly_erased:
         sample.erased = True
@@ -781,7 +797,11 @@ def request_view(session: Session, request: ErasureRequest) -> dict[str, Any]:
         "interaction_pids": request.interaction_pids,
         "status": request.status,
         "samples_erased": request.samples_erased,
+        "outcome": request.outcome,
+        "no_data_held": request.outcome == "no_data_held",
         "requested_at": _iso(request.requested_at),
+        "due_at": _iso(request.due_at),
+        "overdue": request.completed_at is None and request.due_at is not None and request.due_at < utcnow(),
         "received_at": _iso(request.received_at),
         "excluded_at": _iso(request.excluded_at),
         "retraining_at": _iso(request.retraining_at),
@@ -852,6 +872,7 @@ def user_erasure_status(session: Session, user_id: str, pseudonymizer: Pseudonym
         "erased_at": _iso(user.erased_at) if user else None,
         "samples_held": counts["held"],
         "samples_erased": counts["erased"],
+        "no_data_held": bool(requests) and all(r.outcome == "no_data_held" for r in requests),
         "excluded_from_serving_at": _iso(max(r.excluded_at for r in requests if r.excluded_at))
         if all_excluded
         else None,

@@ -1,0 +1,378 @@
+"""Erasure service: the Kafka consumer of `apa.erasure-requests` (`apa run-erasure-consumer`).
+
+A member of the consumer group `APA_ERASURE_CONSUMER_GROUP`. For every event:
+
+1. decode and validate it (`ErasureRequested.from_json`); a malformed one (bad JSON or UTF-8, a
+   missing field, NUL or a lone surrogate in an id, nesting too deep, too large, a date out of
+   range, a duplicated key) goes to the dead-letter topic with the reason in its headers and the
+   original bytes as its value;
+2. one registry transaction (`apa.retrains.erase`): the request, the erased samples, the stale
+   shards and excluded adapters, the audit rows, and the outbox rows (a `stale` shard event and a
+   coalesced retrain task per stale shard). A request id already used for another user is refused,
+   audited (`erasure_rejected`) and dead-lettered;
+3. after the poll batch, commit the Kafka offsets of the events whose transaction committed;
+4. relay the outbox (`apa.outbox.Relay`): publish the shard events to `apa.shard-events`, enqueue the
+   Celery retrain tasks, mark the rows sent. Also at start-up, so rows a crash left unsent go out.
+
+A crash between 2 and 3 redelivers the event, which changes nothing (idempotent by request id); a
+crash between 2 and 4 leaves unsent outbox rows, published at the next start. A database that is
+down stops the partition (the event is retried, never skipped); a Kafka broker that is down at
+start-up is waited for. Logs name users by pseudonym prefix only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from apa.db import registry
+from apa.db.session import RegistryUnavailable, SchemaNotMigrated, check_schema, make_engine, session_scope
+from apa.events import ErasureRequested, EventValidationError
+from apa.failpoints import check_point, crash_point
+from apa.kafka import ensure_topic, make_consumer, make_producer, wait_for_broker
+from apa.liveness import touch
+from apa.outbox import KafkaPublisher, Relay
+from apa.pseudonyms import Pseudonymizer, PseudonymKeyMismatch, pseudonymizer_from_settings
+from apa.retrains import erase, reject
+from apa.settings import Settings
+from apa.taskqueue import CelerySender, make_celery
+
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer, KafkaProducer
+
+log = logging.getLogger("apa.erasure")
+
+POLL_TIMEOUT_MS = 500
+MAX_POLL_RECORDS = 100
+RELAY_EVERY_S = 1.0
+"""Relay at least this often when idle (rows trainers wrote without a Kafka producer of their own)."""
+FAILURES_BEFORE_DLQ = 3
+"""An event whose processing raises something other than a database outage this often is
+dead-lettered (with the exception type), so one poisoned event cannot stop its partition."""
+DLQ_MAX_VALUE_BYTES = 900 * 1024
+"""Dead-lettered bytes beyond this are cut (headers keep the full size and sha256)."""
+BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+
+
+class Fatal(Exception):
+    """A configuration problem no retry fixes (wrong pseudonym key, unmigrated database)."""
+
+
+@dataclass
+class Counters:
+    """What the service did since it started (logged at shutdown)."""
+
+    processed: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+
+
+def dlq_headers(record: Any, field: str, reason: str) -> list[tuple[str, bytes]]:
+    """Headers of a dead-lettered message: why, and where it came from."""
+    value = record.value or b""
+    return [
+        ("apa-dlq-reason", f"{field}: {reason}".encode()),
+        ("apa-dlq-field", field.encode()),
+        ("apa-dlq-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ("apa-dlq-original-bytes", str(len(value)).encode()),
+        ("apa-dlq-sha256", hashlib.sha256(value).hexdigest().encode()),
+    ]
+
+
+class ErasureConsumer:
+    """The consumer loop; `run()` until `stop()` (SIGTERM/SIGINT under `run_command`)."""
+
+    def __init__(self, settings: Settings, *, engine: Engine | None = None) -> None:
+        check_point(settings.crash_at)
+        if not settings.kafka_bootstrap:
+            raise ValueError("APA_KAFKA_BOOTSTRAP is not set: the erasure consumer reads Kafka")
+        self.settings = settings
+        self.engine = engine or make_engine(settings=settings)
+        self.pseudonymizer: Pseudonymizer = pseudonymizer_from_settings(settings)
+        self.stopping = threading.Event()
+        self.counters = Counters()
+        self._failures: dict[tuple[str, int, int], int] = defaultdict(int)
+        self.consumer: KafkaConsumer | None = None
+        self.dlq: KafkaProducer | None = None
+        self.publisher: KafkaPublisher | None = None
+        self.relay: Relay | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # --- start-up -----------------------------------------------------------------------------------
+
+    def _sleep(self, attempt: int) -> None:
+        self.stopping.wait(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+
+    def _wait_for_database(self) -> bool:
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                check_schema(self.engine)
+                return True
+            except SchemaNotMigrated as exc:
+                raise Fatal(str(exc)) from exc
+            except RegistryUnavailable as exc:
+                log.warning("registry database not reachable, retrying: %s", exc)
+                self._sleep(attempt)
+                attempt += 1
+        return False
+
+    def _wait_for_kafka(self) -> bool:
+        assert self.settings.kafka_bootstrap
+        attempt = 0
+        while not self.stopping.is_set():
+            try:
+                wait_for_broker(self.settings.kafka_bootstrap, timeout_s=5.0)
+                return True
+            except TimeoutError as exc:
+                log.warning("Kafka not reachable, retrying: %s", exc)
+                self._sleep(attempt)
+                attempt += 1
+        return False
+
+    def _connect(self) -> None:
+        settings = self.settings
+        assert settings.kafka_bootstrap
+        for topic in (settings.dead_letter_topic, settings.shard_events_topic):
+            try:
+                ensure_topic(settings.kafka_bootstrap, topic, 1, timeout_s=settings.kafka_timeout_s)
+            except Exception as exc:  # created by the deployment, or auto-created on first publish
+                log.info("could not create topic %s (%s); relying on the deployment", topic, exc)
+        self.dlq = make_producer(settings, key_serializer=None, value_serializer=None)
+        self.publisher = KafkaPublisher(settings)
+        self.relay = Relay(
+            self.engine,
+            settings,
+            events=self.publisher,
+            tasks=CelerySender(make_celery(settings), settings.retrain_queue),
+        )
+        self.consumer = make_consumer(
+            settings,
+            settings.erasure_topic,
+            key_deserializer=None,
+            max_poll_records=MAX_POLL_RECORDS,
+        )
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Consume until stopped; 0 on a clean stop, 1 on a fatal configuration problem."""
+        try:
+            if not self._wait_for_database() or not self._wait_for_kafka():
+                return 0
+            self._connect()
+            started = self._relay()  # what a crash left unsent
+            if started is not None and (started.sent or started.failed):
+                log.info("start-up relay: %d outbox rows published, %d failed", started.sent, started.failed)
+            log.info(
+                "consuming %s as group %s", self.settings.erasure_topic, self.settings.erasure_consumer_group
+            )
+            last_relay = time.monotonic()
+            failures = 0
+            while not self.stopping.is_set():
+                touch(self.settings.liveness_file)
+                try:
+                    done = self._poll_once()
+                    failures = 0
+                except Fatal:
+                    raise
+                except Exception as exc:  # Kafka client trouble: nothing was acknowledged, try again
+                    log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
+                    self._sleep(failures)
+                    failures += 1
+                    continue
+                if done or time.monotonic() - last_relay >= RELAY_EVERY_S:
+                    self._relay()
+                    last_relay = time.monotonic()
+            return 0
+        except Fatal as exc:
+            log.error("erasure consumer stopped: %s", exc)
+            return 1
+        finally:
+            self._close()
+
+    def _relay(self) -> Any:
+        """Drain the outbox; a failure (the database, a broker) is logged and retried on the next pass."""
+        assert self.relay is not None
+        try:
+            return self.relay.drain()
+        except Exception as exc:
+            log.warning("outbox relay failed (%s: %s); retrying", type(exc).__name__, exc)
+            return None
+
+    def _poll_once(self) -> int:
+        """Handle one poll batch; commit the offsets of the handled events. Returns how many."""
+        from kafka import OffsetAndMetadata
+
+        assert self.consumer is not None
+        batch = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_POLL_RECORDS)
+        offsets: dict[Any, Any] = {}
+        retry = False
+        for partition, records in batch.items():
+            for record in records:
+                if self.stopping.is_set() or not self.handle(record):
+                    retry = not self.stopping.is_set()
+                    try:
+                        self.consumer.seek(partition, record.offset)  # again on the next poll
+                    except Exception as exc:  # revoked meanwhile: its next owner starts there
+                        log.info("could not seek back on %s: %s", partition, exc)
+                    break
+                offsets[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
+        if offsets:
+            try:
+                self.consumer.commit(offsets)
+            except Exception as exc:  # a rebalance: the events come again, and change nothing
+                log.warning("offset commit failed (%s); those events will be redelivered", exc)
+            else:
+                crash_point(self.settings, "consumer.after_offset_commit")
+        if retry:
+            self._sleep(1)
+        return len(offsets)
+
+    def handle(self, record: Any) -> bool:
+        """Process one record; False when it must be retried later (nothing was committed)."""
+        settings = self.settings
+        try:
+            event = ErasureRequested.from_json(record.value, max_bytes=settings.erasure_max_event_bytes)
+        except EventValidationError as exc:
+            return self.dead_letter(record, exc.field, exc.message)
+        where = (record.topic, record.partition, record.offset)
+        try:
+            with session_scope(self.engine) as session:
+                outcome = erase(session, event, self.pseudonymizer, settings)
+        except registry.ConflictError as exc:
+            return self._reject(record, event, str(exc))
+        except PseudonymKeyMismatch as exc:
+            raise Fatal(str(exc)) from exc
+        except (OperationalError, DBAPIError) as exc:
+            log.warning(
+                "registry unavailable for request %s, retrying: %s", event.request_id, type(exc).__name__
+            )
+            return False
+        except Exception as exc:
+            self._failures[where] += 1
+            log.exception(
+                "request %s failed (%d of %d)", event.request_id, self._failures[where], FAILURES_BEFORE_DLQ
+            )
+            if self._failures[where] < FAILURES_BEFORE_DLQ:
+                return False
+            return self.dead_letter(record, "body", f"processing failed: {type(exc).__name__}")
+        self._failures.pop(where, None)
+        crash_point(settings, "consumer.after_db_commit")
+        user = self.pseudonymizer.user(event.user_id)[:12]
+        if not outcome.created:
+            self.counters.duplicates += 1
+            log.info("request %s (user %s): already recorded, nothing to do", event.request_id, user)
+        else:
+            self.counters.processed += 1
+            log.info(
+                "request %s (user %s): %d samples erased, %s -> %s",
+                event.request_id,
+                user,
+                outcome.samples_erased,
+                ", ".join(sorted(s.key for s in outcome.stale)) or "no shard stale",
+                outcome.status,
+            )
+        return True
+
+    def _reject(self, record: Any, event: ErasureRequested, reason: str) -> bool:
+        try:
+            with session_scope(self.engine) as session:
+                reject(session, event, self.pseudonymizer, reason)
+        except (OperationalError, DBAPIError):
+            return False
+        self.counters.rejected += 1
+        log.warning(
+            "request %s refused: its id was already used for another user or other interactions",
+            event.request_id,
+        )
+        return self.dead_letter(
+            record, "request_id", "refused: already used for another user or other interactions"
+        )
+
+    def dead_letter(self, record: Any, field: str, reason: str) -> bool:
+        """Publish the original bytes to the dead-letter topic with the reason (False: retry later)."""
+        assert self.dlq is not None
+        value = record.value or b""
+        headers = dlq_headers(record, field, reason)
+        if len(value) > DLQ_MAX_VALUE_BYTES:
+            value = value[:DLQ_MAX_VALUE_BYTES]
+            headers.append(("apa-dlq-truncated", b"true"))
+        try:
+            self.dlq.send(self.settings.dead_letter_topic, key=record.key, value=value, headers=headers).get(
+                timeout=self.settings.kafka_timeout_s
+            )
+        except Exception as exc:
+            log.warning("dead-letter publish failed (%s); retrying", exc)
+            return False
+        self.counters.dead_lettered += 1
+        log.warning(
+            "dead-lettered %s/%d/%d (%d bytes): %s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            len(record.value or b""),
+            field,
+            reason,
+        )
+        return True
+
+    def _close(self) -> None:
+        if self.consumer is not None:
+            try:
+                self.consumer.close(autocommit=False)
+            except Exception:  # closing on the way out; nothing left to lose
+                pass
+        for producer in (self.dlq, self.publisher):
+            if producer is not None:
+                try:
+                    producer.close()
+                except Exception:
+                    pass
+        log.info("erasure consumer stopped: %s", self.counters)
+
+
+def run_command(group: str | None = None, topic: str | None = None, log_level: str | None = None) -> int:
+    """Consume erasure events from Kafka: registry transaction, outbox, offset commit (runs until SIGTERM).
+
+    Settings come from APA_* variables (APA_DATABASE_URL, APA_KAFKA_BOOTSTRAP,
+    APA_CELERY_BROKER_URL, APA_PSEUDONYM_KEY, the topic names); the options override them.
+
+    Args:
+        group: Kafka consumer group (default APA_ERASURE_CONSUMER_GROUP).
+        topic: erasure topic (default APA_ERASURE_TOPIC).
+        log_level: logging level (default APA_LOG_LEVEL).
+    """
+    overrides: dict[str, Any] = {}
+    if group:
+        overrides["erasure_consumer_group"] = group
+    if topic:
+        overrides["erasure_topic"] = topic
+    if log_level:
+        overrides["log_level"] = log_level
+    settings = Settings.from_env(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    service = ErasureConsumer(settings)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping after the current event", signum)
+        service.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    return service.run()
