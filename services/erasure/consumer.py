@@ -41,6 +41,7 @@ from apa.events import ErasureRequested, EventValidationError
 from apa.failpoints import check_point, crash_point
 from apa.kafka import ensure_topic, make_consumer, make_producer, wait_for_broker
 from apa.liveness import touch
+from apa.logs import configure_logging
 from apa.outbox import KafkaPublisher, Relay
 from apa.pseudonyms import Pseudonymizer, PseudonymKeyMismatch, pseudonymizer_from_settings
 from apa.retrains import erase, reject
@@ -364,9 +365,7 @@ def run_command(group: str | None = None, topic: str | None = None, log_level: s
     if log_level:
         overrides["log_level"] = log_level
     settings = Settings.from_env(**overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     service = ErasureConsumer(settings)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

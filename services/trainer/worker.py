@@ -38,6 +38,7 @@ from apa.db.session import make_engine, session_scope
 from apa.failpoints import check_point
 from apa.lifecycle import ShardRef, retrain_shard, scrub_model_dirs
 from apa.liveness import Beat
+from apa.logs import configure_logging
 from apa.outbox import KafkaPublisher, Relay
 from apa.pseudonyms import Pseudonymizer, pseudonymizer_from_settings
 from apa.settings import Settings
@@ -281,9 +282,7 @@ def run_worker_command(
         if value is not None
     }
     settings = Settings.from_env(**overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     trainer = Trainer(settings)
     if resume_at_start:
         try:
@@ -328,7 +327,7 @@ def resume_command(url: str | None = None) -> int:
     """
     overrides = {"database_url": url} if url else {}
     settings = Settings.from_env(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     from apa.db.session import check_schema
 
     engine = make_engine(settings=settings)
