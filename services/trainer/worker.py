@@ -60,6 +60,19 @@ class BackboneMismatch(RuntimeError):
     """The worker's backbone is not the base model the shard's adapters were trained on."""
 
 
+def make_relay(engine: Engine, settings: Settings, app: Celery) -> tuple[Relay, KafkaPublisher | None]:
+    """The outbox relay of a worker: shard events to Kafka (dropped without Kafka), tasks to Celery."""
+    events = KafkaPublisher(settings) if settings.kafka_bootstrap else None
+    relay = Relay(
+        engine,
+        settings,
+        events=events,
+        tasks=CelerySender(app, settings.retrain_queue),
+        discard_events=not settings.kafka_bootstrap,
+    )
+    return relay, events
+
+
 @dataclass
 class WorkerContext:
     """What a worker process keeps between tasks: the database, the store, loaded backbones."""
@@ -75,14 +88,7 @@ class WorkerContext:
     @classmethod
     def create(cls, settings: Settings, app: Celery) -> WorkerContext:
         engine = make_engine(settings=settings)
-        events = KafkaPublisher(settings) if settings.kafka_bootstrap else None
-        relay = Relay(
-            engine,
-            settings,
-            events=events,
-            tasks=CelerySender(app, settings.retrain_queue),
-            discard_events=not settings.kafka_bootstrap,
-        )
+        relay, _events = make_relay(engine, settings, app)
         return cls(
             settings=settings,
             engine=engine,
@@ -212,14 +218,7 @@ def resume(settings: Settings, app: Celery | None = None) -> retrains.ResumeRepo
         report = retrains.resume(engine, settings)
         with session_scope(engine) as session:
             scrubbed = scrub_model_dirs(session, pseudonymizer_from_settings(settings))
-        events = KafkaPublisher(settings) if settings.kafka_bootstrap else None
-        relay = Relay(
-            engine,
-            settings,
-            events=events,
-            tasks=CelerySender(app, settings.retrain_queue),
-            discard_events=not settings.kafka_bootstrap,
-        )
+        relay, events = make_relay(engine, settings, app)
         relayed = relay.drain()
         if events is not None:
             events.close()

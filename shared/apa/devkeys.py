@@ -23,6 +23,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("APA_CACHE_DIR") or Path.home() / ".cache" / "apa")
 
 
+def secret_bytes(secret: str) -> bytes:
+    """The key bytes of a secret setting: 32+ hex digits are decoded, any other text is used as UTF-8."""
+    text = secret.strip()
+    if len(text) >= 32:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            pass
+    return text.encode("utf-8")
+
+
 def development_secret(filename: str, variable: str, *, warn: bool = True) -> tuple[str, Path]:
     """A random 32-byte hex secret created once in the cache directory (never replaced), with a
     loud warning that `variable` should be set instead. Returns (secret, path)."""
@@ -52,4 +63,4 @@ def development_secret(filename: str, variable: str, *, warn: bool = True) -> tu
     return secret, path
 
 
-__all__ = ["cache_dir", "development_secret"]
+__all__ = ["cache_dir", "development_secret", "secret_bytes"]

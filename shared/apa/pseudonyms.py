@@ -82,13 +82,10 @@ class Pseudonymizer:
 
     @classmethod
     def from_secret(cls, secret: str, source: str = "explicit") -> Pseudonymizer:
-        """From the text of a secret (a hex string of >= 32 digits is decoded; other text is used as UTF-8)."""
-        text = secret.strip()
-        try:
-            key = bytes.fromhex(text) if len(text) >= 32 else text.encode("utf-8")
-        except ValueError:
-            key = text.encode("utf-8")
-        return cls(key, source)
+        """From the text of a secret (`apa.devkeys.secret_bytes`)."""
+        from apa.devkeys import secret_bytes
+
+        return cls(secret_bytes(secret), source)
 
 
 def development_key(*, warn: bool = True) -> Pseudonymizer:

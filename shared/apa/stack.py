@@ -181,7 +181,8 @@ def stack_env(config: StackConfig, environ: Mapping[str, str]) -> tuple[dict[str
     return env, external
 
 
-def _apa(*args: str) -> list[str]:
+def apa_argv(*args: str) -> list[str]:
+    """The command line of `apa <args>` with this interpreter (no reliance on PATH)."""
     return [sys.executable, "-m", "apa.cli", *args]
 
 
@@ -208,9 +209,11 @@ def up(
     *,
     say: Callable[[str], None] = print,
     plan: Callable[[StackState], None] | None = None,
+    after_migrate: Callable[[Mapping[str, str]], None] | None = None,
 ) -> StackState:
     """Start the stack and wait until every part is healthy; returns its state (also in stack.json).
-    `plan` may edit the parts before they start (tests, the demo)."""
+    `plan` may edit the parts before they start; `after_migrate(env)` runs once the schema is at
+    head, before the services start (e.g. `apa bootstrap`, which the inference replica needs)."""
     from apa.kafka import tansu_binary, tansu_command, wait_for_broker
 
     root = config.root
@@ -238,7 +241,7 @@ def up(
         state.parts.append(
             Part(
                 "registry",
-                _apa("serve-registry", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+                apa_argv("serve-registry", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
                 str(logs / "registry.log"),
                 url=f"http://127.0.0.1:{port}",
                 health_url=f"http://127.0.0.1:{port}/readyz",
@@ -250,7 +253,7 @@ def up(
             state.parts.append(
                 Part(
                     name,
-                    _apa(command),
+                    apa_argv(command),
                     str(logs / f"{name}.log"),
                     liveness_file=liveness,
                     env={ENV_PREFIX + "LIVENESS_FILE": liveness},
@@ -262,7 +265,7 @@ def up(
         state.parts.append(
             Part(
                 "inference",
-                _apa("serve-inference", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+                apa_argv("serve-inference", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
                 str(logs / "inference.log"),
                 url=f"http://127.0.0.1:{port}",
                 health_url=f"http://127.0.0.1:{port}/readyz",
@@ -273,9 +276,11 @@ def up(
     if plan is not None:
         plan(state)
 
-    migrate = subprocess.run(_apa("db", "upgrade"), env=env, capture_output=True, text=True)
+    migrate = subprocess.run(apa_argv("db", "upgrade"), env=env, capture_output=True, text=True)
     if migrate.returncode != 0:
         raise RuntimeError(f"apa db upgrade failed: {migrate.stderr.strip() or migrate.stdout.strip()}")
+    if after_migrate is not None:
+        after_migrate(env)
     try:
         for part in state.parts:
             _spawn(part, {**env, **part.env})
@@ -434,6 +439,7 @@ def stack_command(
 
 __all__ = [
     "PARTS",
+    "apa_argv",
     "Part",
     "StackConfig",
     "StackState",

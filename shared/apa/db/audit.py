@@ -147,13 +147,10 @@ class AuditKey:
 
     @classmethod
     def from_secret(cls, secret: str, source: str = "explicit") -> AuditKey:
-        """From the text of a secret (64+ hex digits are decoded; other text is used as UTF-8)."""
-        text_ = secret.strip()
-        try:
-            key = bytes.fromhex(text_) if len(text_) >= 32 else text_.encode("utf-8")
-        except ValueError:
-            key = text_.encode("utf-8")
-        return cls(key, source)
+        """From the text of a secret (`apa.devkeys.secret_bytes`)."""
+        from apa.devkeys import secret_bytes
+
+        return cls(secret_bytes(secret), source)
 
 
 @lru_cache(maxsize=8)
