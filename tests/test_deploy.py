@@ -47,9 +47,7 @@ K8S_VERSION = "1.32.0"
 PENDING_COMMANDS = {
     "serve-inference": "issue 9: the inference service (Flask + gunicorn; --host/--port assumed)",
 }
-PENDING_SETTINGS = {
-    "APA_REPLICA_TOKEN": "issue 9: the token replicas authenticate heartbeats with",
-}
+PENDING_SETTINGS: dict[str, str] = {}
 
 ROLE_OF_COMMAND = {
     "db": "db-migrate",

@@ -36,6 +36,8 @@ class Settings:
     """Bearer token every HTTP API requires (except health probes)."""
     allow_unauthenticated: bool = False
     """Dev mode only: let the HTTP APIs start without `api_token` and skip authentication."""
+    replica_token: str | None = None
+    """Bearer token inference replicas send heartbeats with (never the compliance `api_token`)."""
     kafka_bootstrap: str | None = None
     """Kafka bootstrap servers (`host:port,...`); unset means the in-process event bus."""
     erasure_topic: str = "apa.erasure-requests"
