@@ -221,6 +221,8 @@ def test_an_expired_replica_stops_blocking_and_stops_counting(
     # replica-b dies still holding the excluded versions; once out of the live window it no longer
     # blocks, and the next status read confirms (no heartbeat needed)
     _age_heartbeat(registry_pg, "replica-b", 61)
+    user = client.get("/users/bob/erasure-status", headers=API).json  # a read of the user's status
+    assert user["replicas_state"] == "confirmed" and user["replicas_confirmed_at"] is not None
     body = _status(client, "r-bob")
     assert body["replicas"]["state"] == "confirmed", body["replicas"]
     assert body["replicas"]["live"] == ["replica-a"]

@@ -263,12 +263,7 @@ def create_app(
 
     @app.get("/users/<user_id>/erasure-status")
     def get_user_erasure_status(user_id: str) -> Response:
-        user_pid = state.pseudonymizer.user(user_id)
-        with state.sessions() as session:
-            ids = list(
-                session.scalars(select(ErasureRequest.request_id).where(ErasureRequest.user_pid == user_pid))
-            )
-        _confirm_due(state, ids)
+        _confirm_due(state, user_pid=state.pseudonymizer.user(user_id))
         with state.sessions() as session:
             try:
                 return jsonify(
@@ -454,13 +449,15 @@ def _receipt(state: RegistryState, request_id: str) -> dict[str, Any]:
         return receipts.build_receipt(session, request_id, state.signer)
 
 
-def _confirm_due(state: RegistryState, request_ids: list[str]) -> None:
+def _confirm_due(
+    state: RegistryState, request_ids: list[str] | None = None, *, user_pid: str | None = None
+) -> None:
     """Before a status read: record the replica confirmations that time made due (a blocking
     replica left the live window). A read when none is due; the chain lock only when one is."""
-    if not request_ids:
-        return
     with state.sessions() as session, session.begin():
-        registry.confirm_due_replicas(session, request_ids, live_seconds=state.settings.replica_live_seconds)
+        registry.confirm_due_replicas(
+            session, request_ids, user_pid=user_pid, live_seconds=state.settings.replica_live_seconds
+        )
 
 
 def _local_bus(

@@ -739,12 +739,17 @@ def replica_confirmation(
     )
 
 
-def _unconfirmed_requests(session: Session, request_ids: Sequence[str] | None = None) -> list[ErasureRequest]:
+def _unconfirmed_requests(
+    session: Session, request_ids: Sequence[str] | None = None, user_pid: str | None = None
+) -> list[ErasureRequest]:
+    """Excluded requests not replica-confirmed yet (of these ids, of this user; default: all)."""
     query = select(ErasureRequest).where(
         ErasureRequest.replicas_confirmed_at.is_(None), ErasureRequest.excluded_at.is_not(None)
     )
     if request_ids is not None:
         query = query.where(ErasureRequest.request_id.in_(request_ids))
+    if user_pid is not None:
+        query = query.where(ErasureRequest.user_pid == user_pid)
     return list(session.scalars(query.order_by(ErasureRequest.received_at)))
 
 
@@ -752,15 +757,16 @@ def confirm_due_replicas(
     session: Session,
     request_ids: Sequence[str] | None = None,
     *,
+    user_pid: str | None = None,
     now: datetime | None = None,
     live_seconds: float = DEFAULT_REPLICA_LIVE_SECONDS,
 ) -> list[str]:
     """Record the replica confirmations that have become due with time (a blocking replica left
-    the live window) among `request_ids` (default: every unconfirmed request), audited; returns
-    the ids confirmed. Reads first and takes the chain lock only when one is due, so a status read
-    can call it cheaply."""
+    the live window) among `request_ids` and the requests of `user_pid` (default: every
+    unconfirmed request), audited; returns the ids confirmed. Reads first and takes the chain lock
+    only when one is due, so a status read can call it cheaply."""
     now = now or utcnow()
-    requests = _unconfirmed_requests(session, request_ids)
+    requests = _unconfirmed_requests(session, request_ids, user_pid)
     if not requests:
         return []
     snapshot = _ReplicaSnapshot.read(session, now, live_seconds)
@@ -770,7 +776,9 @@ def confirm_due_replicas(
     ):
         return []
     _begin(session)
-    return _confirm_replicas(session, now, live_seconds, _unconfirmed_requests(session, request_ids))
+    return _confirm_replicas(
+        session, now, live_seconds, _unconfirmed_requests(session, request_ids, user_pid)
+    )
 
 
 def _confirm_replicas(
