@@ -27,7 +27,7 @@ from apa.artifacts import ArtifactStore
 from apa.db import audit, registry
 from apa.db.audit import GENESIS_HASH, audit_key_from_settings, verify_command
 from apa.db.bootstrap import bootstrap
-from apa.db.models import AuditLog, Sample
+from apa.db.models import AuditLog, ErasureRequest, Sample
 from apa.db.session import make_engine, session_scope
 from apa.events import ErasureRequested
 from apa.settings import Settings
@@ -244,6 +244,32 @@ def test_un_erasing_by_putting_an_excluded_adapter_back_is_detected(anchored: tu
     result = _verify(engine)
     assert result.bad_adapter == f"{shard_id(0)}@v1"
     assert "excluded it" in str(result.first("adapter"))
+
+
+def test_a_replica_confirmation_written_into_the_registry_without_a_heartbeat_is_detected(
+    anchored: tuple[Engine, Path],
+) -> None:
+    """Issue 9: flipping an erasure to "replicas confirmed" while a replica still serves the
+    excluded adapter. Over HTTP only the replica token can post heartbeats (test_registry_api*);
+    written straight into the table, the confirmation has no audit row and verify names it."""
+    engine, _ = anchored
+    with session_scope(engine) as session:
+        registry.record_erasure(session, ErasureRequested("req-bob", "bob"), PSEUDO)
+    with session_scope(engine) as session:  # replica-1 still serves the versions bob's erasure excluded
+        request = session.get(ErasureRequest, "req-bob")
+        assert request is not None and request.replicas_confirmed_at is None
+        status = registry.replica_confirmation(session, request)
+        assert status.state == "waiting" and status.pending == ["replica-1"]
+    assert _verify(engine).ok
+    with engine.begin() as conn:  # the application role may write this table
+        conn.execute(
+            text("UPDATE erasure_requests SET replicas_confirmed_at = now() WHERE request_id = 'req-bob'")
+        )
+    result = _verify(engine)
+    assert not result.ok and result.first_bad_row is None
+    erasure = result.first("erasure")
+    assert erasure is not None and erasure.subject == "req-bob"
+    assert "no replicas_confirmed row" in erasure.reason
 
 
 def test_verify_command_exits_1_naming_the_anchor(

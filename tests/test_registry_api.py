@@ -43,17 +43,20 @@ from services.registry.validation import ID_PATTERN, SHARD_ID_PATTERN
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+REPLICA_TOKEN = "replica-s3cret"
+REPLICA_AUTH = {"Authorization": f"Bearer {REPLICA_TOKEN}"}
 
 
 def _settings(engine: Engine, **overrides: Any) -> Settings:
-    return Settings(
-        database_url=engine.url.render_as_string(hide_password=False),
-        api_token=TOKEN,
-        pseudonym_key=os.environ["APA_PSEUDONYM_KEY"],
-        audit_key=os.environ["APA_AUDIT_KEY"],
-        signing_key=os.environ["APA_SIGNING_KEY"],
-        **overrides,
-    )
+    values: dict[str, Any] = {
+        "database_url": engine.url.render_as_string(hide_password=False),
+        "api_token": TOKEN,
+        "replica_token": REPLICA_TOKEN,
+        "pseudonym_key": os.environ["APA_PSEUDONYM_KEY"],
+        "audit_key": os.environ["APA_AUDIT_KEY"],
+        "signing_key": os.environ["APA_SIGNING_KEY"],
+    }
+    return Settings(**{**values, **overrides})
 
 
 @pytest.fixture()
@@ -138,8 +141,49 @@ def test_every_endpoint_but_health_requires_the_bearer_token(app: Flask, client:
                 assert response.status_code == 200, (path, response.json)
             else:
                 assert response.status_code == 401, (method, path, headers)
-                assert response.json == {"error": "missing or wrong bearer token", "field": "Authorization"}
+                assert response.json["field"] == "Authorization" and response.json["error"]
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_the_two_tokens_are_not_interchangeable(app: Flask, client: FlaskClient) -> None:
+    """The replica token posts heartbeats and nothing else; the compliance token everything else but
+    heartbeats (a compliance client must not confirm an erasure in the replicas' name)."""
+    for path, method in _openapi_paths(app):
+        url = (
+            path.replace("{request_id}", "req-alice")
+            .replace("{user_id}", "alice")
+            .replace("{replica_id}", "r1")
+        )
+        body = {"loaded": {}} if method == "post" else None
+        as_replica = client.open(url, method=method, headers=REPLICA_AUTH, json=body)
+        as_compliance = client.open(url, method=method, headers=AUTH, json=body)
+        if path in ("/healthz", "/readyz"):
+            continue
+        if path == "/replicas/{replica_id}/heartbeat":
+            assert as_replica.status_code == 200, as_replica.json
+            assert as_compliance.status_code == 403, as_compliance.json
+            assert as_compliance.json["field"] == "Authorization"
+            assert "APA_REPLICA_TOKEN" in as_compliance.json["error"]
+        else:
+            assert as_replica.status_code == 403, (method, path, as_replica.json)
+            assert as_replica.json["field"] == "Authorization"
+            assert as_compliance.status_code != 403, (method, path, as_compliance.json)
+    listed = client.get("/replicas", headers=AUTH).json["replicas"]
+    assert [r["replica_id"] for r in listed] == ["r1"]  # the heartbeat with the replica token only
+
+
+def test_heartbeats_are_refused_without_a_replica_token_unless_dev_mode(registry_db: Engine) -> None:
+    settings = _settings(registry_db, replica_token=None)
+    plain = create_app(settings, engine=registry_db).test_client()
+    for headers in (AUTH, REPLICA_AUTH, {}):
+        refused = plain.post("/replicas/r1/heartbeat", headers=headers, json={"loaded": {}})
+        assert refused.status_code == 503 and "APA_REPLICA_TOKEN" in refused.json["error"], refused.json
+    assert plain.get("/replicas", headers=AUTH).json["replicas"] == []
+    dev_settings = _settings(registry_db, api_token=None, replica_token=None, allow_unauthenticated=True)
+    dev = create_app(dev_settings, engine=registry_db).test_client()
+    assert dev.post("/replicas/r1/heartbeat", json={"loaded": {}}).status_code == 200
+    with pytest.raises(ValueError, match="APA_REPLICA_TOKEN must differ"):
+        create_app(_settings(registry_db, replica_token=TOKEN), engine=registry_db)
 
 
 def test_app_refuses_to_start_without_a_token_unless_dev_mode(registry_db: Engine) -> None:
@@ -330,12 +374,16 @@ def test_unreachable_event_bus_is_a_503(registry_db: Engine) -> None:
 
 def test_replica_heartbeat_is_recorded_and_listed(client: FlaskClient) -> None:
     response = client.post(
-        "/replicas/replica-1/heartbeat", headers=AUTH, json={"loaded": {shard_id(0): 2}, "model_id": MODEL_ID}
+        "/replicas/replica-1/heartbeat",
+        headers=REPLICA_AUTH,
+        json={"loaded": {shard_id(0): 2}, "model_id": MODEL_ID},
     )
     assert response.status_code == 200 and response.json["loaded"] == {shard_id(0): 2}
     listed = client.get("/replicas", headers=AUTH).json["replicas"]
     assert [r["replica_id"] for r in listed] == ["replica-1"]
-    bad = client.post("/replicas/replica-1/heartbeat", headers=AUTH, json={"loaded": {shard_id(0): "2"}})
+    bad = client.post(
+        "/replicas/replica-1/heartbeat", headers=REPLICA_AUTH, json={"loaded": {shard_id(0): "2"}}
+    )
     assert bad.status_code == 400 and bad.json["field"] == f'loaded["{shard_id(0)}"]'
 
 
@@ -349,6 +397,12 @@ def test_openapi_document_lists_every_route(app: Flask, client: FlaskClient) -> 
     assert documented == _openapi_paths(app)
     for path in ("/healthz", "/readyz"):
         assert doc["paths"][path]["get"]["security"] == []
+    heartbeat = doc["paths"]["/replicas/{replica_id}/heartbeat"]["post"]
+    assert heartbeat["security"] == [{"replicaBearer": []}] and {"401", "403", "503"} <= set(
+        heartbeat["responses"]
+    )
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "replicaBearer"}
+    assert doc["security"] == [{"bearer": []}]
 
 
 def test_unknown_route_and_method_are_json_errors(client: FlaskClient) -> None:

@@ -21,12 +21,13 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from apa.artifacts import ArtifactStore
 from apa.db import audit, registry
 from apa.db.bootstrap import bootstrap
+from apa.db.models import ErasureRequest, Replica
 from apa.db.session import make_engine, session_scope, upgrade
 from apa.events import ErasureRequested
 from apa.settings import Settings
@@ -38,6 +39,9 @@ pytestmark = pytest.mark.integration
 TOKEN = "attack-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JSON = {**AUTH, "Content-Type": "application/json"}
+REPLICA_TOKEN = "attack-replica-token"
+REPLICA_AUTH = {"Authorization": f"Bearer {REPLICA_TOKEN}"}
+HEARTBEAT = "/replicas/r1/heartbeat"
 SHARD = shard_id(0)
 RESULTS: list[dict[str, Any]] = []
 
@@ -342,6 +346,73 @@ ATTACKS: list[tuple[str, str, str, dict[str, Any], int, str | None]] = [
         431,
         "headers",
     ),
+    # forged heartbeats: only the replicas' token posts them (issue 9: the compliance token once
+    # flipped an erasure to "replicas confirmed" while a replica still served the excluded adapter)
+    (
+        "forged heartbeat: the compliance token",
+        "POST",
+        HEARTBEAT,
+        {"json": {"loaded": {}}},
+        403,
+        "Authorization",
+    ),
+    (
+        "forged heartbeat: no token",
+        "POST",
+        HEARTBEAT,
+        {"headers": {}, "json": {"loaded": {}}},
+        401,
+        "Authorization",
+    ),
+    (
+        "forged heartbeat: replica token without the Bearer scheme",
+        "POST",
+        HEARTBEAT,
+        {"headers": {"Authorization": REPLICA_TOKEN}, "json": {"loaded": {}}},
+        401,
+        "Authorization",
+    ),
+    (
+        "forged heartbeat: a prefix of the replica token",
+        "POST",
+        HEARTBEAT,
+        {"headers": {"Authorization": f"Bearer {REPLICA_TOKEN[:-1]}"}, "json": {"loaded": {}}},
+        401,
+        "Authorization",
+    ),
+    (
+        "forged heartbeat: both tokens in one header",
+        "POST",
+        HEARTBEAT,
+        {"headers": {"Authorization": f"Bearer {TOKEN} {REPLICA_TOKEN}"}, "json": {"loaded": {}}},
+        401,
+        "Authorization",
+    ),
+    (
+        "forged heartbeat: the compliance token for a new replica id",
+        "POST",
+        "/replicas/ghost/heartbeat",
+        {"json": {"loaded": {}, "model_id": "fake-model"}},
+        403,
+        "Authorization",
+    ),
+    (
+        "replica token on GET /erasures/<id>",
+        "GET",
+        "/erasures/req-bob",
+        {"headers": REPLICA_AUTH},
+        403,
+        "Authorization",
+    ),
+    (
+        "replica token on POST /erasures",
+        "POST",
+        "/erasures",
+        {"headers": REPLICA_AUTH, "json": {"user_id": "carol"}},
+        403,
+        "Authorization",
+    ),
+    ("replica token on GET /audit", "GET", "/audit", {"headers": REPLICA_AUTH}, 403, "Authorization"),
 ]
 
 
@@ -364,13 +435,18 @@ def client(fake_model_template: Path, tmp_path_factory: pytest.TempPathFactory) 
             )
             registry.record_erasure(session, ErasureRequested("req-bob", "bob"), PSEUDO)
         settings = Settings.from_env(
-            database_url=engine.url.render_as_string(hide_password=False), api_token=TOKEN
+            database_url=engine.url.render_as_string(hide_password=False),
+            api_token=TOKEN,
+            replica_token=REPLICA_TOKEN,
         )
         app = create_app(settings, engine=engine)
         yield app.test_client()
         with Session(engine) as session:  # nothing of it reached the registry
             result = audit.verify(session)
             assert result.ok and result.erasures_checked == 2, result.summary()  # req-bob and r-ok
+            assert session.scalars(select(Replica)).all() == []  # no heartbeat got through
+            request = session.get(ErasureRequest, "req-bob")
+            assert request is not None and request.replicas_confirmed_at is None
     finally:
         engine.dispose()
         with admin.connect() as conn:
@@ -394,6 +470,9 @@ def test_bad_input_is_a_4xx_json_error_naming_the_field(
     field: str | None,
 ) -> None:
     options = {"headers": AUTH, **kwargs}
+    if "/heartbeat" in url and not label.startswith("forged"):
+        # bad input to the heartbeat route, sent with the token it takes
+        options["headers"] = {**options["headers"], **REPLICA_AUTH}
     response = client.open(url, method=method, **options)
     body = response.get_json(silent=True)
     RESULTS.append({"attack": label, "status": response.status_code, "body": body})
@@ -460,6 +539,7 @@ def test_limits_and_bad_input_behind_gunicorn(tmp_path: Path) -> None:
         **os.environ,
         "APA_DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}",
         "APA_API_TOKEN": TOKEN,
+        "APA_REPLICA_TOKEN": REPLICA_TOKEN,
         "APA_AUDIT_ANCHOR_INTERVAL_S": "0",
     }
     subprocess.run(
@@ -480,6 +560,13 @@ def test_limits_and_bad_input_behind_gunicorn(tmp_path: Path) -> None:
             except OSError:
                 time.sleep(0.2)
         auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+        body = b'{"loaded": {}}'
+        heartbeat_body = (
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         cases = {
             "NUL in query": (b"GET /shards?model_id=%00 HTTP/1.0\r\n" + auth + b"\r\n", 400),
             "repeated limit": (b"GET /audit?limit=1&limit=2 HTTP/1.0\r\n" + auth + b"\r\n", 400),
@@ -493,6 +580,20 @@ def test_limits_and_bad_input_behind_gunicorn(tmp_path: Path) -> None:
             ),
             "invalid UTF-8 in path": (b"GET /erasures/%FF HTTP/1.0\r\n" + auth + b"\r\n", 400),
             "DELETE": (b"DELETE /shards HTTP/1.0\r\n" + auth + b"\r\n", 405),
+            "forged heartbeat with the compliance token": (
+                b"POST /replicas/r1/heartbeat HTTP/1.0\r\n" + auth + heartbeat_body,
+                403,
+            ),
+            "heartbeat with the replica token": (
+                b"POST /replicas/r1/heartbeat HTTP/1.0\r\n"
+                + f"Authorization: Bearer {REPLICA_TOKEN}\r\n".encode()
+                + heartbeat_body,
+                200,
+            ),
+            "replica token on a compliance route": (
+                f"GET /shards HTTP/1.0\r\nAuthorization: Bearer {REPLICA_TOKEN}\r\n\r\n".encode(),
+                403,
+            ),
         }
         for label, (raw, expected) in cases.items():
             status, body = _raw(port, raw)

@@ -36,7 +36,7 @@ from services.registry.app import create_app
 pytestmark = pytest.mark.integration
 
 TOKEN = "fuzz-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+REPLICA_TOKEN = "fuzz-replica-token"
 EXAMPLES = int(os.environ.get("APA_FUZZ_EXAMPLES", "50"))
 TALLY: Counter[str] = Counter()
 """`<METHOD> <path> -> <status>`: every case sent."""
@@ -60,6 +60,7 @@ def fuzz_app(fake_model_template: Path, tmp_path_factory: pytest.TempPathFactory
         settings = Settings(
             database_url=engine.url.render_as_string(hide_password=False),
             api_token=TOKEN,
+            replica_token=REPLICA_TOKEN,
             pseudonym_key=os.environ["APA_PSEUDONYM_KEY"],
             audit_key=os.environ["APA_AUDIT_KEY"],
             signing_key=os.environ["APA_SIGNING_KEY"],
@@ -106,10 +107,14 @@ def api_schema(fuzz_app: Flask) -> schemathesis.BaseSchema:
                 "ensure_resource_availability": {"enabled": False},
                 "missing_required_header": {"enabled": False},
             },
-            "headers": AUTH,
+            # each operation with the token of its security scheme: the compliance token, and the
+            # replicas' token for heartbeats
+            "auth": {"openapi": {"bearer": {"bearer": TOKEN}, "replicaBearer": {"bearer": REPLICA_TOKEN}}},
         }
     )
-    return schemathesis.openapi.from_wsgi("/openapi.json", fuzz_app, config=config, headers=AUTH)
+    return schemathesis.openapi.from_wsgi(
+        "/openapi.json", fuzz_app, config=config, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
 
 
 def test_registry_api_answers_every_generated_request_as_its_openapi_document_says(

@@ -1,8 +1,11 @@
 """Registry service: the compliance and registry HTTP API over the registry database.
 
 A Flask app factory (`create_app`) served by gunicorn (`apa serve-registry`). Routes are thin:
-they call `apa.db.registry` / `apa.db.audit` / `apa.receipts` and return JSON. Every endpoint
-except /healthz and /readyz requires `Authorization: Bearer <APA_API_TOKEN>`.
+they call `apa.db.registry` / `apa.db.audit` / `apa.receipts` and return JSON. Two tokens, never
+interchangeable: `POST /replicas/<id>/heartbeat` takes only `Authorization: Bearer
+<APA_REPLICA_TOKEN>` (the inference replicas' token; refused with 503 when none is configured,
+unless in dev mode), every other endpoint except /healthz and /readyz takes only `Authorization:
+Bearer <APA_API_TOKEN>` (the compliance clients' token). The other token gets a 403.
 
 Input is checked before any route runs, by one layer (`validation`) driven by the operation table
 that also renders /openapi.json (`openapi.OPERATIONS`): request limits (`_limits`), then the token
@@ -48,12 +51,15 @@ from apa.retrains import erase
 from apa.settings import Settings
 from apa.signing import SigningKey, signing_key_from_settings
 from services.registry import validation
-from services.registry.openapi import BY_ENDPOINT, openapi_document
+from services.registry.openapi import BY_ENDPOINT, OPERATIONS, openapi_document
 from services.registry.validation import ApiError
 
 log = logging.getLogger(__name__)
 
-PUBLIC_ENDPOINTS = frozenset({"healthz", "readyz"})
+PUBLIC_ENDPOINTS = frozenset(op.endpoint for op in OPERATIONS if op.public)
+PUBLIC_PATHS = frozenset(op.path for op in OPERATIONS if op.public)
+REPLICA_ENDPOINTS = frozenset(op.endpoint for op in OPERATIONS if op.replica)
+"""Endpoints for the inference replicas: the replica token, never the compliance token."""
 MAX_BODY_BYTES = validation.MAX_BODY_BYTES
 BUS_RETRY_S = 5.0
 """After the event bus failed, POST /erasures answers 503 at once for this long (Retry-After)."""
@@ -67,6 +73,7 @@ class RegistryState:
     engine: Engine
     sessions: sessionmaker[Session]
     token: str | None
+    replica_token: str | None
     head: str | None
     pseudonymizer: Pseudonymizer
     bus_factory: Callable[[], EventBus]
@@ -117,6 +124,7 @@ def create_app(
     `audit_anchor_interval_s` seconds."""
     settings = settings or Settings.from_env()
     token = settings.require_api_token()
+    replica_token = settings.require_replica_token()
     engine = engine or make_engine(settings=settings)
     audit_key = audit.audit_key_from_settings(settings)
     sessions = make_sessionmaker(engine)
@@ -126,6 +134,7 @@ def create_app(
         engine=engine,
         sessions=sessions,
         token=token,
+        replica_token=replica_token,
         head=head_revision(),
         pseudonymizer=pseudonymizer_from_settings(settings),
         bus_factory=(lambda: event_bus) if event_bus is not None else (lambda: _erasure_bus(settings)),
@@ -156,18 +165,23 @@ def create_app(
 
     @app.before_request
     def _authenticate() -> Response | None:
-        if request.endpoint in PUBLIC_ENDPOINTS or state.token is None:
-            return None
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            presented.strip().encode(), state.token.encode()
+        if request.endpoint in PUBLIC_ENDPOINTS or (
+            request.endpoint is None and request.path in PUBLIC_PATHS  # a 405 on a public path
         ):
-            response = jsonify(error="missing or wrong bearer token", field="Authorization")
-            response.status_code = 401
-            response.headers["WWW-Authenticate"] = 'Bearer realm="apa-registry"'
-            return response
-        return None
+            return None
+        presented = _bearer()
+        if request.endpoint in REPLICA_ENDPOINTS:
+            return _authenticate_replica(state, presented)
+        if state.token is None:  # dev mode
+            return None
+        if presented is not None and _same(presented, state.token):
+            return None
+        if presented is not None and state.replica_token and _same(presented, state.replica_token):
+            return _auth_error(
+                403,
+                "the replica token only posts heartbeats; this endpoint takes the API token (APA_API_TOKEN)",
+            )
+        return _auth_error(401, "missing or wrong bearer token")
 
     @app.before_request
     def _validate_input() -> None:
@@ -232,9 +246,14 @@ def create_app(
 
     @app.get("/erasures/<request_id>")
     def get_erasure(request_id: str) -> Response:
+        _confirm_due(state, [request_id])
         with state.sessions() as session:
             try:
-                return jsonify(registry.erasure_status(session, request_id))
+                return jsonify(
+                    registry.erasure_status(
+                        session, request_id, replica_live_seconds=state.settings.replica_live_seconds
+                    )
+                )
             except registry.NotFoundError:
                 raise ApiError(404, f"no erasure request {request_id!r}", "request_id") from None
 
@@ -244,9 +263,17 @@ def create_app(
 
     @app.get("/users/<user_id>/erasure-status")
     def get_user_erasure_status(user_id: str) -> Response:
+        _confirm_due(state, user_pid=state.pseudonymizer.user(user_id))
         with state.sessions() as session:
             try:
-                return jsonify(registry.user_erasure_status(session, user_id, state.pseudonymizer))
+                return jsonify(
+                    registry.user_erasure_status(
+                        session,
+                        user_id,
+                        state.pseudonymizer,
+                        replica_live_seconds=state.settings.replica_live_seconds,
+                    )
+                )
             except registry.NotFoundError:
                 raise ApiError(404, f"no user {user_id!r}", "user_id") from None
 
@@ -357,6 +384,46 @@ def create_app(
     return app
 
 
+def _bearer() -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, None without one."""
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return presented.strip() if scheme.lower() == "bearer" and presented.strip() else None
+
+
+def _same(presented: str, token: str) -> bool:
+    return hmac.compare_digest(presented.encode(), token.encode())
+
+
+def _auth_error(status: int, error: str) -> Response:
+    response = jsonify(error=error, field="Authorization")
+    response.status_code = status
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="apa-registry"'
+    return response
+
+
+def _authenticate_replica(state: RegistryState, presented: str | None) -> Response | None:
+    """Heartbeats: only the replica token. Without one configured they are refused (503), except in
+    dev mode; the compliance API token is refused (403): holding it must not let anyone confirm an
+    erasure in the replicas' name."""
+    if state.replica_token is None:
+        if state.settings.allow_unauthenticated:
+            return None
+        response = jsonify(
+            error="heartbeats are refused: the registry has no replica token (set APA_REPLICA_TOKEN)",
+            field=None,
+        )
+        response.status_code = 503
+        return response
+    if presented is not None and _same(presented, state.replica_token):
+        return None
+    if presented is not None and state.token is not None and _same(presented, state.token):
+        return _auth_error(
+            403, "the API token cannot post heartbeats; replicas authenticate with APA_REPLICA_TOKEN"
+        )
+    return _auth_error(401, "missing or wrong replica token")
+
+
 def _receipt(state: RegistryState, request_id: str) -> dict[str, Any]:
     """The signed receipt; when no anchor covers its audit rows yet and sinks are configured, the
     head is anchored first (so a receipt is anchored as soon as it is asked for)."""
@@ -380,6 +447,17 @@ def _receipt(state: RegistryState, request_id: str) -> dict[str, Any]:
         return receipt
     with state.sessions() as session:
         return receipts.build_receipt(session, request_id, state.signer)
+
+
+def _confirm_due(
+    state: RegistryState, request_ids: list[str] | None = None, *, user_pid: str | None = None
+) -> None:
+    """Before a status read: record the replica confirmations that time made due (a blocking
+    replica left the live window). A read when none is due; the chain lock only when one is."""
+    with state.sessions() as session, session.begin():
+        registry.confirm_due_replicas(
+            session, request_ids, user_pid=user_pid, live_seconds=state.settings.replica_live_seconds
+        )
 
 
 def _local_bus(
@@ -436,7 +514,10 @@ def serve_command(host: str = "127.0.0.1", port: int = 8000, workers: int = 2) -
     """
     from gunicorn.app.base import BaseApplication
 
-    Settings.from_env().require_api_token()  # fail here, not in every worker
+    settings = Settings.from_env()
+    settings.require_api_token()  # fail here, not in every worker
+    if settings.require_replica_token() is None and not settings.allow_unauthenticated:
+        log.warning("APA_REPLICA_TOKEN is not set: heartbeats are refused, no erasure gets replica-confirmed")
 
     class RegistryServer(BaseApplication):  # type: ignore[misc]
         def __init__(self, options: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from apa.db.models import ADAPTER_STATES, REQUEST_STATUSES, SHARD_STATES
+from apa.db.registry import REPLICA_STATES
 from apa.deadlines import DEFAULT_WITHIN_DAYS, MAX_WITHIN_DAYS  # noqa: E402
 from services.registry.validation import (
     MAX_BODY_BYTES,
@@ -46,6 +47,8 @@ def _obj(properties: dict[str, Any], *, required: list[str] | None = None) -> di
 ERROR_TEXT = {
     400: "Bad input; `field` names it",
     401: "Missing or wrong bearer token",
+    403: "The other service's token: the replica token on a compliance endpoint, the API token on a "
+    "heartbeat",
     404: "Not found",
     409: "Conflicts with the registry's state",
     413: f"Body larger than {MAX_BODY_BYTES} bytes",
@@ -72,6 +75,8 @@ class Operation:
     errors: tuple[int, ...] = ()
     """Errors beyond the common ones (400, 401, 414, 431; 404 with path ids; 413/415 with a body)."""
     public: bool = False
+    replica: bool = False
+    """Authenticated with the replicas' token (`replicaBearer`), not the compliance API token."""
     description: str = ""
 
     @property
@@ -121,6 +126,16 @@ REQUEST = _obj(
         "retraining_at": _TS,
         "completed_at": _TS,
         "replicas_confirmed_at": _TS,
+        "replicas": _obj(
+            {
+                "state": {"enum": list(REPLICA_STATES)},
+                "confirmed_at": _TS,
+                "live": {"type": "array", "items": {"type": "string"}},
+                "pending": {"type": "array", "items": {"type": "string"}},
+                "unreported": {"type": "array", "items": {"type": "string"}},
+                "live_seconds": {"type": "number"},
+            }
+        ),
         "shards": {
             "type": "array",
             "items": _obj(
@@ -152,6 +167,7 @@ USER_STATUS = _obj(
         "samples_erased": {"type": "integer"},
         "excluded_from_serving_at": _TS,
         "replicas_confirmed_at": _TS,
+        "replicas_state": {"enum": [*REPLICA_STATES, None]},
         "all_shards_retrained_at": _TS,
         "adapter_versions": _obj(
             {
@@ -401,6 +417,11 @@ OPERATIONS: tuple[Operation, ...] = (
         "An inference replica reports its loaded adapter versions",
         REPLICA,
         body=HEARTBEAT,
+        errors=(503,),
+        replica=True,
+        description="Takes the replicas' token (APA_REPLICA_TOKEN), never the compliance API token (403). "
+        "503 when the registry has no replica token configured. Each heartbeat re-evaluates the replica "
+        "confirmation of every excluded erasure request.",
     ),
     Operation(
         "get_erasure_deadlines",
@@ -437,7 +458,7 @@ def _responses(op: Operation) -> dict[str, Any]:
 
     codes = {400, 414, 431, *op.errors}
     if not op.public:
-        codes.add(401)
+        codes.update({401, 403})
     if op.path_params:
         codes.add(404)
     if op.body is not None:
@@ -485,6 +506,8 @@ def _operation(op: Operation) -> dict[str, Any]:
         }
     if op.public:
         out["security"] = []
+    elif op.replica:
+        out["security"] = [{"replicaBearer": []}]
     return out
 
 
@@ -508,7 +531,18 @@ def openapi_document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "APA_API_TOKEN, held by compliance clients",
+                },
+                "replicaBearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "APA_REPLICA_TOKEN, held by the inference replicas (heartbeats only)",
+                },
+            },
             "schemas": {
                 "Error": _obj({"error": {"type": "string"}, "field": {"type": ["string", "null"]}}),
                 "ErasureSubmit": ERASURE_SUBMIT.schema(),

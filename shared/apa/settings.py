@@ -156,6 +156,17 @@ class Settings:
             "for local development"
         )
 
+    def require_replica_token(self) -> str | None:
+        """The replica token (None when unset: heartbeats are then refused, except in dev mode);
+        raises ValueError when it equals the API token, which would let compliance clients post
+        heartbeats in the replicas' name."""
+        if self.replica_token and self.api_token and self.replica_token == self.api_token:
+            raise ValueError(
+                f"{ENV_PREFIX}REPLICA_TOKEN must differ from {ENV_PREFIX}API_TOKEN: the compliance "
+                "clients' token must not confirm what the replicas serve"
+            )
+        return self.replica_token or None
+
 
 def _parse(var: str, raw: str, hint: Any) -> Any:
     """Convert the text of variable `var` to the field type `hint`."""

@@ -336,6 +336,8 @@ class LogFacts:
     """request id -> (row of erasure_received, user pseudonym, scope)."""
     excluded_requests: dict[str, int] = field(default_factory=dict)
     """request id -> row of erasure_excluded."""
+    confirmed_requests: dict[str, int] = field(default_factory=dict)
+    """request id -> row of replicas_confirmed."""
     erased_samples: dict[tuple[str, str], tuple[int, str | None, str | None]] = field(default_factory=dict)
     """(model id, sample pseudonym) -> (row of samples_erased, request id, content HMAC)."""
     excluded_versions: dict[int, int] = field(default_factory=dict)
@@ -354,6 +356,8 @@ class LogFacts:
             self.requests.setdefault(row.request_id, (row.id, row.user_pid, payload.get("scope")))
         elif kind == "erasure_excluded" and row.request_id is not None:
             self.excluded_requests.setdefault(row.request_id, row.id)
+        elif kind == "replicas_confirmed" and row.request_id is not None:
+            self.confirmed_requests.setdefault(row.request_id, row.id)
         elif kind == "samples_erased":
             for sample in payload.get("samples") or []:
                 if isinstance(sample, dict) and sample.get("model_id") and sample.get("sample_pid"):
@@ -565,8 +569,9 @@ def _registration_problem(version: AdapterVersion, facts: LogFacts) -> str | Non
 def verify_erasures(session: Session, facts: LogFacts) -> tuple[int, list[Problem]]:
     """Cross-check the registry's erasure state against the log: every erasure recorded in the
     log is still in force (request present, excluded, its user and samples still erased), no
-    erased sample is live again (by pseudonym or by the keyed digest of its record), and every
-    erasure request of the registry was recorded in the log."""
+    erased sample is live again (by pseudonym or by the keyed digest of its record), every
+    erasure request of the registry was recorded in the log, and a request is replica-confirmed in
+    the registry exactly when the log recorded its confirmation."""
     problems: list[Problem] = []
     state = {
         r.request_id: r
@@ -595,6 +600,24 @@ def verify_erasures(session: Session, facts: LogFacts) -> tuple[int, list[Proble
                     "erasure",
                     request_id,
                     f"excluded at audit row {excluded_row}, but the registry says it never was",
+                )
+            )
+        confirmed_row = facts.confirmed_requests.get(request_id)
+        if confirmed_row is not None and request.replicas_confirmed_at is None:
+            problems.append(
+                Problem(
+                    "erasure",
+                    request_id,
+                    f"replica-confirmed at audit row {confirmed_row}, but the registry says it never was",
+                )
+            )
+        if confirmed_row is None and request.replicas_confirmed_at is not None:
+            problems.append(
+                Problem(
+                    "erasure",
+                    request_id,
+                    "marked replica-confirmed, but no replicas_confirmed row is in the log: no heartbeat "
+                    "confirmed it",
                 )
             )
         if request.scope == "user":

@@ -86,8 +86,10 @@ def erase_command(
     try:
         check_schema(engine)
         with session_scope(engine) as session:
-            outcome = handle_erasure(session, event, pseudonymizer)
-            view = registry.request_view(session, session.get(ErasureRequest, outcome.request_id))  # type: ignore[arg-type]
+            live_seconds = settings.replica_live_seconds
+            outcome = handle_erasure(session, event, pseudonymizer, replica_live_seconds=live_seconds)
+            request = session.get(ErasureRequest, outcome.request_id)
+            view = registry.request_view(session, request, replica_live_seconds=live_seconds)  # type: ignore[arg-type]
         with session_scope(engine) as session:
             scrub_model_dirs(session, pseudonymizer)
     except registry.ConflictError as exc:

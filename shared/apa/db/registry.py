@@ -594,9 +594,8 @@ def record_replica_heartbeat(
 ) -> Replica:
     """An inference replica reports the adapter versions it has loaded (shard id -> version).
 
-    A change of the loaded set is audited. Erasure requests are marked `replicas_confirmed` once
-    no live replica (heartbeat within `live_seconds`) has a non-serving version of one of their
-    shards loaded.
+    A change of the loaded set is audited. Then every excluded request not yet confirmed is
+    re-evaluated (`replica_confirmation`) and confirmed when its time has come.
     """
     if not isinstance(replica_id, str) or not replica_id:
         raise ValueError("replica_id must be a non-empty string")
@@ -627,47 +626,174 @@ def record_replica_heartbeat(
             now=now,
         )
     session.flush()
-    pending = list(
-        session.scalars(
-            select(ErasureRequest)
-            .where(ErasureRequest.replicas_confirmed_at.is_(None), ErasureRequest.excluded_at.is_not(None))
-            .order_by(ErasureRequest.received_at)
+    _confirm_replicas(session, now, live_seconds, _unconfirmed_requests(session))
+    return replica
+
+
+REPLICA_STATES = ("confirmed", "waiting", "no_live_replica")
+"""Where a request's exclusion stands on the inference replicas (`ReplicaConfirmation.state`)."""
+
+
+@dataclass(frozen=True)
+class ReplicaConfirmation:
+    """Whether the live inference replicas have dropped what an erasure request excluded.
+
+    A replica is live while its last heartbeat is younger than the live window, and counts for a
+    request when it serves one of the models of the request's shards (or names no model). The
+    exclusion is confirmed when at least one replica counts, and every counting replica has sent a
+    heartbeat since the exclusion that lists no version of an affected shard the registry does not
+    serve (the excluded version, or an older one). Never vacuously: without a live replica the
+    state is `no_live_replica`. A replica that stops heartbeating stops counting (and blocking)
+    once its last heartbeat leaves the live window.
+    """
+
+    state: str
+    """`confirmed` (recorded: `replicas_confirmed_at`), `waiting` or `no_live_replica`."""
+    live: list[str]
+    """The live replicas that count for the request, now."""
+    pending: list[str]
+    """Live replicas that still report a non-serving version of an affected shard."""
+    unreported: list[str]
+    """Live replicas whose last heartbeat predates the exclusion (not heard from since)."""
+    confirmed_at: datetime | None
+    live_seconds: float
+
+    @property
+    def due(self) -> bool:
+        """Not recorded yet, but every counting live replica has dropped the excluded versions."""
+        return self.confirmed_at is None and bool(self.live) and not self.pending and not self.unreported
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "confirmed_at": _iso(self.confirmed_at),
+            "live": self.live,
+            "pending": self.pending,
+            "unreported": self.unreported,
+            "live_seconds": self.live_seconds,
+        }
+
+
+@dataclass(frozen=True)
+class _ReplicaSnapshot:
+    """What confirmation decisions read once per call: live replicas and the serving versions."""
+
+    live: list[Replica]
+    serving: set[tuple[str, int]]
+
+    @classmethod
+    def read(cls, session: Session, now: datetime, live_seconds: float) -> _ReplicaSnapshot:
+        live = session.scalars(
+            select(Replica)
+            .where(Replica.last_heartbeat >= now - timedelta(seconds=live_seconds))
+            .order_by(Replica.id)
+        )
+        serving = session.execute(
+            select(AdapterVersion.shard_id, AdapterVersion.version).where(AdapterVersion.state == "serving")
+        )
+        return cls(list(live), {(shard_id, version) for shard_id, version in serving})
+
+
+def replica_confirmation(
+    session: Session,
+    request: ErasureRequest,
+    *,
+    now: datetime | None = None,
+    live_seconds: float = DEFAULT_REPLICA_LIVE_SECONDS,
+    snapshot: _ReplicaSnapshot | None = None,
+) -> ReplicaConfirmation:
+    """Where `request`'s exclusion stands on the live replicas (a read; `confirm_due_replicas`
+    records a confirmation that is due)."""
+    now = now or utcnow()
+    snapshot = snapshot or _ReplicaSnapshot.read(session, now, live_seconds)
+    affected = list(
+        session.execute(
+            select(ErasureRequestShard.shard_id, Shard.model_id)
+            .join(Shard, Shard.id == ErasureRequestShard.shard_id)
+            .where(ErasureRequestShard.request_id == request.request_id)
         )
     )
-    _confirm_replicas(session, now, live_seconds, pending)
-    return replica
+    shards = {shard_id for shard_id, _ in affected}
+    models = {model_id for _, model_id in affected}
+    live = [r for r in snapshot.live if not models or r.model_id is None or r.model_id in models]
+    pending = [
+        r.id for r in live if any(s in r.loaded and (s, r.loaded[s]) not in snapshot.serving for s in shards)
+    ]
+    excluded_at = request.excluded_at
+    unreported = [
+        r.id for r in live if r.id not in pending and (excluded_at is None or r.last_heartbeat < excluded_at)
+    ]
+    if request.replicas_confirmed_at is not None:
+        state = "confirmed"
+    elif not live:
+        state = "no_live_replica"
+    else:
+        state = "waiting"
+    return ReplicaConfirmation(
+        state=state,
+        live=[r.id for r in live],
+        pending=pending,
+        unreported=unreported,
+        confirmed_at=request.replicas_confirmed_at,
+        live_seconds=live_seconds,
+    )
+
+
+def _unconfirmed_requests(
+    session: Session, request_ids: Sequence[str] | None = None, user_pid: str | None = None
+) -> list[ErasureRequest]:
+    """Excluded requests not replica-confirmed yet (of these ids, of this user; default: all)."""
+    query = select(ErasureRequest).where(
+        ErasureRequest.replicas_confirmed_at.is_(None), ErasureRequest.excluded_at.is_not(None)
+    )
+    if request_ids is not None:
+        query = query.where(ErasureRequest.request_id.in_(request_ids))
+    if user_pid is not None:
+        query = query.where(ErasureRequest.user_pid == user_pid)
+    return list(session.scalars(query.order_by(ErasureRequest.received_at)))
+
+
+def confirm_due_replicas(
+    session: Session,
+    request_ids: Sequence[str] | None = None,
+    *,
+    user_pid: str | None = None,
+    now: datetime | None = None,
+    live_seconds: float = DEFAULT_REPLICA_LIVE_SECONDS,
+) -> list[str]:
+    """Record the replica confirmations that have become due with time (a blocking replica left
+    the live window) among `request_ids` and the requests of `user_pid` (default: every
+    unconfirmed request), audited; returns the ids confirmed. Reads first and takes the chain lock
+    only when one is due, so a status read can call it cheaply."""
+    now = now or utcnow()
+    requests = _unconfirmed_requests(session, request_ids, user_pid)
+    if not requests:
+        return []
+    snapshot = _ReplicaSnapshot.read(session, now, live_seconds)
+    if not any(
+        replica_confirmation(session, r, now=now, live_seconds=live_seconds, snapshot=snapshot).due
+        for r in requests
+    ):
+        return []
+    _begin(session)
+    return _confirm_replicas(
+        session, now, live_seconds, _unconfirmed_requests(session, request_ids, user_pid)
+    )
 
 
 def _confirm_replicas(
     session: Session, now: datetime, live_seconds: float, requests: Sequence[ErasureRequest]
-) -> None:
+) -> list[str]:
+    """Confirm (audited) each of `requests` whose confirmation is due; the caller holds the chain lock."""
     if not requests:
-        return
-    live = list(
-        session.scalars(
-            select(Replica).where(Replica.last_heartbeat >= now - timedelta(seconds=live_seconds))
-        )
-    )
-    serving = {
-        (shard_id, version)
-        for shard_id, version in session.execute(
-            select(AdapterVersion.shard_id, AdapterVersion.version).where(AdapterVersion.state == "serving")
-        )
-    }
+        return []
+    snapshot = _ReplicaSnapshot.read(session, now, live_seconds)
+    confirmed: list[str] = []
     for request in requests:
         if request.replicas_confirmed_at is not None or request.excluded_at is None:
             continue
-        shards = set(
-            session.scalars(
-                select(ErasureRequestShard.shard_id).where(
-                    ErasureRequestShard.request_id == request.request_id
-                )
-            )
-        )
-        holding = [
-            r.id for r in live if any(s in r.loaded and (s, r.loaded[s]) not in serving for s in shards)
-        ]
-        if holding:
+        status = replica_confirmation(session, request, now=now, live_seconds=live_seconds, snapshot=snapshot)
+        if not status.due:
             continue
         request.replicas_confirmed_at = now
         session.flush()
@@ -676,9 +802,22 @@ def _confirm_replicas(
             "replicas_confirmed",
             request_id=request.request_id,
             user_pid=request.user_pid,
-            payload={"live_replicas": sorted(r.id for r in live), "shards": sorted(shards)},
+            payload={
+                "live_replicas": status.live,
+                "loaded": {r.id: r.loaded for r in snapshot.live if r.id in status.live},
+                "shards": sorted(
+                    session.scalars(
+                        select(ErasureRequestShard.shard_id).where(
+                            ErasureRequestShard.request_id == request.request_id
+                        )
+                    )
+                ),
+                "live_seconds": live_seconds,
+            },
             now=now,
         )
+        confirmed.append(request.request_id)
+    return confirmed
 
 
 # --- queries for services ----------------------------------------------------------------------------
@@ -783,8 +922,16 @@ def _version_ref(session: Session, version_id: int | None) -> dict[str, Any] | N
     }
 
 
-def request_view(session: Session, request: ErasureRequest) -> dict[str, Any]:
-    """A request with its timestamps and, per affected shard, the excluded and retrained versions."""
+def request_view(
+    session: Session,
+    request: ErasureRequest,
+    *,
+    replica_live_seconds: float = DEFAULT_REPLICA_LIVE_SECONDS,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """A request with its timestamps, where its exclusion stands on the live replicas (`replicas`,
+    `ReplicaConfirmation.view`) and, per affected shard, the excluded and retrained versions."""
+    replicas = replica_confirmation(session, request, now=now, live_seconds=replica_live_seconds)
     links = session.scalars(
         select(ErasureRequestShard)
         .where(ErasureRequestShard.request_id == request.request_id)
@@ -807,6 +954,7 @@ def request_view(session: Session, request: ErasureRequest) -> dict[str, Any]:
         "retraining_at": _iso(request.retraining_at),
         "completed_at": _iso(request.completed_at),
         "replicas_confirmed_at": _iso(request.replicas_confirmed_at),
+        "replicas": replicas.view(),
         "shards": [
             {
                 "shard_id": link.shard_id,
@@ -819,17 +967,25 @@ def request_view(session: Session, request: ErasureRequest) -> dict[str, Any]:
     }
 
 
-def erasure_status(session: Session, request_id: str) -> dict[str, Any]:
+def erasure_status(
+    session: Session, request_id: str, *, replica_live_seconds: float = DEFAULT_REPLICA_LIVE_SECONDS
+) -> dict[str, Any]:
     """A request's status and the timeline of its audit events; NotFoundError if unknown."""
     request = session.get(ErasureRequest, request_id)
     if request is None:
         raise NotFoundError(f"erasure request {request_id!r}")
-    view = request_view(session, request)
+    view = request_view(session, request, replica_live_seconds=replica_live_seconds)
     view["timeline"] = [audit.row_view(r) for r in audit.rows_for(session, request_ids=[request_id])]
     return view
 
 
-def user_erasure_status(session: Session, user_id: str, pseudonymizer: Pseudonymizer) -> dict[str, Any]:
+def user_erasure_status(
+    session: Session,
+    user_id: str,
+    pseudonymizer: Pseudonymizer,
+    *,
+    replica_live_seconds: float = DEFAULT_REPLICA_LIVE_SECONDS,
+) -> dict[str, Any]:
     """For a compliance officer: is the user erased, when was their data excluded from serving,
     when was every affected shard retrained, which adapter versions were involved. The user is
     found by pseudonym; only this user's requests and audit rows are read. NotFoundError if the
@@ -845,7 +1001,8 @@ def user_erasure_status(session: Session, user_id: str, pseudonymizer: Pseudonym
     )
     if user is None and not requests:
         raise NotFoundError(f"user {user_id!r}")
-    views = [request_view(session, r) for r in requests]
+    now = utcnow()
+    views = [request_view(session, r, replica_live_seconds=replica_live_seconds, now=now) for r in requests]
     held = session.execute(select(Sample.split, Sample.erased).where(Sample.user_pid == user_pid))
     counts = {"held": 0, "erased": 0}
     for _split, erased in held:
@@ -881,6 +1038,7 @@ def user_erasure_status(session: Session, user_id: str, pseudonymizer: Pseudonym
         )
         if all_confirmed
         else None,
+        "replicas_state": _overall_replica_state([v["replicas"]["state"] for v in views]),
         "all_shards_retrained_at": _iso(max(r.completed_at for r in requests if r.completed_at))
         if all_completed
         else None,
@@ -891,3 +1049,10 @@ def user_erasure_status(session: Session, user_id: str, pseudonymizer: Pseudonym
         "requests": views,
         "timeline": [audit.row_view(r) for r in audit.rows_for(session, user_pid=user_pid)],
     }
+
+
+def _overall_replica_state(states: Sequence[str]) -> str | None:
+    """The user's replica state over their requests: the least advanced one (None without requests)."""
+    if not states:
+        return None
+    return min(states, key=lambda state: ("no_live_replica", "waiting", "confirmed").index(state))
