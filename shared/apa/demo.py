@@ -415,7 +415,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
             if name not in names:
                 names.append(name)
     names.sort(key=lambda n: min(e["milestones"].get(n, float("inf")) for e in erasures))
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(names) + 2.2))
     for row, e in enumerate(erasures):
         xs = [e["milestones"].get(n) for n in names]
         ys = [i + 0.15 * (row - 0.5) for i in range(len(names))]
@@ -428,7 +428,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("seconds after the erasure was published")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    # below the axes: inside, it would hide the last milestones
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1, fontsize=8, frameon=False)
     ax.set_title("APA: a GDPR erasure through the running system")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
