@@ -1,8 +1,10 @@
 """Scheduling retrains: the erasure transaction with its outbox rows, the retrain-task ledger and resume.
 
-* `erase` is what the erasure service does with one event, in one transaction: `handle_erasure`
-  (request, samples, stale shards, excluded adapters, audit), then for every shard it made stale a
-  `stale` shard event and a retrain task, both as outbox rows (`apa.outbox`).
+* `erase` is what the erasure service does with one event, in the caller's transaction:
+  `handle_erasure` (request, samples, stale shards, excluded adapters, audit), then for every shard
+  it made stale a `stale` shard event and a retrain task, both as outbox rows (`apa.outbox`). The
+  service applies a poll batch in one transaction, each event in a savepoint of its own
+  (`erase_in_savepoint`; `erase_batch` for a list): group commit.
 * The ledger (`retrain_tasks`) follows each retrain task from `queued` to `done`. Coalescing: a
   shard whose task is queued and not yet started gets no second task (the queued one will train on
   the newest remainder anyway). A task that finds itself already done (the relay published it twice)
@@ -146,7 +148,7 @@ def erase(
     *,
     now: datetime | None = None,
 ) -> ErasureOutcome:
-    """One erasure event, in the caller's (one) transaction: `handle_erasure`, then a `stale` shard
+    """One erasure event, in the caller's transaction (or savepoint): `handle_erasure`, then a `stale` shard
     event and a retrain task (coalesced) per shard it made stale, as outbox rows. A redelivered
     request changes nothing; ConflictError when its id was used for another user."""
     outcome = handle_erasure(
@@ -175,9 +177,56 @@ def erase(
     return outcome
 
 
+def erase_in_savepoint(
+    session: Session,
+    event: ErasureRequested,
+    pseudonymizer: Pseudonymizer,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+) -> ErasureOutcome:
+    """`erase` in a savepoint of the caller's transaction: an event that raises rolls back alone
+    (every row it wrote, its audit rows included) and the transaction goes on with the next one."""
+    with session.begin_nested():
+        return erase(session, event, pseudonymizer, settings, now=now)
+
+
+def erase_batch(
+    session: Session,
+    events: list[ErasureRequested],
+    pseudonymizer: Pseudonymizer,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+) -> list[ErasureOutcome | Exception]:
+    """Group commit: several erasure events in the caller's one transaction, each in a savepoint of
+    its own (`erase_in_savepoint`), with the audit-chain lock taken once for all of them. Returns,
+    per event, its outcome or the exception that rolled it back (the others stand). A database
+    error that leaves the transaction unusable (a lost connection) is raised: nothing commits."""
+    audit.lock_chain(session)  # outside the savepoints, so none of their rollbacks releases it
+    out: list[ErasureOutcome | Exception] = []
+    for event in events:
+        try:
+            out.append(erase_in_savepoint(session, event, pseudonymizer, settings, now=now))
+        except Exception as exc:
+            if transaction_lost(session, exc):
+                raise
+            out.append(exc)
+    return out
+
+
+def transaction_lost(session: Session, exc: BaseException) -> bool:
+    """True when `exc` means the database went away or the session's transaction can no longer be
+    used (retry everything later), False when only the failed savepoint was rolled back."""
+    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return True
+    root = session.get_transaction()
+    return root is None or not root.is_active
+
+
 def reject(session: Session, event: ErasureRequested, pseudonymizer: Pseudonymizer, reason: str) -> None:
     """Audit a refused erasure event (its request id was already used for another user or other
-    interactions), in a transaction of its own: the refused event changed nothing else."""
+    interactions), in the caller's transaction or savepoint: the refused event changed nothing else."""
     audit.lock_chain(session)
     audit.append(
         session,

@@ -3,8 +3,9 @@
 Every function takes a Session and works inside the caller's transaction (it never commits):
 the erasure service commits before acknowledging the Kafka message. Each transition first locks
 the audit chain (`audit.lock_chain`), which serialises all registry writers: an erasure and an
-adapter promotion on the same shard can never interleave. Every state change writes audit rows
-through `audit.append`.
+adapter promotion on the same shard can never interleave (a transaction takes the lock once, however
+many transitions it holds: the erasure service applies a poll batch in one). Every state change
+writes audit rows through `audit.append`.
 
 State machines:
   shard:            serving -> stale (erasure) -> retraining (mark_retraining) -> serving (promotion);
@@ -17,7 +18,7 @@ State machines:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -75,19 +76,27 @@ PSEUDONYM_KEY_ID = "pseudonym_key_id"
 def check_pseudonym_key(session: Session, pseudonymizer: Pseudonymizer) -> None:
     """Refuse (PseudonymKeyMismatch) to work on a registry whose pseudonyms were made with another
     key: its erasures would silently find nothing. The first writer records its key's fingerprint."""
+    checked = f"{PSEUDONYM_KEY_ID}:{pseudonymizer.key_id}"
+    if audit.was_checked(session, checked):
+        return  # already in this transaction (several erasures in one)
     row = session.get(RegistryMeta, PSEUDONYM_KEY_ID)
     if row is None:
         session.add(RegistryMeta(key=PSEUDONYM_KEY_ID, value=pseudonymizer.key_id))
         session.flush()
-        return
-    pseudonymizer.check_key_id(row.value, "the registry")
+    else:
+        pseudonymizer.check_key_id(row.value, "the registry")
+    audit.mark_checked(session, checked)
 
 
 def _begin(session: Session) -> None:
     """Start a transition: take the chain lock (serialising registry writers), then forget what the
-    session cached before the lock, so every decision reads the newest committed state."""
+    session cached before the lock, so every decision reads the newest committed state. A session
+    that already holds the lock in this transaction (several erasures in one transaction) keeps
+    its cache: what it read under the lock is current, as every other writer waits for it."""
+    fresh = audit.lock_is_fresh(session)
     audit.lock_chain(session)
-    session.expire_all()
+    if fresh:
+        session.expire_all()
 
 
 def shard_key(model_id: str, index: int) -> str:
@@ -109,6 +118,8 @@ class ErasureResult:
     """`<model_id>/<sample pid>` of the samples this call erased."""
     stale_shards: list[str]
     """Shards whose data changed in this call: stale now, to be retrained."""
+    generations: dict[str, int] = field(default_factory=dict)
+    """The new generation of each of `stale_shards`."""
 
 
 def record_erasure(
@@ -156,6 +167,8 @@ def record_erasure(
         session.add(user)
         session.flush()  # no ORM relationships: flush parents before children
     requested_at = parse_timestamp(event.requested_at, "requested_at")
+    matched = _matching_samples(session, user_pid, interaction_pids)
+    newly_erased = [s for s in matched if not s.erased]
     request = ErasureRequest(
         request_id=event.request_id,
         user_pid=user_pid,
@@ -164,11 +177,12 @@ def record_erasure(
         status="received",
         requested_at=requested_at,
         received_at=now,
-        samples_erased=0,
+        samples_erased=len(newly_erased),
+        outcome="erased" if matched else "no_data_held",
         due_at=due_date(requested_at),
     )
     session.add(request)
-    session.flush()
+    session.flush()  # the parent of the samples' erasure_request_id and of the shard links
     audit.append(
         session,
         "erasure_received",
@@ -182,8 +196,6 @@ def record_erasure(
         now=now,
     )
 
-    matched = _matching_samples(session, user_pid, interaction_pids)
-    request.outcome = "erased" if matched else "no_data_held"
     if not matched:
         # An unknown user or interactions no sample holds: completed below with nothing found, and
         # said so distinctly (a typo in an id must not look like a normal success).
@@ -195,7 +207,6 @@ def record_erasure(
             payload={"scope": request.scope, "user_known": user_known},
             now=now,
         )
-    newly_erased = [s for s in matched if not s.erased]
     for sample in newly_erased:
         sample.erased = True
         sample.erased_at = now
@@ -205,10 +216,8 @@ def record_erasure(
         sample.erasure_request_id = request.request_id
     if newly_erased:
         session.execute(delete(Interaction).where(Interaction.sample_pk.in_([s.id for s in newly_erased])))
-    request.samples_erased = len(newly_erased)
     if event.interactions is None and user.erased_at is None:
         user.erased_at = now
-    session.flush()
     audit.append(
         session,
         "samples_erased",
@@ -232,25 +241,33 @@ def record_erasure(
     )
 
     stale_shards = sorted({s.shard_id for s in newly_erased if s.shard_id is not None})
+    affected = sorted({s.shard_id for s in matched if s.shard_id is not None})
+    # the affected shards and their serving versions, read once (not one query per shard)
+    with session.no_autoflush:  # what is pending (samples, audit rows) does not change these reads
+        shards = {shard.id: shard for shard in session.scalars(select(Shard).where(Shard.id.in_(affected)))}
+        serving = _serving_versions(session, affected) if affected else {}
     excluded_by_shard: dict[str, int | None] = {}
     for shard_id in stale_shards:
-        excluded_by_shard[shard_id] = _make_stale(session, shard_id, request, now)
+        excluded_by_shard[shard_id] = _make_stale(
+            session, shards.get(shard_id), shard_id, serving.pop(shard_id, None), request, now
+        )
 
-    affected = sorted({s.shard_id for s in matched if s.shard_id is not None})
+    pending: list[Shard] = []
     for shard_id in affected:
         link = ErasureRequestShard(
             request_id=request.request_id,
             shard_id=shard_id,
             excluded_version_id=excluded_by_shard.get(shard_id),
         )
-        shard = session.get(Shard, shard_id)
+        shard = shards.get(shard_id)
         if shard_id not in excluded_by_shard and shard is not None and shard.state == "serving":
             # Already-erased samples on a shard that has since been retrained: nothing to wait for.
-            current = _serving_version(session, shard_id)
+            current = serving.get(shard_id)
             link.retrained_version_id = current.id if current else None
             link.retrained_at = (current.promoted_at if current else None) or now
+        if link.retrained_version_id is None and shard is not None:
+            pending.append(shard)
         session.add(link)
-    session.flush()
 
     request.status = "excluded"
     request.excluded_at = now
@@ -266,13 +283,14 @@ def record_erasure(
         },
         now=now,
     )
-    _advance_request(session, request, now)
-    _confirm_replicas(session, now, replica_live_seconds, [request])
+    _advance_request(session, request, now, pending=pending)
+    _confirm_replicas(session, now, replica_live_seconds, [request], shards_of={request.request_id: affected})
     return ErasureResult(
         request,
         created=True,
         erased_samples=[f"{s.model_id}/{s.sample_pid}" for s in newly_erased],
         stale_shards=stale_shards,
+        generations={shard_id: shards[shard_id].generation for shard_id in stale_shards},
     )
 
 
@@ -288,20 +306,25 @@ def _matching_samples(session: Session, user_pid: str, interaction_pids: list[st
     return list(session.scalars(query.order_by(Sample.id)))
 
 
-def _make_stale(session: Session, shard_id: str, request: ErasureRequest, now: datetime) -> int | None:
-    """Shard data changed: stale, next generation, serving adapter excluded. Returns its id."""
-    shard = session.get(Shard, shard_id, populate_existing=True)
+def _make_stale(
+    session: Session,
+    shard: Shard | None,
+    shard_id: str,
+    excluded: AdapterVersion | None,
+    request: ErasureRequest,
+    now: datetime,
+) -> int | None:
+    """Shard data changed: stale, next generation, its serving adapter version (`excluded`, read by
+    the caller) excluded. Returns that version's id."""
     if shard is None:  # pragma: no cover - foreign key
         raise NotFoundError(f"shard {shard_id!r}")
     previous = shard.state
     shard.state = "stale"
     shard.generation += 1
     shard.updated_at = now
-    excluded = _serving_version(session, shard_id)
     if excluded is not None:
         excluded.state = "excluded"
         excluded.excluded_at = now
-    session.flush()
     audit.append(
         session,
         "shard_stale",
@@ -319,27 +342,38 @@ def _make_stale(session: Session, shard_id: str, request: ErasureRequest, now: d
     return excluded.id if excluded else None
 
 
-def _serving_version(session: Session, shard_id: str) -> AdapterVersion | None:
-    return session.scalars(
-        select(AdapterVersion).where(AdapterVersion.shard_id == shard_id, AdapterVersion.state == "serving")
-    ).first()
+def _serving_versions(session: Session, shard_ids: Sequence[str]) -> dict[str, AdapterVersion]:
+    """Shard id -> its serving adapter version, for several shards in one query."""
+    out: dict[str, AdapterVersion] = {}
+    for version in session.scalars(
+        select(AdapterVersion)
+        .where(AdapterVersion.shard_id.in_(shard_ids), AdapterVersion.state == "serving")
+        .order_by(AdapterVersion.id)
+    ):
+        if version.state == "serving":  # not excluded meanwhile in this session (not flushed yet)
+            out.setdefault(version.shard_id, version)
+    return out
 
 
-def _advance_request(session: Session, request: ErasureRequest, now: datetime) -> None:
+def _advance_request(
+    session: Session, request: ErasureRequest, now: datetime, *, pending: Sequence[Shard] | None = None
+) -> None:
     """Move an excluded/retraining request on: retraining when one of its pending shards retrains,
-    completed when none is pending."""
+    completed when none is pending. `pending`: its shards not retrained yet, when the caller knows
+    them (it just linked them), else read from the registry."""
     if request.status == "completed":
         return
-    pending = list(
-        session.scalars(
-            select(Shard)
-            .join(ErasureRequestShard, ErasureRequestShard.shard_id == Shard.id)
-            .where(
-                ErasureRequestShard.request_id == request.request_id,
-                ErasureRequestShard.retrained_version_id.is_(None),
+    if pending is None:
+        pending = list(
+            session.scalars(
+                select(Shard)
+                .join(ErasureRequestShard, ErasureRequestShard.shard_id == Shard.id)
+                .where(
+                    ErasureRequestShard.request_id == request.request_id,
+                    ErasureRequestShard.retrained_version_id.is_(None),
+                )
             )
         )
-    )
     if not pending:
         request.status = "completed"
         request.completed_at = now
@@ -639,28 +673,46 @@ def record_replica_heartbeat(
 
 
 def _confirm_replicas(
-    session: Session, now: datetime, live_seconds: float, requests: Sequence[ErasureRequest]
+    session: Session,
+    now: datetime,
+    live_seconds: float,
+    requests: Sequence[ErasureRequest],
+    *,
+    shards_of: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
+    """Mark requests `replicas_confirmed` once no live replica holds a non-serving version of one
+    of their shards. `shards_of`: request id -> its shards, when the caller knows them."""
     if not requests:
         return
-    live = list(
-        session.scalars(
-            select(Replica).where(Replica.last_heartbeat >= now - timedelta(seconds=live_seconds))
+    with session.no_autoflush:  # nothing pending changes the replicas
+        live = list(
+            session.scalars(
+                select(Replica).where(Replica.last_heartbeat >= now - timedelta(seconds=live_seconds))
+            )
         )
-    )
-    serving = {
-        (shard_id, version)
-        for shard_id, version in session.execute(
-            select(AdapterVersion.shard_id, AdapterVersion.version).where(AdapterVersion.state == "serving")
-        )
-    }
+    serving: set[tuple[str, int]] = set()
+    if live:  # without a live replica nothing is held: no need to read what serves
+        session.flush()  # the adapter versions this transaction excluded
+        serving = {
+            (shard_id, version)
+            for shard_id, version in session.execute(
+                select(AdapterVersion.shard_id, AdapterVersion.version).where(
+                    AdapterVersion.state == "serving"
+                )
+            )
+        }
     for request in requests:
         if request.replicas_confirmed_at is not None or request.excluded_at is None:
             continue
-        shards = set(
-            session.scalars(
-                select(ErasureRequestShard.shard_id).where(
-                    ErasureRequestShard.request_id == request.request_id
+        known = shards_of.get(request.request_id) if shards_of is not None else None
+        shards = (
+            set(known)
+            if known is not None
+            else set(
+                session.scalars(
+                    select(ErasureRequestShard.shard_id).where(
+                        ErasureRequestShard.request_id == request.request_id
+                    )
                 )
             )
         )
@@ -670,7 +722,6 @@ def _confirm_replicas(
         if holding:
             continue
         request.replicas_confirmed_at = now
-        session.flush()
         audit.append(
             session,
             "replicas_confirmed",
