@@ -43,7 +43,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from apa.db import registry
+from apa.db import audit, registry
 from apa.db.session import RegistryUnavailable, SchemaNotMigrated, check_schema, make_engine, session_scope
 from apa.events import ErasureRequested, EventValidationError
 from apa.failpoints import check_point, crash_point
@@ -242,10 +242,13 @@ class ErasureConsumer:
         self._recorded = []
         try:
             with session_scope(self.engine) as session:
+                decoded = self._prepare(session, batch)
                 applied = 0
                 for partition, records in batch.items():
                     for i, record in enumerate(records):
-                        if self.stopping.is_set() or not self.handle(session, record):
+                        if self.stopping.is_set() or not self.handle(
+                            session, record, decoded.get(id(record))
+                        ):
                             retry = not self.stopping.is_set()
                             self._seek(partition, record.offset)  # again on the next poll
                             break
@@ -285,14 +288,38 @@ class ErasureConsumer:
         except Exception as exc:  # revoked meanwhile: its next owner starts there
             log.info("could not seek back on %s: %s", partition, exc)
 
-    def handle(self, session: Session, record: Any) -> bool:
+    def _decode(self, record: Any) -> ErasureRequested | EventValidationError:
+        try:
+            return ErasureRequested.from_json(record.value, max_bytes=self.settings.erasure_max_event_bytes)
+        except EventValidationError as exc:
+            return exc
+
+    def _prepare(
+        self, session: Session, batch: dict[Any, list[Any]]
+    ) -> dict[int, ErasureRequested | EventValidationError]:
+        """Take the audit-chain lock for the batch's transaction (before any savepoint, so no
+        rollback of one releases it), decode the records and read what their erasures will look at
+        in a few queries. Returns id(record) -> its event or why it is malformed."""
+        try:
+            audit.lock_chain(session)
+            decoded = {id(r): self._decode(r) for records in batch.values() for r in records}
+            events = [e for e in decoded.values() if isinstance(e, ErasureRequested)]
+            registry.prefetch_erasures(session, events, self.pseudonymizer)
+        except Exception as exc:
+            if transaction_lost(session, exc):
+                raise DatabaseDown(type(exc).__name__) from exc
+            raise
+        return decoded
+
+    def handle(
+        self, session: Session, record: Any, decoded: ErasureRequested | EventValidationError | None = None
+    ) -> bool:
         """Apply one record in a savepoint of the batch's transaction; False when it must be retried
         later (it changed nothing). Raises DatabaseDown when the transaction is lost."""
         settings = self.settings
-        try:
-            event = ErasureRequested.from_json(record.value, max_bytes=settings.erasure_max_event_bytes)
-        except EventValidationError as exc:
-            return self.dead_letter(record, exc.field, exc.message)
+        event = decoded if decoded is not None else self._decode(record)
+        if isinstance(event, EventValidationError):
+            return self.dead_letter(record, event.field, event.message)
         where = (record.topic, record.partition, record.offset)
         try:
             outcome = erase_in_savepoint(session, event, self.pseudonymizer, settings)

@@ -66,6 +66,7 @@ def request_retrains(
     settings: Settings,
     request_id: str | None = None,
     now: datetime | None = None,
+    cached: bool = False,
 ) -> dict[ShardRef, tuple[RetrainTask, bool]]:
     """A retrain task for each shard (shard -> the generation it is queued for), in the caller's
     transaction, which holds the audit-chain lock: shard -> (task, created).
@@ -75,24 +76,36 @@ def request_retrains(
     a ledger row and an outbox row that enqueues `retrain_shard(shard_id, generation)` under the
     Celery task id `apa-retrain-<row id>`. Queueing writes no audit row: the ledger is its record,
     and the erasure's own audit rows name the shards it made stale.
+
+    `cached` (the erasures of one transaction): each shard's queued task is read once per
+    transaction and kept under the chain lock (`audit.held_cache`; only lock holders start tasks).
     """
     now = now or utcnow()
     out: dict[ShardRef, tuple[RetrainTask, bool]] = {}
+    cache = audit.held_cache(session) if cached else None
+    queued_by_shard: dict[str, RetrainTask | None] = (
+        cache.setdefault("queued_tasks", {}) if cache is not None else {}
+    )
     if settings.retrain_coalesce and shards:
         keys = {shard.key: shard for shard in shards}
-        queued = session.scalars(
-            select(RetrainTask)
-            .where(RetrainTask.shard_id.in_(sorted(keys)), RetrainTask.state == "queued")
-            .order_by(RetrainTask.id)
-            .with_for_update()
-        )
-        for task in queued:
-            shard = keys[task.shard_id]
-            if shard in out:
+        unread = sorted(k for k in keys if cache is None or k not in queued_by_shard)
+        if unread:
+            found: dict[str, RetrainTask] = {}
+            for row in session.scalars(
+                select(RetrainTask)
+                .where(RetrainTask.shard_id.in_(unread), RetrainTask.state == "queued")
+                .order_by(RetrainTask.id)
+                .with_for_update()
+            ):
+                found.setdefault(row.shard_id, row)
+            queued_by_shard.update({k: found.get(k) for k in unread})
+        for key, shard in sorted(keys.items()):
+            queued = queued_by_shard.get(key)
+            if queued is None or queued.state != "queued":
                 continue
-            task.coalesced += 1
-            task.generation = max(task.generation, shards[shard])
-            out[shard] = (task, False)
+            queued.coalesced += 1
+            queued.generation = max(queued.generation, shards[shard])
+            out[shard] = (queued, False)
     created = {
         shard: RetrainTask(
             shard_id=shard.key,
@@ -111,6 +124,7 @@ def request_retrains(
         session.add_all(created.values())
         session.flush()  # the ledger ids name the Celery tasks
     for shard, task in created.items():
+        queued_by_shard[shard.key] = task
         add_task(
             session,
             RETRAIN_TASK,
@@ -173,6 +187,7 @@ def erase(
         settings=settings,
         request_id=outcome.request_id,
         now=now,
+        cached=True,
     )
     return outcome
 
@@ -204,6 +219,7 @@ def erase_batch(
     per event, its outcome or the exception that rolled it back (the others stand). A database
     error that leaves the transaction unusable (a lost connection) is raised: nothing commits."""
     audit.lock_chain(session)  # outside the savepoints, so none of their rollbacks releases it
+    registry.prefetch_erasures(session, events, pseudonymizer)
     out: list[ErasureOutcome | Exception] = []
     for event in events:
         try:

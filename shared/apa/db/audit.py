@@ -12,7 +12,11 @@ Ids are 1, 2, 3, ... without gaps; `audit_head` holds the newest id and hash. Th
 the head itself (a trigger on INSERT into audit_log, migration 0005) and refuses an insert that
 does not extend it and any other change of it. Appends are serialised by the chain lock: a
 transaction-scoped advisory lock on Postgres (the application role needs no UPDATE right on
-audit_head), BEGIN IMMEDIATE on SQLite.
+audit_head), BEGIN IMMEDIATE on SQLite. A transaction takes the lock and reads the head once, however
+many rows it appends (the erasure service appends a whole poll batch's rows in one): `append` keeps
+the head in memory and leaves its row to the session's next flush, which inserts the pending rows in
+order, several per statement; any rollback, a savepoint's included, makes the next append lock and
+read the head again.
 
 What the chain alone cannot show, a cut-back of the newest rows (with the head rolled back) or a
 log rebuilt from scratch, the **anchors** show (`apa.anchors`): signed copies of the head written
@@ -211,6 +215,8 @@ class _ChainState:
     """The audit key, checked against the chain's once per transaction."""
     checked: set[str] = field(default_factory=set)
     """What other checks this transaction made once (`mark_checked`)."""
+    cache: dict[str, Any] = field(default_factory=dict)
+    """Registry rows read under the lock (`held_cache`)."""
 
 
 def _held(session: Session) -> _ChainState | None:
@@ -274,6 +280,14 @@ def mark_checked(session: Session, what: str) -> None:
     state = _held(session)
     if state is not None:
         state.checked.add(what)
+
+
+def held_cache(session: Session) -> dict[str, Any] | None:
+    """A dict that lives while this session holds the chain lock in its current transaction, None
+    when it does not. Any rollback (a savepoint's included) and the transaction's end drop it. What
+    only lock holders write can be kept in it: no other transaction changes it meanwhile."""
+    state = _held(session)
+    return None if state is None else state.cache
 
 
 def lock_is_fresh(session: Session) -> bool:
