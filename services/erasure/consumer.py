@@ -40,7 +40,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from apa.db import audit, registry
@@ -256,15 +255,14 @@ class ErasureConsumer:
                         applied += 1
                         if applied == 1 and (i + 1 < len(records) or len(batch) > 1):
                             crash_point(self.settings, "consumer.mid_batch")
-        except DatabaseDown as exc:
-            log.warning("registry unavailable, the batch of %d events comes again: %s", _size(batch), exc)
-            for partition, records in batch.items():
-                self._seek(partition, records[0].offset)
-            self._sleep(1)
-            return 0
-        except (OperationalError, DBAPIError) as exc:  # the commit itself failed: nothing committed
-            log.warning("registry commit failed, the batch comes again: %s", type(exc).__name__)
-            for partition, records in batch.items():
+        except Fatal:
+            raise
+        except Exception as exc:  # the database went away, or the commit failed: nothing committed
+            what = str(exc) if isinstance(exc, DatabaseDown) else type(exc).__name__
+            log.warning(
+                "registry transaction lost, the batch of %d events comes again: %s", _size(batch), what
+            )
+            for partition, records in batch.items():  # never skipped: every partition from its start
                 self._seek(partition, records[0].offset)
             self._sleep(1)
             return 0
@@ -301,7 +299,7 @@ class ErasureConsumer:
         rollback of one releases it), decode the records and read what their erasures will look at
         in a few queries. Returns id(record) -> its event or why it is malformed."""
         try:
-            audit.lock_chain(session)
+            audit.lock_chain(session, keep_cache=True)
             decoded = {id(r): self._decode(r) for records in batch.values() for r in records}
             events = [e for e in decoded.values() if isinstance(e, ErasureRequested)]
             registry.prefetch_erasures(session, events, self.pseudonymizer)

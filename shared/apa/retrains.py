@@ -218,7 +218,7 @@ def erase_batch(
     its own (`erase_in_savepoint`), with the audit-chain lock taken once for all of them. Returns,
     per event, its outcome or the exception that rolled it back (the others stand). A database
     error that leaves the transaction unusable (a lost connection) is raised: nothing commits."""
-    audit.lock_chain(session)  # outside the savepoints, so none of their rollbacks releases it
+    audit.lock_chain(session, keep_cache=True)  # outside the savepoints: no rollback releases it
     registry.prefetch_erasures(session, events, pseudonymizer)
     out: list[ErasureOutcome | Exception] = []
     for event in events:
@@ -243,7 +243,7 @@ def transaction_lost(session: Session, exc: BaseException) -> bool:
 def reject(session: Session, event: ErasureRequested, pseudonymizer: Pseudonymizer, reason: str) -> None:
     """Audit a refused erasure event (its request id was already used for another user or other
     interactions), in the caller's transaction or savepoint: the refused event changed nothing else."""
-    audit.lock_chain(session)
+    audit.lock_chain(session, keep_cache=True)
     audit.append(
         session,
         "erasure_rejected",

@@ -244,15 +244,18 @@ def _forget_on_end(session: Session, transaction: SessionTransaction) -> None:
         session.info.pop(CHAIN_STATE, None)
 
 
-def lock_chain(session: Session) -> AuditHead:
+def lock_chain(session: Session, *, keep_cache: bool = False) -> AuditHead:
     """Take the chain lock for the rest of the transaction (it serialises every registry writer)
     and return the head as committed by the previous holder (and extended by this transaction).
 
     The lock is taken and the head read once per transaction: later calls in the same transaction
     (a consumer's batch of erasures) cost no statement. A rollback, a savepoint's included, makes
-    the next call lock and read again."""
+    the next call lock and read again. A later call also empties `held_cache` unless `keep_cache`
+    (the erasures that fill it): whatever else the caller is about to change is not cached."""
     state = _held(session)
     if state is not None:
+        if not keep_cache:
+            state.cache.clear()
         set_committed_value(state.head, "last_id", state.last_id)
         set_committed_value(state.head, "last_hash", state.last_hash)
         return state.head

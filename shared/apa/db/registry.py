@@ -95,13 +95,9 @@ def _begin(session: Session, *, erasure: bool = False) -> None:
     what it read under the lock: it is current, as every other writer waits for the lock. The rows
     erasures keep for each other (`audit.held_cache`) are dropped by any other transition."""
     fresh = audit.lock_is_fresh(session)
-    audit.lock_chain(session)
+    audit.lock_chain(session, keep_cache=erasure)
     if fresh:
         session.expire_all()
-    elif not erasure:
-        cache = audit.held_cache(session)
-        if cache:
-            cache.clear()
 
 
 def prefetch_erasures(
