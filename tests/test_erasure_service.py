@@ -413,3 +413,52 @@ def test_kill9_mid_batch_loses_and_duplicates_nothing(
         assert audit.verify(session).ok
     assert sorted(broker_tasks(tmp_path)) == sorted(f"apa-retrain-{t.id}" for t in tasks(registry_pg))
     assert len(tasks(registry_pg)) == 2  # one per shard: coalesced across the batch
+
+
+def test_a_connection_lost_mid_batch_rolls_the_batch_back_and_applies_it_again_once(
+    registry_pg: Engine, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    names = Names.fresh()
+    names.create_topics(kafka_bootstrap, partitions=1)
+    # the first time bob's shard links are inserted, the database ends the consumer's connection
+    # (a sequence: its counter survives the rollback), after alice's savepoint was released
+    with registry_pg.begin() as conn:
+        conn.execute(text("CREATE SEQUENCE test_kill_once"))
+        conn.execute(
+            text(
+                """
+                CREATE FUNCTION test_kill_once() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF NEW.request_id = 'r-bob' AND nextval('test_kill_once') = 1 THEN
+                        PERFORM pg_terminate_backend(pg_backend_pid());
+                    END IF;
+                    RETURN NEW;
+                END;
+                $$
+                """
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER test_kill_once BEFORE INSERT ON erasure_request_shards "
+                "FOR EACH ROW EXECUTE FUNCTION test_kill_once()"
+            )
+        )
+    stream = [event("r-alice", "alice"), event("r-bob", "bob"), event("r-carol", "carol")]
+    publish_raw(kafka_bootstrap, names.erasure_topic, stream)
+    service = consumer(registry_pg, kafka_bootstrap, names, tmp_path)
+    try:
+        wait_until(lambda: committed(kafka_bootstrap, names) == 3, 120, "every offset committed")
+        wait_until(lambda: all_sent(registry_pg), 30, "the outbox relayed")
+    finally:
+        assert service.stop() == 0, service.tail()
+    assert "registry transaction lost, the batch of" in service.log()
+    assert "already recorded" not in service.log()  # alice's first attempt rolled back with the batch
+    assert set(requests(registry_pg)) == {"r-alice", "r-bob", "r-carol"}
+    audited, boxed = _per_request(registry_pg)
+    for request_id in ("r-alice", "r-bob", "r-carol"):
+        assert audited[(request_id, "erasure_received")] == 1
+    assert all(n == 1 for n in boxed.values())
+    assert read_topic(kafka_bootstrap, names.dlq_topic, 1, timeout_s=3) == []
+    with session_scope(registry_pg) as session:
+        assert audit.verify(session).ok
