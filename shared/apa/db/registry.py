@@ -752,9 +752,8 @@ def _confirm_replicas(
         return
     cutoff = now - timedelta(seconds=live_seconds)
     cache = audit.held_cache(session) if shards_of is not None else None
-    if (
-        cache is not None
-    ):  # an erasure: every replica, read once per transaction (they change under the lock only)
+    if cache is not None:
+        # an erasure: every replica, read once per transaction (only lock holders change them)
         if "replicas" not in cache:
             with session.no_autoflush:
                 cache["replicas"] = list(session.scalars(select(Replica).order_by(Replica.id)))
