@@ -22,6 +22,7 @@ def test_bench_erasure_reports_throughput_latency_and_retrains_with_and_without_
         burst_events=20,
         coalesce_events=10,
         inprocess_events=5,
+        group_commit_batch=3,
     )
     report = run_erasure_bench(tmp_path, config)
     saved = json.loads((tmp_path / "erasure.json").read_text())
@@ -35,6 +36,11 @@ def test_bench_erasure_reports_throughput_latency_and_retrains_with_and_without_
     assert on["retrain_tasks_queued"] <= config.num_shards  # one per shard while none has started
     assert off["retrain_tasks_queued"] == off["shards_made_stale"]  # one per erasure and shard
     assert saved["registry_transaction_only"]["sql_statements_per_event"] > 0
+    group = saved["registry_group_commit"]
+    assert group["events"] == 5 and group["events_per_transaction"] == 3
+    assert (
+        0 < group["sql_statements_per_event"] < saved["registry_transaction_only"]["sql_statements_per_event"]
+    )
     assert set(saved["targets"]) == {
         "events_per_second",
         "events_per_second_met",

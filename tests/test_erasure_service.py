@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 
 from apa.artifacts import ArtifactStore
@@ -298,3 +298,167 @@ def test_a_broker_down_at_start_up_is_waited_for_and_the_backlog_caught_up(
             broker.kill()
             broker.wait(timeout=10)
     assert len(tasks(registry_pg)) == 2  # three users, two shards: coalesced
+
+
+# --- group commit: one transaction per poll batch, a savepoint per event ------------------------------
+
+
+def _poison(engine: Engine, request_id: str) -> None:
+    """Make the database refuse one request's shard links: a failure inside the event's savepoint,
+    after its samples were erased, its shards made stale and its audit rows appended."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                f"""
+            CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.request_id = '{request_id}' THEN
+                    RAISE EXCEPTION 'poisoned request %', NEW.request_id;
+                END IF;
+                RETURN NEW;
+            END;
+            $$
+            """
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER test_poison BEFORE INSERT ON erasure_request_shards "
+                "FOR EACH ROW EXECUTE FUNCTION test_poison()"
+            )
+        )
+
+
+def _per_request(
+    engine: Engine,
+) -> tuple[Counter[tuple[str | None, str]], Counter[tuple[str | None, str, str]]]:
+    """(request id, audit event type) and (request id, outbox kind, key) counts."""
+    from apa.db.models import OutboxMessage
+
+    with session_scope(engine) as session:
+        rows = session.execute(select(AuditLog.request_id, AuditLog.event_type)).all()
+        boxed = session.execute(select(OutboxMessage.request_id, OutboxMessage.kind, OutboxMessage.key)).all()
+    return Counter((r, t) for r, t in rows), Counter((r, k, key) for r, k, key in boxed)
+
+
+def test_a_poisoned_event_in_a_batch_is_dead_lettered_and_the_others_commit(
+    registry_pg: Engine, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    from apa.db.models import Sample
+
+    names = Names.fresh()  # one partition: one poll batch holds all three, in this order
+    names.create_topics(kafka_bootstrap, partitions=1)
+    _poison(registry_pg, "r-bob")
+    stream = [event("r-alice", "alice"), event("r-bob", "bob"), event("r-carol", "carol")]
+    publish_raw(kafka_bootstrap, names.erasure_topic, stream)
+    service = consumer(registry_pg, kafka_bootstrap, names, tmp_path)
+    try:
+        wait_until(lambda: committed(kafka_bootstrap, names) == 3, 120, "every offset committed")
+        wait_until(lambda: all_sent(registry_pg), 30, "the outbox relayed")
+    finally:
+        assert service.stop() == 0, service.tail()
+    log = service.log()
+    assert "request r-bob failed (1 of 3)" in log and "request r-bob failed (3 of 3)" in log
+    assert set(requests(registry_pg)) == {"r-alice", "r-carol"}
+    dead = read_topic(kafka_bootstrap, names.dlq_topic, 1)
+    assert len(dead) == 1 and dead[0].value == stream[1][1]
+    headers = dict(dead[0].headers)
+    assert headers["apa-dlq-reason"].decode().startswith("body: processing failed")
+    assert headers["apa-dlq-source"].decode().endswith("/0/1")
+    # each rolled-back attempt took everything of bob's with it: no sample erased, no audit row,
+    # no outbox row; alice and carol have their own rows, once each
+    with session_scope(registry_pg) as session:
+        erased = set(session.scalars(select(Sample.user_pid).where(Sample.erased.is_(True))))
+        assert erased == {PSEUDO.user("alice"), PSEUDO.user("carol")}
+        assert audit.verify(session).ok
+    audited, boxed = _per_request(registry_pg)
+    assert not any(r == "r-bob" for r, _ in audited) and not any(r == "r-bob" for r, _, _ in boxed)
+    assert audited[("r-alice", "erasure_received")] == 1 and audited[("r-carol", "erasure_received")] == 1
+    assert all(n == 1 for n in boxed.values())
+
+
+def test_kill9_mid_batch_loses_and_duplicates_nothing(
+    registry_pg: Engine, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    names = Names.fresh()  # one partition: the first poll batch holds the whole stream
+    names.create_topics(kafka_bootstrap, partitions=1)
+    stream = [
+        event("r-alice", "alice"),
+        event("r-bob", "bob"),
+        event("r-alice", "alice"),  # a duplicate in the same batch
+        event("r-typo", "alcie"),
+        event("r-carol", "carol", interactions=["carol:3"]),
+    ]
+    publish_raw(kafka_bootstrap, names.erasure_topic, stream)
+    rows_before = audit_rows(registry_pg)
+    first = consumer(registry_pg, kafka_bootstrap, names, tmp_path, APA_CRASH_AT="consumer.mid_batch")
+    assert first.wait_exit(90) == -signal.SIGKILL, first.tail()
+    # killed with the first event applied in the batch's transaction: nothing of it committed
+    assert requests(registry_pg) == {} and audit_rows(registry_pg) == rows_before
+    assert outbox(registry_pg) == [] and committed(kafka_bootstrap, names) == 0
+
+    second = consumer(registry_pg, kafka_bootstrap, names, tmp_path)
+    try:
+        wait_until(lambda: committed(kafka_bootstrap, names) == len(stream), 90, "the batch again")
+        wait_until(lambda: all_sent(registry_pg), 30, "the outbox relayed")
+    finally:
+        assert second.stop() == 0, second.tail()
+    assert set(requests(registry_pg)) == {"r-alice", "r-bob", "r-typo", "r-carol"}
+    assert "already recorded, nothing to do" in second.log()  # the duplicate in the batch
+    audited, boxed = _per_request(registry_pg)
+    for request_id in ("r-alice", "r-bob", "r-typo", "r-carol"):
+        assert audited[(request_id, "erasure_received")] == 1
+    assert all(n == 1 for n in boxed.values())  # every outbox row once
+    with session_scope(registry_pg) as session:
+        assert audit.verify(session).ok
+    assert sorted(broker_tasks(tmp_path)) == sorted(f"apa-retrain-{t.id}" for t in tasks(registry_pg))
+    assert len(tasks(registry_pg)) == 2  # one per shard: coalesced across the batch
+
+
+def test_a_connection_lost_mid_batch_rolls_the_batch_back_and_applies_it_again_once(
+    registry_pg: Engine, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    names = Names.fresh()
+    names.create_topics(kafka_bootstrap, partitions=1)
+    # the first time bob's shard links are inserted, the database ends the consumer's connection
+    # (a sequence: its counter survives the rollback), after alice's savepoint was released
+    with registry_pg.begin() as conn:
+        conn.execute(text("CREATE SEQUENCE test_kill_once"))
+        conn.execute(
+            text(
+                """
+                CREATE FUNCTION test_kill_once() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF NEW.request_id = 'r-bob' AND nextval('test_kill_once') = 1 THEN
+                        PERFORM pg_terminate_backend(pg_backend_pid());
+                    END IF;
+                    RETURN NEW;
+                END;
+                $$
+                """
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER test_kill_once BEFORE INSERT ON erasure_request_shards "
+                "FOR EACH ROW EXECUTE FUNCTION test_kill_once()"
+            )
+        )
+    stream = [event("r-alice", "alice"), event("r-bob", "bob"), event("r-carol", "carol")]
+    publish_raw(kafka_bootstrap, names.erasure_topic, stream)
+    service = consumer(registry_pg, kafka_bootstrap, names, tmp_path)
+    try:
+        wait_until(lambda: committed(kafka_bootstrap, names) == 3, 120, "every offset committed")
+        wait_until(lambda: all_sent(registry_pg), 30, "the outbox relayed")
+    finally:
+        assert service.stop() == 0, service.tail()
+    assert "registry transaction lost, the batch of" in service.log()
+    assert "already recorded" not in service.log()  # alice's first attempt rolled back with the batch
+    assert set(requests(registry_pg)) == {"r-alice", "r-bob", "r-carol"}
+    audited, boxed = _per_request(registry_pg)
+    for request_id in ("r-alice", "r-bob", "r-carol"):
+        assert audited[(request_id, "erasure_received")] == 1
+    assert all(n == 1 for n in boxed.values())
+    assert read_topic(kafka_bootstrap, names.dlq_topic, 1, timeout_s=3) == []
+    with session_scope(registry_pg) as session:
+        assert audit.verify(session).ok

@@ -6,18 +6,25 @@ A member of the consumer group `APA_ERASURE_CONSUMER_GROUP`. For every event:
    missing field, NUL or a lone surrogate in an id, nesting too deep, too large, a date out of
    range, a duplicated key) goes to the dead-letter topic with the reason in its headers and the
    original bytes as its value;
-2. one registry transaction (`apa.retrains.erase`): the request, the erased samples, the stale
-   shards and excluded adapters, the audit rows, and the outbox rows (a `stale` shard event and a
-   coalesced retrain task per stale shard). A request id already used for another user is refused,
-   audited (`erasure_rejected`) and dead-lettered;
-3. after the poll batch, commit the Kafka offsets of the events whose transaction committed;
+2. group commit: all events of one poll batch go into **one** registry transaction, each in a
+   savepoint of its own (`apa.retrains.erase_in_savepoint`): the request, the erased samples, the
+   stale shards and excluded adapters, the audit rows, and the outbox rows (a `stale` shard event
+   and a coalesced retrain task per stale shard). The audit-chain lock is taken once, before the
+   first savepoint. An event that fails rolls back to its savepoint alone; the others stand. A
+   request id already used for another user is refused, audited (`erasure_rejected`) and
+   dead-lettered; an event that keeps failing (`FAILURES_BEFORE_DLQ`) is dead-lettered; one that
+   failed fewer times stops its partition there (it and what follows come again next poll);
+3. commit the transaction, then the Kafka offsets of the events it holds (and of the dead-lettered
+   ones);
 4. relay the outbox (`apa.outbox.Relay`): publish the shard events to `apa.shard-events`, enqueue the
    Celery retrain tasks, mark the rows sent. Also at start-up, so rows a crash left unsent go out.
 
-A crash between 2 and 3 redelivers the event, which changes nothing (idempotent by request id); a
-crash between 2 and 4 leaves unsent outbox rows, published at the next start. A database that is
-down stops the partition (the event is retried, never skipped); a Kafka broker that is down at
-start-up is waited for. Logs name users by pseudonym prefix only.
+A crash before the commit in 3 loses the whole batch's transaction and Kafka delivers the batch again
+(no offset was committed); a crash between the two commits redelivers events that change nothing
+(idempotent by request id); a crash between 3 and 4 leaves unsent outbox rows, published at the next
+start. A database that is down rolls the batch back and stops its partitions (every event is
+retried, never skipped); a Kafka broker that is down at start-up is waited for. Logs name users by
+pseudonym prefix only.
 """
 
 from __future__ import annotations
@@ -33,18 +40,19 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 
-from apa.db import registry
+from apa.db import audit, registry
 from apa.db.session import RegistryUnavailable, SchemaNotMigrated, check_schema, make_engine, session_scope
 from apa.events import ErasureRequested, EventValidationError
 from apa.failpoints import check_point, crash_point
 from apa.kafka import ensure_topic, make_consumer, make_producer, wait_for_broker
+from apa.lifecycle import ErasureOutcome
 from apa.liveness import touch
 from apa.logs import configure_logging
 from apa.outbox import KafkaPublisher, Relay
 from apa.pseudonyms import Pseudonymizer, PseudonymKeyMismatch, pseudonymizer_from_settings
-from apa.retrains import erase, reject
+from apa.retrains import erase_in_savepoint, reject, transaction_lost
 from apa.settings import Settings
 from apa.taskqueue import CelerySender, make_celery
 
@@ -67,6 +75,10 @@ BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 
 class Fatal(Exception):
     """A configuration problem no retry fixes (wrong pseudonym key, unmigrated database)."""
+
+
+class DatabaseDown(Exception):
+    """The registry went away during a batch: its transaction is lost, every event comes again."""
 
 
 @dataclass
@@ -108,6 +120,7 @@ class ErasureConsumer:
         self.dlq: KafkaProducer | None = None
         self.publisher: KafkaPublisher | None = None
         self.relay: Relay | None = None
+        self._recorded: list[tuple[ErasureRequested, ErasureOutcome]] = []
 
     def stop(self) -> None:
         self.stopping.set()
@@ -215,23 +228,46 @@ class ErasureConsumer:
             return None
 
     def _poll_once(self) -> int:
-        """Handle one poll batch; commit the offsets of the handled events. Returns how many."""
+        """Handle one poll batch in one registry transaction (a savepoint per event), commit it, then
+        commit the offsets of the handled events. Returns how many were handled."""
         from kafka import OffsetAndMetadata
 
         assert self.consumer is not None
         batch = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=MAX_POLL_RECORDS)
+        if not batch:
+            return 0
         offsets: dict[Any, Any] = {}
         retry = False
-        for partition, records in batch.items():
-            for record in records:
-                if self.stopping.is_set() or not self.handle(record):
-                    retry = not self.stopping.is_set()
-                    try:
-                        self.consumer.seek(partition, record.offset)  # again on the next poll
-                    except Exception as exc:  # revoked meanwhile: its next owner starts there
-                        log.info("could not seek back on %s: %s", partition, exc)
-                    break
-                offsets[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
+        self._recorded = []
+        try:
+            with session_scope(self.engine) as session:
+                decoded = self._prepare(session, batch)
+                applied = 0
+                for partition, records in batch.items():
+                    for i, record in enumerate(records):
+                        if self.stopping.is_set() or not self.handle(
+                            session, record, decoded.get(id(record))
+                        ):
+                            retry = not self.stopping.is_set()
+                            self._seek(partition, record.offset)  # again on the next poll
+                            break
+                        offsets[partition] = OffsetAndMetadata(record.offset + 1, "", -1)
+                        applied += 1
+                        if applied == 1 and (i + 1 < len(records) or len(batch) > 1):
+                            crash_point(self.settings, "consumer.mid_batch")
+        except Fatal:
+            raise
+        except Exception as exc:  # the database went away, or the commit failed: nothing committed
+            what = str(exc) if isinstance(exc, DatabaseDown) else type(exc).__name__
+            log.warning(
+                "registry transaction lost, the batch of %d events comes again: %s", _size(batch), what
+            )
+            for partition, records in batch.items():  # never skipped: every partition from its start
+                self._seek(partition, records[0].offset)
+            self._sleep(1)
+            return 0
+        crash_point(self.settings, "consumer.after_db_commit")
+        self._log_recorded()
         if offsets:
             try:
                 self.consumer.commit(offsets)
@@ -243,27 +279,56 @@ class ErasureConsumer:
             self._sleep(1)
         return len(offsets)
 
-    def handle(self, record: Any) -> bool:
-        """Process one record; False when it must be retried later (nothing was committed)."""
-        settings = self.settings
+    def _seek(self, partition: Any, offset: int) -> None:
+        assert self.consumer is not None
         try:
-            event = ErasureRequested.from_json(record.value, max_bytes=settings.erasure_max_event_bytes)
+            self.consumer.seek(partition, offset)
+        except Exception as exc:  # revoked meanwhile: its next owner starts there
+            log.info("could not seek back on %s: %s", partition, exc)
+
+    def _decode(self, record: Any) -> ErasureRequested | EventValidationError:
+        try:
+            return ErasureRequested.from_json(record.value, max_bytes=self.settings.erasure_max_event_bytes)
         except EventValidationError as exc:
-            return self.dead_letter(record, exc.field, exc.message)
+            return exc
+
+    def _prepare(
+        self, session: Session, batch: dict[Any, list[Any]]
+    ) -> dict[int, ErasureRequested | EventValidationError]:
+        """Take the audit-chain lock for the batch's transaction (before any savepoint, so no
+        rollback of one releases it), decode the records and read what their erasures will look at
+        in a few queries. Returns id(record) -> its event or why it is malformed."""
+        try:
+            audit.lock_chain(session, keep_cache=True)
+            decoded = {id(r): self._decode(r) for records in batch.values() for r in records}
+            events = [e for e in decoded.values() if isinstance(e, ErasureRequested)]
+            registry.prefetch_erasures(session, events, self.pseudonymizer)
+        except Exception as exc:
+            if transaction_lost(session, exc):
+                raise DatabaseDown(type(exc).__name__) from exc
+            raise
+        return decoded
+
+    def handle(
+        self, session: Session, record: Any, decoded: ErasureRequested | EventValidationError | None = None
+    ) -> bool:
+        """Apply one record in a savepoint of the batch's transaction; False when it must be retried
+        later (it changed nothing). Raises DatabaseDown when the transaction is lost."""
+        settings = self.settings
+        event = decoded if decoded is not None else self._decode(record)
+        if isinstance(event, EventValidationError):
+            return self.dead_letter(record, event.field, event.message)
         where = (record.topic, record.partition, record.offset)
         try:
-            with session_scope(self.engine) as session:
-                outcome = erase(session, event, self.pseudonymizer, settings)
+            outcome = erase_in_savepoint(session, event, self.pseudonymizer, settings)
         except registry.ConflictError as exc:
-            return self._reject(record, event, str(exc))
+            return self._reject(session, record, event, str(exc))
         except PseudonymKeyMismatch as exc:
             raise Fatal(str(exc)) from exc
-        except (OperationalError, DBAPIError) as exc:
-            log.warning(
-                "registry unavailable for request %s, retrying: %s", event.request_id, type(exc).__name__
-            )
-            return False
         except Exception as exc:
+            if transaction_lost(session, exc):
+                raise DatabaseDown(type(exc).__name__) from exc
+            # this event alone rolled back to its savepoint: the batch goes on without it
             self._failures[where] += 1
             log.exception(
                 "request %s failed (%d of %d)", event.request_id, self._failures[where], FAILURES_BEFORE_DLQ
@@ -272,37 +337,51 @@ class ErasureConsumer:
                 return False
             return self.dead_letter(record, "body", f"processing failed: {type(exc).__name__}")
         self._failures.pop(where, None)
-        crash_point(settings, "consumer.after_db_commit")
-        user = self.pseudonymizer.user(event.user_id)[:12]
-        if not outcome.created:
-            self.counters.duplicates += 1
-            log.info("request %s (user %s): already recorded, nothing to do", event.request_id, user)
-        else:
-            self.counters.processed += 1
-            log.info(
-                "request %s (user %s): %d samples erased, %s -> %s",
-                event.request_id,
-                user,
-                outcome.samples_erased,
-                ", ".join(sorted(s.key for s in outcome.stale)) or "no shard stale",
-                outcome.status,
-            )
+        self._recorded.append((event, outcome))
         return True
 
-    def _reject(self, record: Any, event: ErasureRequested, reason: str) -> bool:
+    def _log_recorded(self) -> None:
+        """After the commit: count and log the events it holds."""
+        for event, outcome in self._recorded:
+            user = self.pseudonymizer.user(event.user_id)[:12]
+            if not outcome.created:
+                self.counters.duplicates += 1
+                log.info("request %s (user %s): already recorded, nothing to do", event.request_id, user)
+            else:
+                self.counters.processed += 1
+                log.info(
+                    "request %s (user %s): %d samples erased, %s -> %s",
+                    event.request_id,
+                    user,
+                    outcome.samples_erased,
+                    ", ".join(sorted(s.key for s in outcome.stale)) or "no shard stale",
+                    outcome.status,
+                )
+        self._recorded = []
+
+    def _reject(self, session: Session, record: Any, event: ErasureRequested, reason: str) -> bool:
+        """Audit the refusal (in a savepoint) and dead-letter the event; False (nothing kept) when
+        the dead-letter publish fails."""
         try:
-            with session_scope(self.engine) as session:
+            with session.begin_nested():
                 reject(session, event, self.pseudonymizer, reason)
-        except (OperationalError, DBAPIError):
+                if not self.dead_letter(
+                    record, "request_id", "refused: already used for another user or other interactions"
+                ):
+                    raise _NotDeadLettered()
+        except _NotDeadLettered:
+            return False
+        except Exception as exc:
+            if transaction_lost(session, exc):
+                raise DatabaseDown(type(exc).__name__) from exc
+            log.warning("request %s: auditing the refusal failed (%s)", event.request_id, type(exc).__name__)
             return False
         self.counters.rejected += 1
         log.warning(
             "request %s refused: its id was already used for another user or other interactions",
             event.request_id,
         )
-        return self.dead_letter(
-            record, "request_id", "refused: already used for another user or other interactions"
-        )
+        return True
 
     def dead_letter(self, record: Any, field: str, reason: str) -> bool:
         """Publish the original bytes to the dead-letter topic with the reason (False: retry later)."""
@@ -344,6 +423,14 @@ class ErasureConsumer:
                 except Exception:
                     pass
         log.info("erasure consumer stopped: %s", self.counters)
+
+
+class _NotDeadLettered(Exception):
+    """The dead-letter publish failed: roll the refusal's audit row back and retry the event."""
+
+
+def _size(batch: dict[Any, list[Any]]) -> int:
+    return sum(len(records) for records in batch.values())
 
 
 def run_command(group: str | None = None, topic: str | None = None, log_level: str | None = None) -> int:

@@ -74,7 +74,10 @@ class ErasureBenchConfig:
     coalesce_events: int = 100
     """Erasures per coalescing run (with, then without coalescing)."""
     inprocess_events: int = 100
-    """Erasure transactions run in this process, without Kafka (what one costs the registry)."""
+    """Erasure transactions run in this process, without Kafka (what one costs the registry): this
+    many one transaction each, then this many again in group-commit batches."""
+    group_commit_batch: int = 100
+    """Events per transaction in the in-process group-commit phase (the consumer's poll batch)."""
     partitions: int = 4
     """Partitions of the erasure topic."""
     seed: int = 0
@@ -368,15 +371,17 @@ def _coalescing(run: _Run, consumer: _Consumer, users: list[str], prefix: str) -
     }
 
 
-def _registry_only(engine: Engine, users: list[str]) -> dict[str, Any]:
-    """The erasure transaction alone (`apa.retrains.erase`, in this process, no Kafka): its
-    wall time and SQL statements per event, the ceiling of the consumer's throughput."""
+def _registry_only(engine: Engine, users: list[str], batch: int = 0) -> dict[str, Any]:
+    """The erasure transaction alone (in this process, no Kafka): its wall time and SQL statements
+    per event, the ceiling of the consumer's throughput. `batch` 0: one transaction per event
+    (`apa.retrains.erase`); otherwise group commit as the consumer does it, `batch` events per
+    transaction with a savepoint each (`apa.retrains.erase_batch`)."""
     from sqlalchemy import event as sa_event
 
     from apa.db.session import session_scope
     from apa.events import ErasureRequested
     from apa.pseudonyms import pseudonymizer_from_settings
-    from apa.retrains import erase
+    from apa.retrains import erase, erase_batch
 
     pseudonymizer, settings = pseudonymizer_from_settings(), Settings()
     statements = 0
@@ -388,14 +393,28 @@ def _registry_only(engine: Engine, users: list[str]) -> dict[str, Any]:
     sa_event.listen(engine, "before_cursor_execute", count)
     started = time.perf_counter()
     try:
-        for i, user in enumerate(users):
+        if not batch:
+            for i, user in enumerate(users):
+                with session_scope(engine) as session:
+                    erase(session, ErasureRequested(f"inproc-{i}", user), pseudonymizer, settings)
+        for start in range(0, len(users), batch or len(users)) if batch else ():
+            events = [
+                ErasureRequested(f"group-{start + i}", u) for i, u in enumerate(users[start : start + batch])
+            ]
             with session_scope(engine) as session:
-                erase(session, ErasureRequested(f"inproc-{i}", user), pseudonymizer, settings)
+                failed = [
+                    r
+                    for r in erase_batch(session, events, pseudonymizer, settings)
+                    if isinstance(r, Exception)
+                ]
+            if failed:
+                raise RuntimeError(f"group commit: {len(failed)} events failed, the first: {failed[0]!r}")
     finally:
         sa_event.remove(engine, "before_cursor_execute", count)
     seconds = time.perf_counter() - started
     return {
         "events": len(users),
+        "events_per_transaction": batch or 1,
         "ms_per_event": round(1000 * seconds / max(1, len(users)), 1),
         "events_per_second": round(len(users) / seconds, 1),
         "sql_statements_per_event": round(statements / max(1, len(users)), 1),
@@ -419,7 +438,11 @@ def run_erasure_bench(out: Path, config: ErasureBenchConfig, postgres: str | Non
         )
     out.mkdir(parents=True, exist_ok=True)
     total_users = (
-        20 + config.paced_events + config.burst_events + 2 * config.coalesce_events + config.inprocess_events
+        20
+        + config.paced_events
+        + config.burst_events
+        + 2 * config.coalesce_events
+        + 2 * config.inprocess_events
     )
     users = [f"bench-user-{i}" for i in range(total_users)]
     workdir = Path(tempfile.mkdtemp(prefix="apa-bench-erasure-"))
@@ -497,6 +520,14 @@ def run_erasure_bench(out: Path, config: ErasureBenchConfig, postgres: str | Non
                 consumer.stop()
             log.info("registry transaction alone: %d erasures in this process", config.inprocess_events)
             report["registry_transaction_only"] = _registry_only(engine, take(config.inprocess_events))
+            log.info(
+                "registry group commit: %d erasures in this process, %d per transaction",
+                config.inprocess_events,
+                config.group_commit_batch,
+            )
+            report["registry_group_commit"] = _registry_only(
+                engine, take(config.inprocess_events), batch=config.group_commit_batch
+            )
             run.producer.close()
             engine.dispose()
     finally:
@@ -560,8 +591,16 @@ def _plot(report: dict[str, Any], path: Path) -> None:
 
     ax = axes[1]
     burst, alone = report["throughput_burst"], report["registry_transaction_only"]
-    values = [burst["events_per_second"] or 0.0, alone["events_per_second"]]
-    bars = ax.bar(["consumer + registry\n(burst, Kafka)", "erasure transaction\nalone (in process)"], values)
+    group = report["registry_group_commit"]
+    values = [burst["events_per_second"] or 0.0, alone["events_per_second"], group["events_per_second"]]
+    bars = ax.bar(
+        [
+            "consumer + registry\n(burst, Kafka)",
+            "one transaction\nper event (in process)",
+            f"{group['events_per_transaction']} events per\ntransaction (in process)",
+        ],
+        values,
+    )
     ax.bar_label(bars, fmt="%.1f/s")
     ax.axhline(EVENTS_PER_SECOND_TARGET, color="grey", linestyle=":", label="target 200/s")
     ax.set_ylabel("events / s")
@@ -601,11 +640,14 @@ def print_report(report: dict[str, Any]) -> None:
         f"retrain tasks per 100 erasures: {on['retrains_per_100_erasures']} with coalescing, "
         f"{off['retrains_per_100_erasures']} without ({off['shards_made_stale']} shard hits)"
     )
-    alone = report["registry_transaction_only"]
+    alone, group = report["registry_transaction_only"], report["registry_group_commit"]
     print(
         f"the erasure transaction alone (no Kafka): {alone['ms_per_event']} ms and "
-        f"{alone['sql_statements_per_event']} SQL statements per event = {alone['events_per_second']}/s; "
-        f"load average {report['machine']['load_average_1m']} on {report['machine']['cpu_count']} cores"
+        f"{alone['sql_statements_per_event']} SQL statements per event = {alone['events_per_second']}/s "
+        f"one transaction each; {group['ms_per_event']} ms and {group['sql_statements_per_event']} "
+        f"statements per event = {group['events_per_second']}/s with {group['events_per_transaction']} "
+        f"events per transaction; load average {report['machine']['load_average_1m']} on "
+        f"{report['machine']['cpu_count']} cores"
     )
 
 

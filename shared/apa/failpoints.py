@@ -15,8 +15,10 @@ import signal
 from apa.settings import Settings
 
 POINTS: dict[str, str] = {
-    "consumer.after_db_commit": "the erasure consumer committed an event's transaction; the Kafka "
-    "offset is not committed and the outbox is not relayed yet",
+    "consumer.mid_batch": "the erasure consumer applied the first event of a poll batch of several "
+    "in the batch's transaction (its savepoint released); nothing of the batch is committed",
+    "consumer.after_db_commit": "the erasure consumer committed a poll batch's transaction; the Kafka "
+    "offsets are not committed and the outbox is not relayed yet",
     "consumer.after_offset_commit": "the offset is committed too; the outbox rows are not published yet",
     "relay.after_publish": "the relay published outbox rows; they are not marked sent yet",
     "worker.after_register": "a trainer registered a retrained adapter; its task is not finished in "

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from apa.artifacts import AdapterRef, ArtifactStore
 from apa.db import audit, registry
-from apa.db.models import AdapterVersion, AuditLog, Model, Shard
+from apa.db.models import AdapterVersion, AuditLog, Model
 from apa.db.models import Sample as SampleRow
 from apa.db.session import session_scope
 from apa.events import ErasureRequested
@@ -95,11 +95,7 @@ def handle_erasure(
     result = registry.record_erasure(
         session, event, pseudonymizer, now=now, replica_live_seconds=replica_live_seconds
     )
-    stale = {
-        ShardRef(shard.model_id, shard.index): shard.generation
-        for shard in (session.get(Shard, key) for key in result.stale_shards)
-        if shard is not None
-    }
+    stale = {ShardRef.parse(key): generation for key, generation in result.generations.items()}
     return ErasureOutcome(
         result.request.request_id, result.created, len(result.erased_samples), stale, result.request.status
     )

@@ -1,8 +1,10 @@
 """Scheduling retrains: the erasure transaction with its outbox rows, the retrain-task ledger and resume.
 
-* `erase` is what the erasure service does with one event, in one transaction: `handle_erasure`
-  (request, samples, stale shards, excluded adapters, audit), then for every shard it made stale a
-  `stale` shard event and a retrain task, both as outbox rows (`apa.outbox`).
+* `erase` is what the erasure service does with one event, in the caller's transaction:
+  `handle_erasure` (request, samples, stale shards, excluded adapters, audit), then for every shard
+  it made stale a `stale` shard event and a retrain task, both as outbox rows (`apa.outbox`). The
+  service applies a poll batch in one transaction, each event in a savepoint of its own
+  (`erase_in_savepoint`; `erase_batch` for a list): group commit.
 * The ledger (`retrain_tasks`) follows each retrain task from `queued` to `done`. Coalescing: a
   shard whose task is queued and not yet started gets no second task (the queued one will train on
   the newest remainder anyway). A task that finds itself already done (the relay published it twice)
@@ -64,6 +66,7 @@ def request_retrains(
     settings: Settings,
     request_id: str | None = None,
     now: datetime | None = None,
+    cached: bool = False,
 ) -> dict[ShardRef, tuple[RetrainTask, bool]]:
     """A retrain task for each shard (shard -> the generation it is queued for), in the caller's
     transaction, which holds the audit-chain lock: shard -> (task, created).
@@ -73,24 +76,36 @@ def request_retrains(
     a ledger row and an outbox row that enqueues `retrain_shard(shard_id, generation)` under the
     Celery task id `apa-retrain-<row id>`. Queueing writes no audit row: the ledger is its record,
     and the erasure's own audit rows name the shards it made stale.
+
+    `cached` (the erasures of one transaction): each shard's queued task is read once per
+    transaction and kept under the chain lock (`audit.held_cache`; only lock holders start tasks).
     """
     now = now or utcnow()
     out: dict[ShardRef, tuple[RetrainTask, bool]] = {}
+    cache = audit.held_cache(session) if cached else None
+    queued_by_shard: dict[str, RetrainTask | None] = (
+        cache.setdefault("queued_tasks", {}) if cache is not None else {}
+    )
     if settings.retrain_coalesce and shards:
         keys = {shard.key: shard for shard in shards}
-        queued = session.scalars(
-            select(RetrainTask)
-            .where(RetrainTask.shard_id.in_(sorted(keys)), RetrainTask.state == "queued")
-            .order_by(RetrainTask.id)
-            .with_for_update()
-        )
-        for task in queued:
-            shard = keys[task.shard_id]
-            if shard in out:
+        unread = sorted(k for k in keys if cache is None or k not in queued_by_shard)
+        if unread:
+            found: dict[str, RetrainTask] = {}
+            for row in session.scalars(
+                select(RetrainTask)
+                .where(RetrainTask.shard_id.in_(unread), RetrainTask.state == "queued")
+                .order_by(RetrainTask.id)
+                .with_for_update()
+            ):
+                found.setdefault(row.shard_id, row)
+            queued_by_shard.update({k: found.get(k) for k in unread})
+        for key, shard in sorted(keys.items()):
+            queued = queued_by_shard.get(key)
+            if queued is None or queued.state != "queued":
                 continue
-            task.coalesced += 1
-            task.generation = max(task.generation, shards[shard])
-            out[shard] = (task, False)
+            queued.coalesced += 1
+            queued.generation = max(queued.generation, shards[shard])
+            out[shard] = (queued, False)
     created = {
         shard: RetrainTask(
             shard_id=shard.key,
@@ -109,6 +124,7 @@ def request_retrains(
         session.add_all(created.values())
         session.flush()  # the ledger ids name the Celery tasks
     for shard, task in created.items():
+        queued_by_shard[shard.key] = task
         add_task(
             session,
             RETRAIN_TASK,
@@ -146,7 +162,7 @@ def erase(
     *,
     now: datetime | None = None,
 ) -> ErasureOutcome:
-    """One erasure event, in the caller's (one) transaction: `handle_erasure`, then a `stale` shard
+    """One erasure event, in the caller's transaction (or savepoint): `handle_erasure`, then a `stale` shard
     event and a retrain task (coalesced) per shard it made stale, as outbox rows. A redelivered
     request changes nothing; ConflictError when its id was used for another user."""
     outcome = handle_erasure(
@@ -171,14 +187,63 @@ def erase(
         settings=settings,
         request_id=outcome.request_id,
         now=now,
+        cached=True,
     )
     return outcome
 
 
+def erase_in_savepoint(
+    session: Session,
+    event: ErasureRequested,
+    pseudonymizer: Pseudonymizer,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+) -> ErasureOutcome:
+    """`erase` in a savepoint of the caller's transaction: an event that raises rolls back alone
+    (every row it wrote, its audit rows included) and the transaction goes on with the next one."""
+    with session.begin_nested():
+        return erase(session, event, pseudonymizer, settings, now=now)
+
+
+def erase_batch(
+    session: Session,
+    events: list[ErasureRequested],
+    pseudonymizer: Pseudonymizer,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+) -> list[ErasureOutcome | Exception]:
+    """Group commit: several erasure events in the caller's one transaction, each in a savepoint of
+    its own (`erase_in_savepoint`), with the audit-chain lock taken once for all of them. Returns,
+    per event, its outcome or the exception that rolled it back (the others stand). A database
+    error that leaves the transaction unusable (a lost connection) is raised: nothing commits."""
+    audit.lock_chain(session, keep_cache=True)  # outside the savepoints: no rollback releases it
+    registry.prefetch_erasures(session, events, pseudonymizer)
+    out: list[ErasureOutcome | Exception] = []
+    for event in events:
+        try:
+            out.append(erase_in_savepoint(session, event, pseudonymizer, settings, now=now))
+        except Exception as exc:
+            if transaction_lost(session, exc):
+                raise
+            out.append(exc)
+    return out
+
+
+def transaction_lost(session: Session, exc: BaseException) -> bool:
+    """True when `exc` means the database went away or the session's transaction can no longer be
+    used (retry everything later), False when only the failed savepoint was rolled back."""
+    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return True
+    root = session.get_transaction()
+    return root is None or not root.is_active
+
+
 def reject(session: Session, event: ErasureRequested, pseudonymizer: Pseudonymizer, reason: str) -> None:
     """Audit a refused erasure event (its request id was already used for another user or other
-    interactions), in a transaction of its own: the refused event changed nothing else."""
-    audit.lock_chain(session)
+    interactions), in the caller's transaction or savepoint: the refused event changed nothing else."""
+    audit.lock_chain(session, keep_cache=True)
     audit.append(
         session,
         "erasure_rejected",

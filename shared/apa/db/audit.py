@@ -12,7 +12,11 @@ Ids are 1, 2, 3, ... without gaps; `audit_head` holds the newest id and hash. Th
 the head itself (a trigger on INSERT into audit_log, migration 0005) and refuses an insert that
 does not extend it and any other change of it. Appends are serialised by the chain lock: a
 transaction-scoped advisory lock on Postgres (the application role needs no UPDATE right on
-audit_head), BEGIN IMMEDIATE on SQLite.
+audit_head), BEGIN IMMEDIATE on SQLite. A transaction takes the lock and reads the head once, however
+many rows it appends (the erasure service appends a whole poll batch's rows in one): `append` keeps
+the head in memory and leaves its row to the session's next flush, which inserts the pending rows in
+order, several per statement; any rollback, a savepoint's included, makes the next append lock and
+read the head again.
 
 What the chain alone cannot show, a cut-back of the newest rows (with the head rolled back) or a
 log rebuilt from scratch, the **anchors** show (`apa.anchors`): signed copies of the head written
@@ -32,8 +36,9 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import set_committed_value
 
 from apa.db.models import (
@@ -68,6 +73,8 @@ REGISTRY_ID = "registry_id"
 LEGACY_ROWS = "audit_legacy_rows"
 """registry_meta key: how many unkeyed rows migration 0005 found (informational; the trusted
 value is the setting `audit_legacy_rows`)."""
+CHAIN_STATE = "apa.audit_chain"
+"""`Session.info` entry: the chain lock this session holds in its current transaction (`lock_chain`)."""
 SESSION_KEY = "apa.audit_key"
 """`Session.info` entry holding the `AuditKey` a session writes and verifies with."""
 DEV_AUDIT_KEY_FILE = "dev-audit.key"
@@ -195,9 +202,63 @@ def _check_key(session: Session, key: AuditKey) -> None:
 # --- appending ---------------------------------------------------------------------------------------
 
 
-def lock_chain(session: Session) -> AuditHead:
+@dataclass
+class _ChainState:
+    """The chain as this transaction holds it: locked since `transaction` began (the root
+    transaction of the session), with the head as of the newest row this session appended."""
+
+    transaction: SessionTransaction
+    head: AuditHead
+    last_id: int
+    last_hash: str
+    key: AuditKey | None = None
+    """The audit key, checked against the chain's once per transaction."""
+    checked: set[str] = field(default_factory=set)
+    """What other checks this transaction made once (`mark_checked`)."""
+    cache: dict[str, Any] = field(default_factory=dict)
+    """Registry rows read under the lock (`held_cache`)."""
+
+
+def _held(session: Session) -> _ChainState | None:
+    """The chain state when this session holds the lock in its current root transaction."""
+    state = session.info.get(CHAIN_STATE)
+    if not isinstance(state, _ChainState):
+        return None
+    root = session.get_transaction()
+    if root is None or root is not state.transaction or not root.is_active:
+        session.info.pop(CHAIN_STATE, None)
+        return None
+    return state
+
+
+@sa_event.listens_for(Session, "after_soft_rollback")
+def _forget_on_rollback(session: Session, _previous: SessionTransaction) -> None:
+    """Any rollback, a savepoint's included, may undo appended rows (and a lock taken inside the
+    savepoint): the next writer locks and reads the head again."""
+    session.info.pop(CHAIN_STATE, None)
+
+
+@sa_event.listens_for(Session, "after_transaction_end")
+def _forget_on_end(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:  # the root transaction: the lock is gone with it
+        session.info.pop(CHAIN_STATE, None)
+
+
+def lock_chain(session: Session, *, keep_cache: bool = False) -> AuditHead:
     """Take the chain lock for the rest of the transaction (it serialises every registry writer)
-    and return the head as committed by the previous holder."""
+    and return the head as committed by the previous holder (and extended by this transaction).
+
+    The lock is taken and the head read once per transaction: later calls in the same transaction
+    (a consumer's batch of erasures) cost no statement. A rollback, a savepoint's included, makes
+    the next call lock and read again. A later call also empties `held_cache` unless `keep_cache`
+    (the erasures that fill it): whatever else the caller is about to change is not cached."""
+    state = _held(session)
+    if state is not None:
+        if not keep_cache:
+            state.cache.clear()
+        set_committed_value(state.head, "last_id", state.last_id)
+        set_committed_value(state.head, "last_hash", state.last_hash)
+        return state.head
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK_KEY})
     head = session.scalars(
@@ -205,7 +266,37 @@ def lock_chain(session: Session) -> AuditHead:
     ).one_or_none()
     if head is None:
         raise RuntimeError("audit_head row missing: run `apa db upgrade` on this database")
+    root = session.get_transaction()
+    assert root is not None  # the statements above began it
+    session.info[CHAIN_STATE] = _ChainState(root, head, head.last_id, head.last_hash)
     return head
+
+
+def was_checked(session: Session, what: str) -> bool:
+    """True when `mark_checked(what)` was called in this transaction, under the chain lock."""
+    state = _held(session)
+    return state is not None and what in state.checked
+
+
+def mark_checked(session: Session, what: str) -> None:
+    """Remember for the rest of this transaction that `what` was checked (only under the lock)."""
+    state = _held(session)
+    if state is not None:
+        state.checked.add(what)
+
+
+def held_cache(session: Session) -> dict[str, Any] | None:
+    """A dict that lives while this session holds the chain lock in its current transaction, None
+    when it does not. Any rollback (a savepoint's included) and the transaction's end drop it. What
+    only lock holders write can be kept in it: no other transaction changes it meanwhile."""
+    state = _held(session)
+    return None if state is None else state.cache
+
+
+def lock_is_fresh(session: Session) -> bool:
+    """True unless this session already holds the chain lock in its current transaction (then what
+    it read since is current: every other writer waits for the lock)."""
+    return _held(session) is None
 
 
 def append(
@@ -220,14 +311,25 @@ def append(
     now: datetime | None = None,
 ) -> AuditLog:
     """Append one row to the chain in the caller's transaction: the only way audit rows are written.
-    Rows outlive every erasure: they name users, samples and interactions by pseudonym only."""
-    head = lock_chain(session)
-    key = chain_key(session)
-    _check_key(session, key)
+    Rows outlive every erasure: they name users, samples and interactions by pseudonym only.
+
+    The row is added to the session, not flushed: the session inserts its pending rows in the order
+    they were appended at its next flush (several in one statement), and the database's trigger
+    checks that each extends the head. The head this transaction extends is kept in memory."""
+    state = _held(session)
+    if state is None:
+        lock_chain(session)
+        state = _held(session)
+        assert state is not None
+    key = state.key
+    if key is None:
+        key = chain_key(session)
+        _check_key(session, key)
+        state.key = key
     # Normalise the payload to what the JSON column gives back (lists, str keys, no NaN).
     normalised = json_roundtrip(payload or {})
     row = AuditLog(
-        id=head.last_id + 1,
+        id=state.last_id + 1,
         ts=now or utcnow(),
         event_type=event_type,
         request_id=request_id,
@@ -235,14 +337,14 @@ def append(
         shard_id=shard_id,
         adapter_version_id=adapter_version_id,
         payload=normalised,
-        prev_hash=head.last_hash,
+        prev_hash=state.last_hash,
     )
     row.hash = compute_hash(row.prev_hash, row_content(row), key)
     session.add(row)
-    session.flush()
-    # The database's trigger moved audit_head with the insert; mirror it without an UPDATE.
-    set_committed_value(head, "last_id", row.id)
-    set_committed_value(head, "last_hash", row.hash)
+    # The database's trigger moves audit_head with the insert; mirror it without an UPDATE.
+    state.last_id, state.last_hash = row.id, row.hash
+    set_committed_value(state.head, "last_id", row.id)
+    set_committed_value(state.head, "last_hash", row.hash)
     return row
 
 

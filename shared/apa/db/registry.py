@@ -3,8 +3,9 @@
 Every function takes a Session and works inside the caller's transaction (it never commits):
 the erasure service commits before acknowledging the Kafka message. Each transition first locks
 the audit chain (`audit.lock_chain`), which serialises all registry writers: an erasure and an
-adapter promotion on the same shard can never interleave. Every state change writes audit rows
-through `audit.append`.
+adapter promotion on the same shard can never interleave (a transaction takes the lock once, however
+many transitions it holds: the erasure service applies a poll batch in one). Every state change
+writes audit rows through `audit.append`.
 
 State machines:
   shard:            serving -> stale (erasure) -> retraining (mark_retraining) -> serving (promotion);
@@ -17,7 +18,7 @@ State machines:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -75,19 +76,61 @@ PSEUDONYM_KEY_ID = "pseudonym_key_id"
 def check_pseudonym_key(session: Session, pseudonymizer: Pseudonymizer) -> None:
     """Refuse (PseudonymKeyMismatch) to work on a registry whose pseudonyms were made with another
     key: its erasures would silently find nothing. The first writer records its key's fingerprint."""
+    checked = f"{PSEUDONYM_KEY_ID}:{pseudonymizer.key_id}"
+    if audit.was_checked(session, checked):
+        return  # already in this transaction (several erasures in one)
     row = session.get(RegistryMeta, PSEUDONYM_KEY_ID)
     if row is None:
         session.add(RegistryMeta(key=PSEUDONYM_KEY_ID, value=pseudonymizer.key_id))
         session.flush()
-        return
-    pseudonymizer.check_key_id(row.value, "the registry")
+    else:
+        pseudonymizer.check_key_id(row.value, "the registry")
+    audit.mark_checked(session, checked)
 
 
-def _begin(session: Session) -> None:
+def _begin(session: Session, *, erasure: bool = False) -> None:
     """Start a transition: take the chain lock (serialising registry writers), then forget what the
-    session cached before the lock, so every decision reads the newest committed state."""
-    audit.lock_chain(session)
-    session.expire_all()
+    session cached before the lock, so every decision reads the newest committed state. A session
+    that already holds the lock in this transaction (several erasures in one transaction) keeps
+    what it read under the lock: it is current, as every other writer waits for the lock. The rows
+    erasures keep for each other (`audit.held_cache`) are dropped by any other transition."""
+    fresh = audit.lock_is_fresh(session)
+    audit.lock_chain(session, keep_cache=erasure)
+    if fresh:
+        session.expire_all()
+
+
+def prefetch_erasures(
+    session: Session, events: Sequence[ErasureRequested], pseudonymizer: Pseudonymizer
+) -> None:
+    """Read what a batch of erasures will look at (their request ids, users and the users' samples)
+    in three queries, for `record_erasure` to find in `audit.held_cache` instead of three queries
+    per event. Only under the chain lock (otherwise it does nothing): nobody else changes these rows
+    until the transaction ends."""
+    cache = audit.held_cache(session)
+    if cache is None or not events:
+        return
+    ids = sorted({e.request_id for e in events})
+    known = {
+        r.request_id: r
+        for r in session.scalars(select(ErasureRequest).where(ErasureRequest.request_id.in_(ids)))
+    }
+    requests = cache.setdefault("requests", {})
+    for request_id in ids:
+        requests.setdefault(request_id, known.get(request_id))
+    pids = sorted({pseudonymizer.user(e.user_id) for e in events})
+    found = {u.pid: u for u in session.scalars(select(User).where(User.pid.in_(pids)))}
+    users = cache.setdefault("users", {})
+    for pid in pids:
+        users.setdefault(pid, found.get(pid))
+    whole = sorted({pseudonymizer.user(e.user_id) for e in events if e.interactions is None})
+    by_user: dict[str, list[Sample]] = {pid: [] for pid in whole}
+    if whole:
+        for sample in session.scalars(select(Sample).where(Sample.user_pid.in_(whole)).order_by(Sample.id)):
+            by_user[sample.user_pid].append(sample)
+    samples = cache.setdefault("samples", {})
+    for pid, rows in by_user.items():
+        samples.setdefault(pid, rows)
 
 
 def shard_key(model_id: str, index: int) -> str:
@@ -109,6 +152,8 @@ class ErasureResult:
     """`<model_id>/<sample pid>` of the samples this call erased."""
     stale_shards: list[str]
     """Shards whose data changed in this call: stale now, to be retrained."""
+    generations: dict[str, int] = field(default_factory=dict)
+    """The new generation of each of `stale_shards`."""
 
 
 def record_erasure(
@@ -131,15 +176,22 @@ def record_erasure(
     Only pseudonyms are stored: the erased samples lose their record, label and interaction
     index rows, and the request and audit rows name the user and interactions by pseudonym.
     """
-    _begin(session)
+    _begin(session, erasure=True)
     check_pseudonym_key(session, pseudonymizer)
+    cache = audit.held_cache(session)
+    assert cache is not None  # _begin took the lock
+    requests: dict[str, ErasureRequest | None] = cache.setdefault("requests", {})
+    users: dict[str, User | None] = cache.setdefault("users", {})
     user_pid = pseudonymizer.user(event.user_id)
     interaction_pids = (
         sorted({pseudonymizer.interaction(i) for i in event.interactions})
         if event.interactions is not None
         else None
     )
-    existing = session.get(ErasureRequest, event.request_id, populate_existing=True)
+    if event.request_id in requests:
+        existing = requests[event.request_id]
+    else:
+        existing = session.get(ErasureRequest, event.request_id, populate_existing=True)
     if existing is not None:
         same = existing.user_pid == user_pid and existing.interaction_pids == interaction_pids
         if not same or existing.scope != event.scope:
@@ -149,13 +201,19 @@ def record_erasure(
         return ErasureResult(existing, created=False, erased_samples=[], stale_shards=[])
 
     now = now or utcnow()
-    user = session.get(User, user_pid)
+    user = users[user_pid] if user_pid in users else session.get(User, user_pid)
     user_known = user is not None
     if user is None:
         user = User(pid=user_pid, registered_at=now)
         session.add(user)
         session.flush()  # no ORM relationships: flush parents before children
+    users[user_pid] = user
     requested_at = parse_timestamp(event.requested_at, "requested_at")
+    prefetched = cache.get("samples", {}).get(user_pid) if interaction_pids is None else None
+    matched = (
+        list(prefetched) if prefetched is not None else _matching_samples(session, user_pid, interaction_pids)
+    )
+    newly_erased = [s for s in matched if not s.erased]
     request = ErasureRequest(
         request_id=event.request_id,
         user_pid=user_pid,
@@ -164,11 +222,13 @@ def record_erasure(
         status="received",
         requested_at=requested_at,
         received_at=now,
-        samples_erased=0,
+        samples_erased=len(newly_erased),
+        outcome="erased" if matched else "no_data_held",
         due_at=due_date(requested_at),
     )
     session.add(request)
-    session.flush()
+    session.flush()  # the parent of the samples' erasure_request_id and of the shard links
+    requests[request.request_id] = request
     audit.append(
         session,
         "erasure_received",
@@ -182,8 +242,6 @@ def record_erasure(
         now=now,
     )
 
-    matched = _matching_samples(session, user_pid, interaction_pids)
-    request.outcome = "erased" if matched else "no_data_held"
     if not matched:
         # An unknown user or interactions no sample holds: completed below with nothing found, and
         # said so distinctly (a typo in an id must not look like a normal success).
@@ -195,7 +253,6 @@ def record_erasure(
             payload={"scope": request.scope, "user_known": user_known},
             now=now,
         )
-    newly_erased = [s for s in matched if not s.erased]
     for sample in newly_erased:
         sample.erased = True
         sample.erased_at = now
@@ -204,11 +261,14 @@ def record_erasure(
         sample.interaction_pids = None
         sample.erasure_request_id = request.request_id
     if newly_erased:
-        session.execute(delete(Interaction).where(Interaction.sample_pk.in_([s.id for s in newly_erased])))
-    request.samples_erased = len(newly_erased)
+        with session.no_autoflush:  # the pending rows (audit, samples) do not touch interactions
+            session.execute(
+                delete(Interaction)
+                .where(Interaction.sample_pk.in_([s.id for s in newly_erased]))
+                .execution_options(synchronize_session=False)
+            )
     if event.interactions is None and user.erased_at is None:
         user.erased_at = now
-    session.flush()
     audit.append(
         session,
         "samples_erased",
@@ -232,25 +292,46 @@ def record_erasure(
     )
 
     stale_shards = sorted({s.shard_id for s in newly_erased if s.shard_id is not None})
-    excluded_by_shard: dict[str, int | None] = {}
-    for shard_id in stale_shards:
-        excluded_by_shard[shard_id] = _make_stale(session, shard_id, request, now)
-
     affected = sorted({s.shard_id for s in matched if s.shard_id is not None})
+    # the affected shards and their serving versions, read once (not one query per shard)
+    # (kept for the next erasures of the transaction: only lock holders change them)
+    known_shards: dict[str, Shard | None] = cache.setdefault("shards", {})
+    known_serving: dict[str, AdapterVersion | None] = cache.setdefault("serving", {})
+    missing = [shard_id for shard_id in affected if shard_id not in known_shards]
+    unknown = [shard_id for shard_id in affected if shard_id not in known_serving]
+    with session.no_autoflush:  # what is pending (samples, audit rows) does not change these reads
+        if missing:
+            found = {s.id: s for s in session.scalars(select(Shard).where(Shard.id.in_(missing)))}
+            known_shards.update({shard_id: found.get(shard_id) for shard_id in missing})
+        if unknown:
+            versions = _serving_versions(session, unknown)
+            known_serving.update({shard_id: versions.get(shard_id) for shard_id in unknown})
+    shards = {shard_id: known_shards[shard_id] for shard_id in affected}
+    serving = {shard_id: v for shard_id in affected if (v := known_serving[shard_id]) is not None}
+    excluded_by_shard: dict[str, int | None] = {}
+    generations: dict[str, int] = {}
+    for shard_id in stale_shards:
+        excluded_by_shard[shard_id], generations[shard_id] = _make_stale(
+            session, shards.get(shard_id), shard_id, serving.pop(shard_id, None), request, now
+        )
+        known_serving[shard_id] = None  # excluded
+
+    pending: list[Shard] = []
     for shard_id in affected:
         link = ErasureRequestShard(
             request_id=request.request_id,
             shard_id=shard_id,
             excluded_version_id=excluded_by_shard.get(shard_id),
         )
-        shard = session.get(Shard, shard_id)
+        shard = shards.get(shard_id)
         if shard_id not in excluded_by_shard and shard is not None and shard.state == "serving":
             # Already-erased samples on a shard that has since been retrained: nothing to wait for.
-            current = _serving_version(session, shard_id)
+            current = serving.get(shard_id)
             link.retrained_version_id = current.id if current else None
             link.retrained_at = (current.promoted_at if current else None) or now
+        if link.retrained_version_id is None and shard is not None:
+            pending.append(shard)
         session.add(link)
-    session.flush()
 
     request.status = "excluded"
     request.excluded_at = now
@@ -266,13 +347,15 @@ def record_erasure(
         },
         now=now,
     )
-    _advance_request(session, request, now)
-    _confirm_replicas(session, now, replica_live_seconds, [request])
+    _advance_request(session, request, now, pending=pending)
+    # No replica confirmation here: it needs a heartbeat sent after this exclusion, so it comes with
+    # the next heartbeat or status read (and the erasure transaction stays cheap for group commit).
     return ErasureResult(
         request,
         created=True,
         erased_samples=[f"{s.model_id}/{s.sample_pid}" for s in newly_erased],
         stale_shards=stale_shards,
+        generations=generations,
     )
 
 
@@ -288,20 +371,25 @@ def _matching_samples(session: Session, user_pid: str, interaction_pids: list[st
     return list(session.scalars(query.order_by(Sample.id)))
 
 
-def _make_stale(session: Session, shard_id: str, request: ErasureRequest, now: datetime) -> int | None:
-    """Shard data changed: stale, next generation, serving adapter excluded. Returns its id."""
-    shard = session.get(Shard, shard_id, populate_existing=True)
+def _make_stale(
+    session: Session,
+    shard: Shard | None,
+    shard_id: str,
+    excluded: AdapterVersion | None,
+    request: ErasureRequest,
+    now: datetime,
+) -> tuple[int | None, int]:
+    """Shard data changed: stale, next generation, its serving adapter version (`excluded`, read by
+    the caller) excluded. Returns that version's id and the new generation."""
     if shard is None:  # pragma: no cover - foreign key
         raise NotFoundError(f"shard {shard_id!r}")
     previous = shard.state
     shard.state = "stale"
     shard.generation += 1
     shard.updated_at = now
-    excluded = _serving_version(session, shard_id)
     if excluded is not None:
         excluded.state = "excluded"
         excluded.excluded_at = now
-    session.flush()
     audit.append(
         session,
         "shard_stale",
@@ -316,30 +404,42 @@ def _make_stale(session: Session, shard_id: str, request: ErasureRequest, now: d
         },
         now=now,
     )
-    return excluded.id if excluded else None
+    return (excluded.id if excluded else None), shard.generation
 
 
-def _serving_version(session: Session, shard_id: str) -> AdapterVersion | None:
-    return session.scalars(
-        select(AdapterVersion).where(AdapterVersion.shard_id == shard_id, AdapterVersion.state == "serving")
-    ).first()
+def _serving_versions(session: Session, shard_ids: Sequence[str]) -> dict[str, AdapterVersion]:
+    """Shard id -> its serving adapter version, for several shards in one query."""
+    out: dict[str, AdapterVersion] = {}
+    for version in session.scalars(
+        select(AdapterVersion)
+        .where(AdapterVersion.shard_id.in_(shard_ids), AdapterVersion.state == "serving")
+        .order_by(AdapterVersion.id)
+    ):
+        if version.state == "serving":  # not excluded meanwhile in this session (not flushed yet)
+            out.setdefault(version.shard_id, version)
+    return out
 
 
-def _advance_request(session: Session, request: ErasureRequest, now: datetime) -> None:
+def _advance_request(
+    session: Session, request: ErasureRequest, now: datetime, *, pending: Sequence[Shard] | None = None
+) -> None:
     """Move an excluded/retraining request on: retraining when one of its pending shards retrains,
-    completed when none is pending."""
+    completed when none is pending. `pending`: its shards not retrained yet, when the caller knows
+    them (it just linked them), else read from the registry."""
     if request.status == "completed":
         return
-    pending = list(
-        session.scalars(
-            select(Shard)
-            .join(ErasureRequestShard, ErasureRequestShard.shard_id == Shard.id)
-            .where(
-                ErasureRequestShard.request_id == request.request_id,
-                ErasureRequestShard.retrained_version_id.is_(None),
+    known = pending is not None
+    if pending is None:
+        pending = list(
+            session.scalars(
+                select(Shard)
+                .join(ErasureRequestShard, ErasureRequestShard.shard_id == Shard.id)
+                .where(
+                    ErasureRequestShard.request_id == request.request_id,
+                    ErasureRequestShard.retrained_version_id.is_(None),
+                )
             )
         )
-    )
     if not pending:
         request.status = "completed"
         request.completed_at = now
@@ -362,7 +462,8 @@ def _advance_request(session: Session, request: ErasureRequest, now: datetime) -
             payload={"retraining_shards": sorted(s.id for s in pending if s.state == "retraining")},
             now=now,
         )
-    session.flush()
+    if not known:  # the caller flushes (or commits) what it knows
+        session.flush()
 
 
 # --- retraining ------------------------------------------------------------------------------------
@@ -796,7 +897,6 @@ def _confirm_replicas(
         if not status.due:
             continue
         request.replicas_confirmed_at = now
-        session.flush()
         audit.append(
             session,
             "replicas_confirmed",
