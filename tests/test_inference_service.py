@@ -462,3 +462,90 @@ def test_hot_reload_under_load_fails_no_request_and_changes_the_cache_keys(
     finally:
         server.close()
         replica.close()
+
+
+# --- the served command -------------------------------------------------------------------------------
+
+
+class FakeRegistry:
+    """Records the heartbeats a replica posts (the registry's side is tested with the registry)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+                outer.requests.append((self.path, dict(self.headers.items()), body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.mark.integration
+def test_apa_serve_inference_serves_over_gunicorn_and_heartbeats_with_the_replica_token(
+    deployment: tuple[Engine, ArtifactStore, Path], tmp_path: Path
+) -> None:
+    import urllib.request
+
+    from erasure_fixtures import ServiceProcess
+    from kafka_fixtures import free_port
+
+    engine, _, _ = deployment
+    port = free_port()
+    fake = FakeRegistry()
+    liveness = tmp_path / "inference.alive"
+    env = {
+        "APA_DATABASE_URL": f"sqlite:///{tmp_path / 'registry.db'}",
+        "APA_ARTIFACT_STORE": str(tmp_path / "artifacts"),
+        "APA_API_TOKEN": TOKEN,
+        "APA_REPLICA_TOKEN": "replica-secret",
+        "APA_REGISTRY_URL": fake.url,
+        "APA_REPLICA_ID": "replica-a",
+        "APA_WORKER_MODEL": "tiny",
+        "APA_LIVENESS_FILE": str(liveness),
+        "APA_INFERENCE_HEARTBEAT_S": "1",
+    }
+    service = ServiceProcess(
+        "services.inference", env, tmp_path / "inference.log", "--host", "127.0.0.1", "--port", str(port)
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            assert service.running(), service.tail()
+            return False
+
+    try:
+        wait_until(ready, 120, "the replica to load")
+        with session_scope(engine) as session:
+            candidates = list(session.scalars(select(CatalogueItem.item_id).limit(3)))
+        status, body = _post(url + "/recommend", {"user_id": _users(engine)[0], "candidates": candidates})
+        assert status == 200, body
+        assert len(body["ranked"]) == 3 and len(body["adapter_versions"]) == 3
+        wait_until(lambda: fake.requests, 30, "a heartbeat")
+        path, headers, sent = fake.requests[-1]
+        assert path == "/replicas/replica-a/heartbeat"
+        assert headers["Authorization"] == "Bearer replica-secret"
+        assert sent == {"loaded": body["adapter_versions"], "model_id": MODEL_ID}
+        assert liveness.exists()
+    finally:
+        service.stop()
+        fake.close()
