@@ -549,3 +549,18 @@ def test_apa_serve_inference_serves_over_gunicorn_and_heartbeats_with_the_replic
     finally:
         service.stop()
         fake.close()
+
+
+@pytest.mark.integration
+def test_apa_bench_serve_measures_the_running_service(tmp_path: Path) -> None:
+    from apa.bench_serve import ServeBenchConfig, run_serve_bench
+
+    config = ServeBenchConfig(model="tiny", num_shards=3, requests=1, concurrency=(1, 2), erasures=1)
+    report = run_serve_bench(config, tmp_path / "out", say=lambda _m: None)
+    assert json.loads((tmp_path / "out" / "serve.json").read_text()) == json.loads(json.dumps(report))
+    assert [r["concurrency"] for r in report["throughput"]] == [1, 2]
+    assert all(r["failed"] == 0 and r["requests_per_s"] > 0 for r in report["throughput"])
+    [round_] = report["exclusion_and_reload"]["rounds"]
+    assert round_["stale_event_to_first_excluding_response_ms"] is not None
+    assert round_["serving_event_to_first_response_with_new_version_ms"] is not None
+    assert report["exclusion_and_reload"]["failed_requests"] == 0
