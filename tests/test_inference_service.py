@@ -183,8 +183,13 @@ def test_recommend_builds_prompts_from_the_registry_history_and_an_erased_user_i
         assert ps == sorted(ps, reverse=True)
         np.testing.assert_allclose(sorted(ps), sorted(replica.score(prompts).p_yes), rtol=1e-5)
 
+        pool_before = {s.user_id for s in replica.scorer.valid_pool}  # type: ignore[union-attr]
+        assert user in pool_before
         _erase(engine, settings, user)
         assert replica.user_history(user) == []
+        time.sleep(replica.config.registry_max_age_s + 0.1)
+        replica.score(prompts[:1])  # this batch checks the registry: erased samples leave the pool
+        assert user not in {s.user_id for s in replica.scorer.valid_pool}  # type: ignore[union-attr]
         assert latest_history([], items) == []
         after = replica.recommend_prompts(user, candidates)
         assert all("User Preference: \nUser Unpreference: \n" in p for p in after)
