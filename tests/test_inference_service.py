@@ -569,3 +569,28 @@ def test_apa_bench_serve_measures_the_running_service(tmp_path: Path) -> None:
     assert round_["stale_event_to_first_excluding_response_ms"] is not None
     assert round_["serving_event_to_first_response_with_new_version_ms"] is not None
     assert report["exclusion_and_reload"]["failed_requests"] == 0
+
+
+def test_per_request_omega_gives_every_candidate_the_omega_of_the_history_prompt(
+    deployment: tuple[Engine, ArtifactStore, Path], backbone: Backbone, tmp_path: Path
+) -> None:
+    engine, store, _ = deployment
+    replica = _replica(engine, store, backbone, _settings(tmp_path), omega="per_request")
+    try:
+        with session_scope(engine) as session:
+            candidates = list(session.scalars(select(CatalogueItem.item_id).limit(4)))
+        user = _users(engine)[0]
+        prompts = replica.recommend_prompts(user, candidates)
+        [prefix] = replica.recommend_prompts(user, [], prefix_only=True)
+        assert 'target movie ""?' in prefix
+        body = replica.recommend(user, candidates)
+        scorer = replica.scorer
+        assert scorer is not None
+        row = scorer.weights([prefix], WeightConfig())
+        p_lib, _ = scorer.score(prompts, "decomposition", omega=np.repeat(row, len(prompts), axis=0))
+        got = {r["item_id"]: r["p_yes"] for r in body["ranked"]}
+        np.testing.assert_allclose([got[c] for c in candidates], p_lib, rtol=1e-5, atol=1e-6)
+        scored = replica.score(prompts, prefix=prefix)
+        assert np.allclose(scored.omega, scored.omega[0]) and np.allclose(scored.omega[0], row[0])
+    finally:
+        replica.close()

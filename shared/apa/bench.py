@@ -502,6 +502,7 @@ def bench_command(
     candidates: int = 5,
     concurrency: int | list[int] | None = None,
     erasures: int = 2,
+    omega: str = "per_candidate",
 ) -> int:
     """Benchmark APA: inference throughput and latency, training, the backbone, erasure or the inference service.
 
@@ -527,6 +528,7 @@ def bench_command(
         candidates: serve: candidate items per POST /recommend.
         concurrency: serve: client threads, e.g. [1,8] (default); num_requests is per thread.
         erasures: serve: stale-event / hot-reload rounds against the running service.
+        omega: serve: the service's ω of /recommend, per_candidate (the paper's) or per_request.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if what == "erasure":  # the erasure service's bench: no model, its own module
@@ -548,6 +550,7 @@ def bench_command(
                 requests=num_requests,
                 concurrency=tuple(_as_list(concurrency, [1, 8])),
                 erasures=erasures,
+                omega=omega,
                 seed=seed,
             ),
             Path(out),

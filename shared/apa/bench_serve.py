@@ -55,8 +55,10 @@ class ServeBenchConfig:
     """Client threads of the throughput phase."""
     erasures: int = 2
     """Stale-event / hot-reload rounds (each excludes one shard, then serves a new version of it)."""
-    users_per_shard: int = 2
+    users_per_shard: int = 1
     """Users whose train samples all sit in one shard (so an erasure stales exactly one)."""
+    omega: str = "per_candidate"
+    """The service's APA_INFERENCE_OMEGA: per_candidate (the paper's) or per_request."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -288,6 +290,7 @@ def run_serve_bench(config: ServeBenchConfig, out: Path, say: Any = print) -> di
             "APA_MODEL_ID": MODEL_ID,
             "APA_REGISTRY_URL": "http://127.0.0.1:9",  # no registry: heartbeats fail quietly
             "APA_LOG_LEVEL": "WARNING",
+            "APA_INFERENCE_OMEGA": config.omega,
         }
         began = time.monotonic()
         processes.append(

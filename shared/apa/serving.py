@@ -119,6 +119,10 @@ class ServingConfig:
     """Interactions of a user's history (TALLRec: 10)."""
     heartbeat_s: float = 5.0
     """Seconds between heartbeats."""
+    omega: str = "per_candidate"
+    """ω of a /recommend: `per_candidate` (each candidate's full prompt embedded: the paper's) or
+    `per_request` (one ω from the user's history prompt without a target, shared by its candidates:
+    one embedding pass per request instead of one per candidate)."""
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -126,6 +130,8 @@ class ServingConfig:
         for name in ("registry_max_age_s", "heartbeat_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.omega not in ("per_candidate", "per_request"):
+            raise ValueError(f"omega must be per_candidate or per_request, got {self.omega!r}")
         if self.batch_wait_s < 0:
             raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
         for name in ("max_batch", "max_candidates", "history_length"):
@@ -142,6 +148,7 @@ class ServingConfig:
             max_batch=settings.inference_max_batch,
             max_candidates=settings.inference_max_candidates,
             heartbeat_s=settings.inference_heartbeat_s,
+            omega=settings.inference_omega,
         )
 
 
@@ -195,6 +202,8 @@ class Scored:
 @dataclass
 class _Job:
     prompts: list[str]
+    prefix: str | None = None
+    """per_request ω: the prompt whose embedding gives every row of this job its ω."""
     done: threading.Event = field(default_factory=threading.Event)
     result: Scored | None = None
     error: BaseException | None = None
@@ -596,11 +605,12 @@ class Replica:
 
     # -- scoring ------------------------------------------------------------------------------------
 
-    def score(self, prompts: Sequence[str], timeout_s: float = 300.0) -> Scored:
-        """Score `prompts` in the next micro-batch (with whatever other requests join it)."""
+    def score(self, prompts: Sequence[str], timeout_s: float = 300.0, *, prefix: str | None = None) -> Scored:
+        """Score `prompts` in the next micro-batch (with whatever other requests join it); with
+        `prefix`, every prompt gets the ω of the prefix's embedding (per-request ω)."""
         if not self.ready.is_set():
             raise ServiceUnavailable(self.load_error or "the replica is still loading its model and adapters")
-        job = _Job(list(prompts))
+        job = _Job(list(prompts), prefix)
         self._jobs.put(job)
         if not job.done.wait(timeout_s):
             raise ServiceUnavailable(f"no answer within {timeout_s:.0f} s")
@@ -629,7 +639,9 @@ class Replica:
                 jobs.append(job)
                 size += len(job.prompts)
             try:
-                scored = self.score_now([p for j in jobs for p in j.prompts])
+                scored = self.score_now(
+                    [p for j in jobs for p in j.prompts], [j.prefix for j in jobs for _ in j.prompts]
+                )
                 start = 0
                 for job in jobs:
                     end = start + len(job.prompts)
@@ -641,9 +653,9 @@ class Replica:
             for job in jobs:
                 job.done.set()
 
-    def score_now(self, prompts: Sequence[str]) -> Scored:
+    def score_now(self, prompts: Sequence[str], prefixes: Sequence[str | None] | None = None) -> Scored:
         """One batch, in the caller's thread: the registry check, then the scorer with every blocked
-        shard at weight 0."""
+        shard at weight 0. A row with a prefix gets the ω of the prefix (computed once per prefix)."""
         scorer = self.scorer
         if scorer is None:
             raise ServiceUnavailable("the replica is still loading its model and adapters")
@@ -656,7 +668,12 @@ class Replica:
                 stale = sorted(self.shard_id(k) for k in range(self.num_shards))
                 raise ServiceUnavailable(f"every shard is stale or without a serving adapter: {stale}")
             excluded = {k for k in serving if k in blocked}
-            p_yes, omega = scorer.score(list(prompts), self.config.level, self.config.weights, excluded)
+            omega = None
+            if prefixes is not None and any(p is not None for p in prefixes):
+                omega = self._omega(scorer, list(prompts), list(prefixes), excluded)
+            p_yes, omega = scorer.score(
+                list(prompts), self.config.level, self.config.weights, excluded, omega=omega
+            )
         return Scored(
             p_yes=p_yes,
             omega=omega,
@@ -664,6 +681,15 @@ class Replica:
             adapter_sha256={self.shard_id(k): serving[k].sha256 for k in allowed},
             excluded_shards=[self.shard_id(k) for k in range(self.num_shards) if k not in allowed],
         )
+
+    def _omega(
+        self, scorer: AggregatedScorer, prompts: list[str], prefixes: list[str | None], excluded: set[int]
+    ) -> np.ndarray:
+        """ω rows: per prefix (embedded once) where given, per prompt elsewhere."""
+        texts = list(dict.fromkeys(p if p is not None else prompts[i] for i, p in enumerate(prefixes)))
+        rows = scorer.weights(texts, self.config.weights, excluded)
+        index = {t: i for i, t in enumerate(texts)}
+        return rows[[index[p if p is not None else prompts[i]] for i, p in enumerate(prefixes)]]
 
     # -- recommending -------------------------------------------------------------------------------
 
@@ -693,9 +719,15 @@ class Replica:
         return latest_history(samples, self.catalogue, self.config.history_length)
 
     def recommend_prompts(
-        self, user_id: str, candidates: Sequence[str], history: Sequence[Mapping[str, Any]] | None = None
+        self,
+        user_id: str,
+        candidates: Sequence[str],
+        history: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        prefix_only: bool = False,
     ) -> list[str]:
-        """The TALLRec prompt of each candidate for this user (history from the registry unless given)."""
+        """The TALLRec prompt of each candidate for this user (history from the registry unless
+        given); `prefix_only`: the one prompt with the history and no target (per-request ω)."""
         titles = [self.title(item, f"candidates[{i}]") for i, item in enumerate(candidates)]
         if history is None:
             past = self.user_history(user_id)
@@ -704,13 +736,19 @@ class Replica:
                 HistoryItem(self.title(h["item_id"], f"history[{i}].item_id"), bool(h["liked"]))
                 for i, h in enumerate(history)
             ]
+        if prefix_only:
+            return [recommend_prompt(past, "", self.instruction)]
         return [recommend_prompt(past, title, self.instruction) for title in titles]
 
     def recommend(
         self, user_id: str, candidates: Sequence[str], history: Sequence[Mapping[str, Any]] | None = None
     ) -> dict[str, Any]:
         """`{ranked: [{item_id, p_yes}], adapter_versions, excluded_shards}`, best first."""
-        scored = self.score(self.recommend_prompts(user_id, candidates, history))
+        prompts = self.recommend_prompts(user_id, candidates, history)
+        prefix = None
+        if self.config.omega == "per_request":
+            prefix = self.recommend_prompts(user_id, [], history, prefix_only=True)[0]
+        scored = self.score(prompts, prefix=prefix)
         order = sorted(range(len(candidates)), key=lambda i: (-float(scored.p_yes[i]), i))
         return {
             "ranked": [{"item_id": candidates[i], "p_yes": float(scored.p_yes[i])} for i in order],

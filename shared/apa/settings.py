@@ -136,6 +136,9 @@ class Settings:
     """Most prompts one micro-batch scores (one forward pass per `batch_size` of the backbone)."""
     inference_max_candidates: int = 100
     """Most candidate items of one POST /recommend (and prompts of one POST /score)."""
+    inference_omega: str = "per_candidate"
+    """ω of POST /recommend: `per_candidate` (the paper's: each candidate prompt embedded) or
+    `per_request` (one ω from the user's history prompt, shared by the request's candidates)."""
     inference_heartbeat_s: float = 5.0
     """Seconds between a replica's heartbeats to the registry (also sent at once when its loaded set changes)."""
     migrations_dir: str | None = None
