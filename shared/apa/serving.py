@@ -165,7 +165,9 @@ class RegistrySnapshot:
 
 
 def read_snapshot(engine: Engine, model_id: str) -> RegistrySnapshot:
-    """The registry's shards, serving versions and erased-sample count of `model_id`, now."""
+    """The registry's shards, serving versions and erased-sample count of `model_id`, now (`at` is
+    taken before the queries: the snapshot is never younger than what it saw)."""
+    began = time.monotonic()
     with session_scope(engine) as session:
         rows = session.execute(
             select(Shard.index, Shard.generation, Shard.state).where(Shard.model_id == model_id)
@@ -177,7 +179,7 @@ def read_snapshot(engine: Engine, model_id: str) -> RegistrySnapshot:
             .where(SampleRow.model_id == model_id, SampleRow.erased.is_(True))
         )
     return RegistrySnapshot(
-        time.monotonic(),
+        began,
         {int(i): int(g) for i, g, _ in rows},
         {int(i): str(s) for i, _, s in rows},
         refs,
