@@ -207,6 +207,8 @@ class _Job:
     prefix: str | None = None
     """per_request ω: the prompt whose embedding gives every row of this job its ω."""
     done: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
+    """The caller stopped waiting (timeout): not scored if it was not started yet."""
     result: Scored | None = None
     error: BaseException | None = None
 
@@ -615,6 +617,7 @@ class Replica:
         job = _Job(list(prompts), prefix)
         self._jobs.put(job)
         if not job.done.wait(timeout_s):
+            job.abandoned = True
             raise ServiceUnavailable(f"no answer within {timeout_s:.0f} s")
         if job.error is not None:
             raise job.error
@@ -627,6 +630,8 @@ class Replica:
                 first = self._jobs.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if first.abandoned:
+                continue
             jobs = [first]
             size = len(first.prompts)
             deadline = time.monotonic() + self.config.batch_wait_s
@@ -638,8 +643,9 @@ class Replica:
                     job = self._jobs.get(timeout=remaining)
                 except queue.Empty:
                     break
-                jobs.append(job)
-                size += len(job.prompts)
+                if not job.abandoned:
+                    jobs.append(job)
+                    size += len(job.prompts)
             try:
                 scored = self.score_now(
                     [p for j in jobs for p in j.prompts], [j.prefix for j in jobs for _ in j.prompts]
