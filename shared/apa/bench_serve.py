@@ -366,7 +366,7 @@ def run_serve_bench(config: ServeBenchConfig, out: Path, say: Any = print) -> di
             def without_old(body: dict[str, Any], old: dict[str, int] = old) -> bool:
                 return all(body["adapter_versions"].get(k) != v for k, v in old.items())
 
-            excluded_at = loop.first(published, without_old, 120)
+            excluded_at = loop.first(published, without_old, 900)
             # a retrained version (random weights standing in for training), promoted and announced
             key = next(iter(stale))
             index = int(key.rsplit("/", 1)[1])
@@ -412,9 +412,15 @@ def run_serve_bench(config: ServeBenchConfig, out: Path, say: Any = print) -> di
             def serves_new(body: dict[str, Any], key: str = key, version: int = manifest.version) -> bool:
                 return bool(body["adapter_versions"].get(key) == version)
 
-            reloaded_at = loop.first(ready, serves_new, 300)
+            reloaded_at = loop.first(ready, serves_new, 900)
+            late = [
+                body
+                for sent, _, status, body in loop.log
+                if sent > published + 1.0 and status == 200 and not without_old(body)
+            ]
             round_ = {
                 "stale_shards": sorted(stale),
+                "responses_sent_1s_after_the_stale_event_listing_the_old_version": len(late),
                 "stale_event_to_first_excluding_response_ms": None
                 if excluded_at is None
                 else round((excluded_at - published) * 1000, 1),
