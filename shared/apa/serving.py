@@ -245,6 +245,7 @@ class Replica:
         self.load_error: str | None = None
         self._state = threading.Lock()
         self._blocked: dict[int, int] = {}  # shard -> the generation it was made stale at
+        self._loaded: dict[int, AdapterRef] = {}  # what the scorer holds (read without its lock)
         self._snapshot: RegistrySnapshot | None = None
         self._snapshot_dirty = False
         self._erased_seen = -1
@@ -375,6 +376,7 @@ class Replica:
         scorer.sync(snapshot.serving)
         with self._state:
             self._snapshot = snapshot
+            self._loaded = scorer.serving
         self._erased_seen = snapshot.erased
         self.scorer = scorer
         self._forget_erased()
@@ -418,17 +420,22 @@ class Replica:
             return dict(self._blocked)
 
     def block(self, shard: int, generation: int, why: str) -> None:
-        """Give `shard` weight 0 from the next batch on, and unload its adapter."""
+        """Give `shard` weight 0 from the next batch on (it leaves the heartbeat at once); the
+        reload thread unloads its adapter between batches. Never waits for a batch."""
         with self._state:
             if self._blocked.get(shard, -1) < generation:
                 self._blocked[shard] = generation
                 log.info("shard %s blocked at generation %d (%s)", self.shard_id(shard), generation, why)
             self._snapshot_dirty = True
-        scorer = self.scorer
-        if scorer is not None:
-            scorer.exclude([shard])
         self._heartbeat_wanted.set()
         self._reload_wanted.set()
+
+    def _remember_loaded(self) -> None:
+        scorer = self.scorer
+        if scorer is not None:
+            loaded = scorer.serving
+            with self._state:
+                self._loaded = loaded
 
     def on_event(self, event: ShardEvent) -> None:
         """React to one shard event of this model (others are ignored)."""
@@ -592,8 +599,9 @@ class Replica:
                 self._snapshot = snapshot
             still_blocked = set(self._blocked)
         leftover = sorted(still_blocked & set(scorer.serving))
-        if leftover:  # blocked while this reload loaded them: unload again
+        if leftover:  # blocked while this reload loaded them (or before it): unload
             scorer.exclude(leftover)
+        self._remember_loaded()
         if snapshot.erased != self._erased_seen:
             self._forget_erased()
         self._heartbeat_wanted.set()
@@ -768,11 +776,9 @@ class Replica:
 
     def loaded_versions(self) -> dict[str, int]:
         """Shard id -> version this replica serves (blocked shards are not listed)."""
-        scorer = self.scorer
-        if scorer is None:
-            return {}
-        blocked = self.blocked
-        return {self.shard_id(k): r.version for k, r in scorer.serving.items() if k not in blocked}
+        with self._state:
+            loaded, blocked = dict(self._loaded), set(self._blocked)
+        return {self.shard_id(k): r.version for k, r in loaded.items() if k not in blocked}
 
     def send_heartbeat(self) -> dict[str, Any]:
         """POST the loaded versions to the registry with the replica token; returns what happened."""
