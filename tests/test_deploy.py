@@ -44,9 +44,7 @@ K8S_VERSION = "1.32.0"
 
 # --- Names that issues 8 and 9 add. The deployment files use them already; the lead deletes each line
 # --- when its issue merges (test_pending_names_are_still_pending fails once a name exists).
-PENDING_COMMANDS = {
-    "serve-inference": "issue 9: the inference service (Flask + gunicorn; --host/--port assumed)",
-}
+PENDING_COMMANDS: dict[str, str] = {}
 PENDING_SETTINGS: dict[str, str] = {}
 
 ROLE_OF_COMMAND = {
@@ -96,7 +94,10 @@ READS: dict[str, set[str]] = {
         "APA_DATABASE_URL", "APA_API_TOKEN", "APA_ALLOW_UNAUTHENTICATED", "APA_PSEUDONYM_KEY",
         "APA_KAFKA_BOOTSTRAP", "APA_SHARD_EVENTS_TOPIC", "APA_KAFKA_TIMEOUT_S", "APA_ARTIFACT_STORE",
         "APA_MODEL_DIR", "APA_MODEL_ID", "APA_REGISTRY_URL", "APA_REPLICA_ID", "APA_REPLICA_TOKEN",
-        "APA_CACHE_DIR", "APA_LOG_LEVEL",
+        "APA_CACHE_DIR", "APA_LOG_LEVEL", "APA_WORKER_MODEL", "APA_WORKER_DEVICE", "APA_LIVENESS_FILE",
+        "APA_INFERENCE_LEVEL", "APA_INFERENCE_STRATEGY",
+        "APA_INFERENCE_REGISTRY_MAX_AGE_S", "APA_INFERENCE_BATCH_WAIT_MS", "APA_INFERENCE_MAX_BATCH",
+        "APA_INFERENCE_MAX_CANDIDATES", "APA_INFERENCE_HEARTBEAT_S", "APA_INFERENCE_OMEGA",
     },
 }  # fmt: skip
 

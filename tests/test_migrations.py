@@ -37,6 +37,8 @@ TABLES = {
     "retrain_tasks",
     # 0005: the anchors of the audit chain's head
     "audit_anchors",
+    # 0006: the item catalogue of the inference service
+    "item_catalogue",
 }
 
 

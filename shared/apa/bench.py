@@ -486,7 +486,7 @@ def replace_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
 
 
 def bench_command(
-    what: Literal["inference", "train", "backbone", "erasure"],
+    what: Literal["inference", "train", "backbone", "erasure", "serve"],
     model: str = "embedded",
     out: str = "runs/bench",
     data: str = "data/ml-100k",
@@ -499,14 +499,18 @@ def bench_command(
     seed: int = 0,
     model_dir: str | None = None,
     events: int = 1000,
+    candidates: int = 5,
+    concurrency: int | list[int] | None = None,
+    erasures: int = 2,
+    omega: str = "per_candidate",
 ) -> int:
-    """Benchmark APA: inference throughput and latency, one shard's training vs all, or the backbone.
+    """Benchmark APA: inference throughput and latency, training, the backbone, erasure or the inference service.
 
     `inference` (throughput, latency), `train` (one shard vs everything) or `backbone` (what bf16
     autocast and answer-only logits buy: speed and AUC).
 
     Args:
-        what: inference, train or backbone.
+        what: inference, train, backbone, erasure or serve (the inference service over HTTP).
         model: Backbone: embedded, a local model directory, a .gguf file or a hub id.
         out: Directory for inference.json / inference.png or train.json.
         data: Prepared data directory (test prompts for inference, training samples for train);
@@ -521,6 +525,10 @@ def bench_command(
         model_dir: backbone: score with shard 0's adapter of this model directory (AUC with a
             trained adapter); the base model when not given. num_requests test prompts are scored.
         events: erasure: events of the throughput burst (tansu + Postgres; see apa.bench_erasure).
+        candidates: serve: candidate items per POST /recommend.
+        concurrency: serve: client threads, e.g. [1,8] (default); num_requests is per thread.
+        erasures: serve: stale-event / hot-reload rounds against the running service.
+        omega: serve: the service's ω of /recommend, per_candidate (the paper's) or per_request.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if what == "erasure":  # the erasure service's bench: no model, its own module
@@ -529,6 +537,23 @@ def bench_command(
         k = _as_list(num_shards, [8])[0]
         print_report(
             run_erasure_bench(Path(out), ErasureBenchConfig(num_shards=k, burst_events=events, seed=seed))
+        )
+        return 0
+    if what == "serve":  # the inference service over HTTP (apa.bench_serve)
+        from apa.bench_serve import ServeBenchConfig, run_serve_bench
+
+        run_serve_bench(
+            ServeBenchConfig(
+                model=model,
+                num_shards=_as_list(num_shards, [4])[0],
+                candidates=candidates,
+                requests=num_requests,
+                concurrency=tuple(_as_list(concurrency, [1, 8])),
+                erasures=erasures,
+                omega=omega,
+                seed=seed,
+            ),
+            Path(out),
         )
         return 0
     try:

@@ -123,6 +123,24 @@ class Settings:
     """This inference replica's id; default: host name and process id."""
     replica_live_seconds: float = 60.0
     """A replica whose last heartbeat is older than this no longer counts as serving."""
+    inference_level: str = "decomposition"
+    """Mixture level an inference replica serves: `decomposition` (D), `non_decomposition`, `prediction`."""
+    inference_strategy: str = "adaptive"
+    """Weight strategy of an inference replica: `adaptive` (Eq. 7-8), `average`, `major`, `semantic`."""
+    inference_registry_max_age_s: float = 1.0
+    """Safety net: each batch checks the registry's shard generations and serving versions through a
+    cached query at most this old (seconds), even if a `stale` event was lost."""
+    inference_batch_wait_ms: float = 5.0
+    """Longest wait (ms) for more concurrent requests to join a micro-batch."""
+    inference_max_batch: int = 64
+    """Most prompts one micro-batch scores (one forward pass per `batch_size` of the backbone)."""
+    inference_max_candidates: int = 100
+    """Most candidate items of one POST /recommend (and prompts of one POST /score)."""
+    inference_omega: str = "per_candidate"
+    """ω of POST /recommend: `per_candidate` (the paper's: each candidate prompt embedded) or
+    `per_request` (one ω from the user's history prompt, shared by the request's candidates)."""
+    inference_heartbeat_s: float = 5.0
+    """Seconds between a replica's heartbeats to the registry (also sent at once when its loaded set changes)."""
     migrations_dir: str | None = None
     """Alembic `migrations/` directory; default: the one installed as the package `apa.migrations`."""
     log_level: str = "INFO"

@@ -23,6 +23,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -158,6 +159,11 @@ class AggregatedScorer:
         with self._lock:
             return dict(self._refs)
 
+    def locked(self) -> AbstractContextManager[Any]:
+        """The scorer's lock: hold it to read `serving` and score with exactly that set (a `sync`
+        or `exclude` from another thread waits until it is released)."""
+        return self._lock
+
     @property
     def loaded_shards(self) -> list[int]:
         """Shards that have an adapter loaded (the others get weight 0)."""
@@ -227,6 +233,9 @@ class AggregatedScorer:
         for parameter in self.peft_model.parameters():
             parameter.requires_grad_(False)
         old = self._names.pop(shard, None)
+        replaced = self._refs.get(shard)
+        if replaced is not None and replaced.sha256 != adapter.ref.sha256:
+            self._valid_columns.pop(replaced.sha256, None)  # nothing of a replaced adapter is reused
         self._names[shard] = name
         self._refs[shard] = adapter.ref
         if old is not None:

@@ -1,8 +1,8 @@
 """`apa bootstrap`: import a trained model directory (`apa.modeldir`) into the registry.
 
 Reads the directory through `ModelDir` (typed, validated), then in the caller's transaction
-loads the samples of every split with their shard assignment, the interaction index, one shard
-per partition shard, and each shard's adapter: copied into the artifact store (what serves reads
+loads the samples of every split with their shard assignment, the interaction index, the item
+catalogue (item id -> title, from the samples' targets), one shard per partition shard, and each shard's adapter: copied into the artifact store (what serves reads
 from there, never from the model directory) and registered with its manifest. Everything is
 validated before anything is written, and the import is idempotent: running it again adds
 nothing. It refuses to (re)import data of a user or interaction that was erased, and a directory
@@ -21,10 +21,21 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from apa.artifacts import ArtifactError, ArtifactStore
+from apa.catalogue import catalogue_items
 from apa.data import Sample as DataSample
 from apa.data.loaders import DataFormatError
 from apa.db import audit
-from apa.db.models import AdapterVersion, ErasureRequest, Interaction, Model, Sample, Shard, User, utcnow
+from apa.db.models import (
+    AdapterVersion,
+    CatalogueItem,
+    ErasureRequest,
+    Interaction,
+    Model,
+    Sample,
+    Shard,
+    User,
+    utcnow,
+)
 from apa.db.registry import (
     ConflictError,
     ManifestRejected,
@@ -60,6 +71,8 @@ class BootstrapResult:
     model_created: bool = False
     samples_added: int = 0
     shards_added: int = 0
+    items_added: int = 0
+    """Items added to the item catalogue (item id -> title)."""
     adapters_registered: list[str] = field(default_factory=list)
     """`<shard>@v<version>` registered by this run."""
     adapters_already_registered: int = 0
@@ -68,7 +81,7 @@ class BootstrapResult:
     def summary(self) -> str:
         return (
             f"model {self.model_id}: {'created' if self.model_created else 'already registered'}, "
-            f"{self.samples_added} samples and {self.shards_added} shards added, "
+            f"{self.samples_added} samples, {self.shards_added} shards and {self.items_added} catalogue items added, "
             f"{len(self.adapters_registered)} adapter versions registered, "
             f"{self.adapters_already_registered} already registered"
             + (
@@ -117,6 +130,14 @@ def read_model_dir(path: str | Path, pseudonymizer: Pseudonymizer) -> ModelFiles
             )
     samples = [s for name in ("train", "valid", "test") for s in splits.get(name, [])]
     return ModelFiles(md.root, info, parts, samples, manifests)
+
+
+def _id_ok(item_id: str) -> bool:
+    try:
+        check_id(item_id, "item_id")
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_created_at(info: ModelInfo) -> datetime | None:
@@ -269,6 +290,18 @@ def bootstrap(
         if rows:
             session.execute(insert(Interaction), rows)
         result.samples_added = len(new_samples)
+
+    known_items = set(
+        session.scalars(select(CatalogueItem.item_id).where(CatalogueItem.model_id == model_id))
+    )
+    items = [
+        {"model_id": model_id, "item_id": item, "title": title}
+        for item, title in sorted(catalogue_items(files.samples).items())
+        if item not in known_items and _id_ok(item)
+    ]
+    if items:
+        session.execute(insert(CatalogueItem), items)
+        result.items_added = len(items)
 
     if result.model_created or result.samples_added or result.shards_added:
         session.flush()

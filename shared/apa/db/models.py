@@ -7,7 +7,8 @@ erasure request waits on, and the adapter versions it excluded and got back), `r
 deleting the newest rows is detected too; moved by the database only), `audit_anchors` (the
 anchors of the head written outside the database), `registry_meta` (key fingerprints, the
 registry's id), `outbox` (messages a relay publishes after the transaction that wrote them
-committed) and `retrain_tasks` (the ledger of shard retrain tasks: coalescing, redelivery, resume).
+committed), `retrain_tasks` (the ledger of shard retrain tasks: coalescing, redelivery, resume) and
+`item_catalogue` (item id -> title per model, for the prompts of the inference service).
 
 Personal data: every user, sample and interaction id column holds a keyed pseudonym (`*_pid`,
 HMAC-SHA256 under `APA_PSEUDONYM_KEY`, see `apa.pseudonyms`), never the id itself. The only clear
@@ -443,3 +444,15 @@ class RetrainTask(Base):
     """The version the retrain registered."""
     promoted: Mapped[bool | None] = mapped_column(Boolean)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class CatalogueItem(Base):
+    """An item of a model's data set (ML-100K `item_id` -> its title), filled by `apa bootstrap`;
+    the inference service turns the item ids of a request into prompt titles with it. Not personal
+    data: no user, sample or interaction id."""
+
+    __tablename__ = "item_catalogue"
+
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), primary_key=True)
+    item_id: Mapped[str] = mapped_column(String(ID), primary_key=True)
+    title: Mapped[str] = mapped_column(Text)
