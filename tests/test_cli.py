@@ -63,6 +63,26 @@ def test_no_library_module_imports_or_names_a_service():
     assert offenders == []
 
 
+def test_no_service_imports_another_service():
+    """Services are thin shells over the library: what two of them share lives in `apa`."""
+    offenders = []
+    for package in sorted(p for p in (REPO / "services").iterdir() if (p / "__init__.py").is_file()):
+        own = f"services.{package.name}"
+        for path in sorted(package.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names: list[str] = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                offenders += [
+                    f"{path.relative_to(REPO)}:{node.lineno}: {n}"  # type: ignore[attr-defined]
+                    for n in names
+                    if n.startswith("services.") and n != own and not n.startswith(own + ".")
+                ]
+    assert offenders == []
+
+
 def test_serve_registry_is_registered_by_the_services_entry_point(capsys):
     assert "serve-registry" not in COMMANDS
     assert commands()["serve-registry"].target == "services.registry.app:serve_command"

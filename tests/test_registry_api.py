@@ -26,6 +26,7 @@ from apa.db.session import downgrade, make_engine, session_scope
 from apa.events import ErasureRequested, InMemoryEventBus
 from apa.ids import id_problem, shard_id_problem
 from apa.settings import Settings
+from apa.validation import ID_PATTERN, SHARD_ID_PATTERN
 from db_fixtures import (  # noqa: F401 - fixtures
     MODEL_ID,
     PSEUDO,
@@ -39,7 +40,6 @@ from db_fixtures import (  # noqa: F401 - fixtures
     sqlite_copy,
 )
 from services.registry.app import create_app
-from services.registry.validation import ID_PATTERN, SHARD_ID_PATTERN
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,6 +1,6 @@
 """The inference API's operations: request bodies, their strict parsing, and /openapi.json.
 
-Bodies are read with the registry's strict JSON reader (`services.registry.validation.json_object`:
+Bodies are read with the registry's strict JSON reader (`apa.validation.json_object`:
 UTF-8, depth, duplicate keys, NaN, NUL characters, lone surrogates), then each field is checked
 here; every failure is an `ApiError` (a 4xx `{"error", "field"}` naming the field).
 """
@@ -12,7 +12,7 @@ from typing import Any
 from flask import Request
 
 from apa.ids import MAX_ID_LENGTH, id_problem
-from services.registry.validation import ID_PATTERN, MAX_JSON_DEPTH, ApiError, json_object, shown
+from apa.validation import ID_PATTERN, MAX_JSON_DEPTH, ApiError, json_object, shown
 
 MAX_HISTORY = 50
 """Most history entries a /recommend request may give."""

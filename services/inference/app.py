@@ -16,12 +16,12 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from apa import validation
 from apa.logs import configure_logging
 from apa.serving import Replica, ServiceUnavailable, UnknownItem
 from apa.settings import Settings
+from apa.validation import ApiError
 from services.inference.api import openapi_document, parse_recommend, parse_score
-from services.registry import validation
-from services.registry.validation import ApiError
 
 log = logging.getLogger("apa.inference")
 

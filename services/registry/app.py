@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from apa import anchors, receipts
+from apa import anchors, receipts, validation
 from apa.db import audit, registry
 from apa.db.models import AdapterVersion, ErasureRequest, RegistryMeta, Replica, Shard
 from apa.db.session import current_revision, head_revision, make_engine, make_sessionmaker
@@ -50,9 +50,8 @@ from apa.pseudonyms import Pseudonymizer, pseudonymizer_from_settings
 from apa.retrains import erase
 from apa.settings import Settings
 from apa.signing import SigningKey, signing_key_from_settings
-from services.registry import validation
+from apa.validation import ApiError
 from services.registry.openapi import BY_ENDPOINT, OPERATIONS, openapi_document
-from services.registry.validation import ApiError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 from apa.db.models import ADAPTER_STATES, REQUEST_STATUSES, SHARD_STATES
 from apa.db.registry import REPLICA_STATES
 from apa.deadlines import DEFAULT_WITHIN_DAYS, MAX_WITHIN_DAYS  # noqa: E402
-from services.registry.validation import (
+from apa.validation import (
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
     MAX_HEADER_FIELDS,
