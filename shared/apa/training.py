@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from apa.backbone import Backbone, last_hidden_state, unwrap_causal_lm, with_positions
+from apa.backbone import Backbone, last_hidden_state, native_bf16, unwrap_causal_lm, with_positions
 from apa.data import Sample
 from apa.metrics import auc
 
@@ -59,8 +59,8 @@ class TrainConfig:
     """Validation samples used for early stopping (None: all)."""
     seed: int = 0
     """Seed for LoRA init, data order and dropout: retraining on the same data reproduces the adapter."""
-    bf16_autocast: bool = True
-    """Train under bf16 autocast on CPU (loss and Yes/No logits in fp32)."""
+    bf16_autocast: bool = field(default_factory=lambda: native_bf16())
+    """Train under bf16 autocast (loss and Yes/No logits in fp32); default: where bf16 is native."""
     top_layers: int | None = None
     """LoRA only on the top N transformer layers (None: all layers); a speed/quality trade-off."""
     group_by_length: bool = False
