@@ -1,0 +1,198 @@
+"""`apa experiment`'s content-keyed stages: a run stopped mid-way (an injected exception, or a
+kill -9 of the process) resumes without redoing finished stages; model directories are adopted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import apa.stages as stages
+from apa.backbone import Backbone, BackboneConfig
+from apa.cli import main
+from apa.data import write_jsonl
+from apa.experiments import ExperimentConfig, Study
+from apa.partition import PartitionConfig
+from apa.pseudonyms import Pseudonymizer
+from apa.sharded import build_model
+from apa.stages import StageStore, adopt_model_dir, chunked
+from model_fixtures import make_samples
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("stage-data")
+    write_jsonl(root / "train.jsonl", make_samples(12, "train", seed=11))
+    write_jsonl(root / "valid.jsonl", make_samples(8, "valid", seed=12))
+    write_jsonl(root / "test.jsonl", make_samples(8, "test", seed=13))
+    return root
+
+
+def _args(data_dir: Path, tiny_model_dir: Path, out: Path, store: Path) -> list[str]:
+    return [
+        "experiment",
+        "--what",
+        "stages",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--store",
+        str(store),
+        "--model",
+        str(tiny_model_dir),
+        "--num-shards",
+        "2",
+        "--train-size",
+        "12",
+        "--valid-size",
+        "8",
+        "--test-size",
+        "8",
+    ]
+
+
+def _done_stages(store: Path, kind: str) -> dict[str, str]:
+    """digest -> the done.json text of every finished stage of `kind`."""
+    root = store / kind
+    if not root.is_dir():
+        return {}
+    return {d.name: (d / "done.json").read_text() for d in root.iterdir() if (d / "done.json").is_file()}
+
+
+def test_a_stage_failing_mid_way_resumes_without_redoing_finished_stages(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    out, store = tmp_path / "out", tmp_path / "store"
+    real_train = stages.train_adapter
+    calls: list[str] = []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(str(args[-1]))
+        if len(calls) == 3:  # K=1, shard 0 trained; shard 1 dies in the middle of its stage
+            raise RuntimeError("injected crash")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "train_adapter", failing)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        main(_args(data_dir, tiny_model_dir, out, store))
+    finished = _done_stages(store, "adapter")
+    assert len(finished) == 2
+    predictions_before = _done_stages(store, "predictions")
+    assert len(predictions_before) >= 2 + 2  # zero-shot valid/test + the K=1 adapter's valid/test
+    assert any(p.name.endswith(".partial") for p in (store / "adapter").iterdir())
+
+    calls.clear()
+    monkeypatch.setattr(stages, "train_adapter", real_train)
+    counted: list[str] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        counted.append(str(args[-1]))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "train_adapter", counting)
+    assert main([*_args(data_dir, tiny_model_dir, out, store), "--resume"]) == 0
+    assert len(counted) == 1 and "shard 1" in counted[0]  # only the unfinished adapter
+    after = _done_stages(store, "adapter")
+    assert len(after) == 3
+    for digest, text in finished.items():
+        assert after[digest] == text  # untouched: not redone
+    predictions_after = _done_stages(store, "predictions")
+    for digest, text in predictions_before.items():
+        assert predictions_after[digest] == text
+    assert not any(p.name.endswith(".partial") for p in (store / "adapter").iterdir())
+
+    # a third run does nothing at all
+    monkeypatch.setattr(stages, "train_adapter", lambda *a, **k: pytest.fail("trained again"))
+    assert main(_args(data_dir, tiny_model_dir, out, store)) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["stages_ran"] == 0 and summary["stages_reused"] > 0
+
+
+def test_a_killed_process_resumes_without_redoing_finished_stages(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    out, store = tmp_path / "out", tmp_path / "store"
+    cmd = [sys.executable, "-m", "apa.cli", *_args(data_dir, tiny_model_dir, out, store)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while not _done_stages(store, "adapter") and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before a stage finished"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finished = {
+        kind: _done_stages(store, kind)
+        for kind in ("data", "embeddings", "predictions", "partition", "adapter")
+    }
+    assert finished["adapter"], "no adapter finished before the kill"
+
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for kind, before in finished.items():
+        now = _done_stages(store, kind)
+        for digest, text in before.items():
+            assert now[digest] == text, f"{kind} stage {digest} was redone"
+    assert len(_done_stages(store, "adapter")) == 3
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["stages_reused"] >= sum(len(v) for v in finished.values())
+
+
+def test_chunked_scoring_resumes_from_the_last_finished_chunk(tmp_path: Path) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def compute(a: int, b: int) -> np.ndarray:
+        seen.append((a, b))
+        if a == 4 and len(seen) == 3:
+            raise KeyboardInterrupt
+        return np.arange(a, b, dtype=float)
+
+    with pytest.raises(KeyboardInterrupt):
+        chunked(tmp_path, 10, compute, chunk=2)
+    seen.clear()
+    out = chunked(tmp_path, 10, compute, chunk=2)
+    assert out.tolist() == list(range(10))
+    assert seen == [(4, 6), (6, 8), (8, 10)]  # chunks 0-4 came from disk
+
+
+def test_existing_model_directories_are_adopted_not_retrained(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_model_dir)))
+    config = ExperimentConfig.from_preset("quick", num_shards=2, train_size=12, valid_size=8, test_size=8)
+    from apa.data import load_splits
+
+    splits = load_splits(data_dir)
+    built = tmp_path / "built"
+    build_model(
+        backbone,
+        splits,
+        built,
+        PartitionConfig(strategy="semantic", num_shards=2, seed=0),
+        config.train_for(2),
+        pseudonymizer=Pseudonymizer(b"another key of the lead, 32 bytes", source="t"),
+        progress=False,
+    )
+    store = StageStore(tmp_path / "store")
+    assert adopt_model_dir(store, backbone, built) == [0, 1]
+    monkeypatch.setattr(
+        stages, "train_adapter", lambda *a, **k: pytest.fail("an adopted adapter was retrained")
+    )
+    study = Study(backbone, splits, config, tmp_path / "out", progress=False, store=store)
+    md = study.model_dir("semantic", 2)
+    assert [m.adapter_sha256 for m in study.manifests(md)] == [
+        m.adapter_sha256 for m in study.manifests(type(md)(built))
+    ]
+    # the adopted adapters' metrics come along (epochs, steps, validation AUC)
+    assert all(m.metrics for m in study.manifests(md))
