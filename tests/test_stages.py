@@ -196,3 +196,45 @@ def test_existing_model_directories_are_adopted_not_retrained(
     ]
     # the adopted adapters' metrics come along (epochs, steps, validation AUC)
     assert all(m.metrics for m in study.manifests(md))
+
+
+def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", make_samples(16, "train", seed=21))
+    write_jsonl(data / "valid.jsonl", make_samples(16, "valid", seed=22))
+    write_jsonl(data / "test.jsonl", make_samples(16, "test", seed=23))
+    out, store = tmp_path / "out", tmp_path / "store"
+    args = _args(data, tiny_model_dir, out, store)
+    args[args.index("12")] = "16"
+    args[args.index("--valid-size") + 1] = "16"
+    args[args.index("--test-size") + 1] = "16"
+    analysis = [*args[:2], "analysis", *args[3:]]
+    assert main(analysis) == 0
+    result = json.loads((out / "analysis.json").read_text())
+    methods = result["table"]["methods"]
+    for name in ("zero-shot", "Retraining", "SISA", "uniform D", "APA(D)", "APA(ND)"):
+        low, high = methods[name]["ci"]
+        assert low <= methods[name]["auc"] <= high or not np.isfinite(low)
+    assert "APA(D) - Retraining" in result["table"]["differences"]
+    assert "APA(D) - SISA" in result["table"]["differences"]
+    assert result["selection"]["paper"]["best"]["tau"] in stages_taus()
+    assert result["weights_tau1000_n20"]["paper"]["matches_library"]
+    assert len(result["shards"]) == 2 and all("test_auc" in s for s in result["shards"])
+    assert result["training"]["Retraining"]["steps"] > 0
+    assert result["speedup"]["speedup_vs_mean_shard"] > 0
+    assert (out / "analysis.md").read_text().count("|") > 10
+
+    mia = [*args[:2], "mia", *args[3:], "--erase-users", "2"]
+    assert main(mia) == 0
+    r = json.loads((out / "mia.json").read_text())
+    assert set(r["runs"]) == {"before erasure", "after erasure", "from scratch without them"}
+    assert r["affected_shards"] and r["sizes"]["erased"] > 0
+    for run in r["runs"].values():
+        assert 0.0 <= run["erased vs non-members"]["auc"] <= 1.0
+        assert 0.0 <= run["members vs non-members"]["tpr_at_1pct_fpr"] <= 1.0
+
+
+def stages_taus() -> tuple[float, ...]:
+    from apa.study_analysis import TAUS
+
+    return TAUS
