@@ -351,6 +351,10 @@ class Study:
         train = self.splits["train"]
         embeddings = None
         if k > 1 and config.strategy in ("semantic", "bekm", "user"):
+            if not self.allow_training and not self.store.done(
+                "partition", partition_key(self.backbone, train, config)
+            ):
+                raise MissingStageError(f"the {strategy} K={k} partition is not in the store yet")
             embeddings = self.embeddings("train")
         return partition_stage(self.store, self.backbone, train, config, embeddings)
 
@@ -375,14 +379,15 @@ class Study:
         """Every stage Table 1's Retraining, SISA and APA need (issue 11 order: Retraining, then the
         semantic K shards), each adapter's predictions right after it; adapters not in the store
         and not trainable (`--train false`) are reported as pending."""
-        for split in ("valid", "test"):
-            self.embeddings(split)
-            self.predictions(None, split)
         done: dict[str, list[int]] = {}
         pending: dict[str, list[int]] = {}
         for strategy, k in (("random", 1), ("semantic", self.config.num_shards)):
             name = self.dir_name(strategy, k)
-            parts = self.partition(strategy, k)  # type: ignore[arg-type]
+            try:
+                parts = self.partition(strategy, k)  # type: ignore[arg-type]
+            except MissingStageError:
+                pending[name] = list(range(k))
+                continue
             by_id = {s.sample_id: s for s in self.splits["train"]}
             done[name], pending[name] = [], []
             for j, ids in enumerate(parts.shards):
@@ -396,6 +401,9 @@ class Study:
                 for split in ("valid", "test"):
                     self.predictions(adapter, split)
                 done[name].append(j)
+        for split in ("valid", "test"):
+            self.embeddings(split)
+            self.predictions(None, split)
         result = {"adapters_done": done, "adapters_pending": pending}
         print(json.dumps(result))
         return result

@@ -382,6 +382,9 @@ def adopt_model_dir(store: StageStore, backbone: Backbone, root: str | Path) -> 
     samples, config and seed, so the study reuses it instead of training it again. Shards still
     training (no manifest yet) are skipped. Returns the adopted shard indices."""
     md = ModelDir(root)
+    if not (md.root / "model.json").is_file() or not (md.root / "partition.json").is_file():
+        log.warning("not adopting %s: no model directory there (yet)", root)
+        return []
     info = md.info
     if info.base_model_digest != backbone.model_digest:
         log.warning("not adopting %s: built on another base model (%s)", root, info.base_model_digest[:12])

@@ -198,7 +198,10 @@ def select_tau_n(
 
 
 def _adapters(study: Study, strategy: str, k: int) -> tuple[list[AdapterStage | None], list[list[str]]]:
-    parts = study.partition(strategy, k)  # type: ignore[arg-type]
+    try:
+        parts = study.partition(strategy, k)  # type: ignore[arg-type]
+    except MissingStageError:
+        return [None] * k, [[] for _ in range(k)]
     by_id = {s.sample_id: s for s in study.splits["train"]}
     out: list[AdapterStage | None] = []
     for j, ids in enumerate(parts.shards):
