@@ -223,6 +223,7 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     assert result["training"]["Retraining"]["steps"] > 0
     assert result["speedup"]["speedup_vs_mean_shard"] > 0
     assert (out / "analysis.md").read_text().count("|") > 10
+    assert (out / "analysis.png").read_bytes()[:4] == b"\x89PNG"
 
     mia = [*args[:2], "mia", *args[3:], "--erase-users", "2"]
     assert main(mia) == 0

@@ -1030,6 +1030,8 @@ def experiment_command(
     resume: bool = False,
     store: str | None = None,
     erase_users: int = 4,
+    mia_samples: int | None = None,
+    mia_reference: bool = True,
     train: bool = True,
 ) -> int:
     """Reproduce the paper's study: Table 1 and Fig. 3-6 as JSON + PNG (and table1.md) in OUT.
@@ -1065,6 +1067,8 @@ def experiment_command(
             stages are never redone).
         store: The stage store (default: RUNS_DIR/store).
         erase_users: mia: how many training users to erase.
+        mia_samples: mia: at most this many members and non-members (None: all).
+        mia_reference: mia: also build the reference model from scratch without the erased users.
         train: Train adapters missing from the store (false: use only adopted/finished ones and
             report the rest as pending; for scoring while another process trains).
     """
@@ -1145,11 +1149,11 @@ def experiment_command(
             from apa.study_analysis import run_analysis
 
             result = run_analysis(study)
-            outputs = ["analysis.json", "analysis.md"]
+            outputs = ["analysis.json", "analysis.md", "analysis.png"]
         elif name == "mia":
             from apa.mia import run_mia
 
-            result = run_mia(study, erase_users=erase_users)
+            result = run_mia(study, erase_users=erase_users, reference=mia_reference, max_samples=mia_samples)
             outputs = ["mia.json", "mia.md"]
         elif name == "stages":
             result = study.stages()

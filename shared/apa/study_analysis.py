@@ -356,6 +356,7 @@ def run_analysis(study: Study, draws: int = 2000) -> dict[str, Any]:
 
     write_json(study.out / "analysis.json", result)
     (study.out / "analysis.md").write_text(analysis_markdown(result))
+    plot_analysis(result, study.out / "analysis.png")
     print(analysis_markdown(result))
     return result
 
@@ -460,6 +461,39 @@ def speedup(training: dict[str, Any]) -> dict[str, Any] | None:
         "note": "train_seconds include the per-epoch validation scoring (200 samples) on both sides; "
         "measured while other jobs shared the 2 CPU cores (niced, 1 thread).",
     }
+
+
+def plot_analysis(r: dict[str, Any], path: Any) -> None:
+    """Test AUC of every method with its 95% bootstrap CI, the paper's values as crosses."""
+    from apa.experiments import _pyplot
+
+    plt = _pyplot()
+    methods = r["table"]["methods"]
+    names = list(methods)
+    y = np.arange(len(names))[::-1]
+    aucs = np.array([np.nan if methods[n]["auc"] is None else methods[n]["auc"] for n in names], dtype=float)
+    lo = np.array([methods[n]["ci"][0] for n in names], dtype=float)
+    hi = np.array([methods[n]["ci"][1] for n in names], dtype=float)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    ax.errorbar(aucs, y, xerr=[aucs - lo, hi - aucs], fmt="o", color="#3070b0", capsize=3, label="this run")
+    for i, n in enumerate(names):
+        if n in PAPER:
+            ax.plot(
+                PAPER[n],
+                y[i],
+                "x",
+                color="k",
+                label="paper (LLaMA-7B, N=1024)" if n == "Retraining" else None,
+            )
+    ax.set_yticks(y, names, fontsize=8)
+    ax.set_xlabel("test AUC (95% paired bootstrap CI)")
+    ax.set_title(
+        f"Table 1 at {r['sizes']['train']}/{r['sizes']['valid']}/{r['sizes']['test']}, K={r['num_shards']}"
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # -- markdown ---------------------------------------------------------------------------------------
@@ -573,6 +607,7 @@ __all__ = [
     "label_prior_diagnostic",
     "neighbour_error",
     "paired_bootstrap",
+    "plot_analysis",
     "pool_size_effect",
     "run_analysis",
     "select_tau_n",
