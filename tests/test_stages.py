@@ -239,3 +239,19 @@ def stages_taus() -> tuple[float, ...]:
     from apa.study_analysis import TAUS
 
     return TAUS
+
+
+def test_validation_halves_by_user_never_share_a_user() -> None:
+    from apa.study_analysis import halves, select_tau_n
+
+    rng = np.random.default_rng(0)
+    users = np.array([f"u{i % 7}" for i in range(60)])
+    for _ in range(20):
+        a, b = halves(len(users), rng, users)
+        assert len(a) and len(b) and sorted(np.r_[a, b].tolist()) == list(range(60))
+        assert not set(users[a].tolist()) & set(users[b].tolist())
+    emb = rng.normal(size=(60, 8))
+    labels = (rng.random(60) < 0.6).astype(float)
+    preds = rng.random((60, 3))
+    result = select_tau_n(emb, labels, preds, seed=0, groups=users)
+    assert result["best"]["valid_auc"] == max(c["valid_auc"] for c in result["grid"])

@@ -169,18 +169,41 @@ def softmax_weights(errors: np.ndarray, tau: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def halves(
+    n: int, rng: np.random.Generator, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two halves of range(n): random samples, or (with `groups`, e.g. user ids) random groups, so
+    that no group is on both sides (test users never appear in the validation pool)."""
+    if groups is None or len(set(groups.tolist())) < 2:
+        order = rng.permutation(n)
+        return order[: n // 2], order[n // 2 :]
+    names = rng.permutation(sorted(set(groups.tolist())))
+    sizes = np.array([np.sum(groups == g) for g in names])
+    first = set(names[: max(1, int(np.searchsorted(np.cumsum(sizes), n / 2)) + 1)].tolist())
+    if len(first) == len(names):
+        first = set(names[:-1].tolist())
+    mask = np.array([g in first for g in groups.tolist()])
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
+
+
 def select_tau_n(
-    emb: np.ndarray, labels: np.ndarray, preds: np.ndarray, seed: int, kind: str = "paper", splits: int = 5
+    emb: np.ndarray,
+    labels: np.ndarray,
+    preds: np.ndarray,
+    seed: int,
+    kind: str = "paper",
+    splits: int = 5,
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """(τ, n) chosen on validation only: the pool is split in two halves (seeded, `splits` times,
-    each half in turn the neighbour pool); neighbours come from one half, the prediction-level
-    mixture's AUC is measured on the other. Returns the grid and the best cell."""
+    each half in turn the neighbour pool; by user when `groups` holds the user ids); neighbours come
+    from one half, the prediction-level mixture's AUC is measured on the other. Returns the grid and
+    the best cell."""
     rng = np.random.default_rng(seed)
     grid: dict[tuple[float, int], list[float]] = {}
     for _ in range(splits):
-        order = rng.permutation(len(labels))
-        halves = (order[: len(order) // 2], order[len(order) // 2 :])
-        for pool, held in (halves, halves[::-1]):
+        split = halves(len(labels), rng, groups)
+        for pool, held in (split, split[::-1]):
             for top_n in TOP_NS:
                 err = neighbour_error(kind, emb[held], emb[pool], labels[pool], preds[pool], top_n)
                 for tau in TAUS:
@@ -313,13 +336,18 @@ def run_analysis(study: Study, draws: int = 2000) -> dict[str, Any]:
         )
         result["weights_tau1000_n20"] = diag
         # selection on validation only, for each error
-        result["selection"] = {kind: select_tau_n(ev, yv, pv, seed, kind) for kind in ERRORS}
+        users = np.array([s.user_id for s in valid])
+        result["selection"] = {kind: select_tau_n(ev, yv, pv, seed, kind, groups=users) for kind in ERRORS}
+        result["selection_random_halves"] = {
+            kind: select_tau_n(ev, yv, pv, seed, kind)["best"] for kind in ERRORS
+        }
         for kind in ERRORS:
             best = result["selection"][kind]["best"]
             w = softmax_weights(neighbour_error(kind, et, ev, yv, pv, best["top_n"]), best["tau"])
             result["selection"][kind]["test_prediction_level_auc"] = auc(yt, (w * pt).sum(axis=1))
             result["selection"][kind]["test_weights"] = entropy_stats(w)
-        result["label_prior"] = label_prior_diagnostic(ev, yv, pv, seed, paper_w.top_n)
+        result["label_prior"] = label_prior_diagnostic(ev, yv, pv, seed, paper_w.top_n, users)
+        result["neighbours"] = neighbour_users(et, ev, users, paper_w.top_n)
         result["pool_size"] = pool_size_effect(et, yt, pt, ev, yv, pv, paper_w, seed)
     if complete and pt is not None and pv is not None:
         md = study.model_dir("semantic", k)
@@ -361,16 +389,35 @@ def run_analysis(study: Study, draws: int = 2000) -> dict[str, Any]:
     return result
 
 
+def neighbour_users(et: np.ndarray, ev: np.ndarray, users: np.ndarray, top_n: int) -> dict[str, Any]:
+    """How many distinct validation users a test sample's n nearest validation neighbours come from."""
+    a = et / np.maximum(np.linalg.norm(et, axis=1, keepdims=True), 1e-12)
+    b = ev / np.maximum(np.linalg.norm(ev, axis=1, keepdims=True), 1e-12)
+    near = np.argsort(-(a @ b.T), axis=1, kind="stable")[:, :top_n]
+    distinct = np.array([len(set(users[row].tolist())) for row in near])
+    top_share = np.array([np.max(np.unique(users[row], return_counts=True)[1]) / len(row) for row in near])
+    return {
+        "validation_users": len(set(users.tolist())),
+        "top_n": top_n,
+        "mean_distinct_users": float(distinct.mean()),
+        "mean_share_of_the_most_frequent_user": float(top_share.mean()),
+    }
+
+
 def label_prior_diagnostic(
-    emb: np.ndarray, labels: np.ndarray, preds: np.ndarray, seed: int, top_n: int
+    emb: np.ndarray,
+    labels: np.ndarray,
+    preds: np.ndarray,
+    seed: int,
+    top_n: int,
+    groups: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """On validation (neighbours from half A, requests from half B): how often the paper's argmin
     error is the adapter whose mean P(Yes) over the neighbours is closest to their Yes rate (prior
     match), and how often it is the adapter that ranks the neighbours best (over 50 neighbours);
     and how much of the error's spread across adapters the prior mismatch explains (R²)."""
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(labels))
-    pool, held = order[: len(order) // 2], order[len(order) // 2 :]
+    pool, held = halves(len(labels), rng, groups)
     a = emb[held] / np.linalg.norm(emb[held], axis=1, keepdims=True)
     b = emb[pool] / np.linalg.norm(emb[pool], axis=1, keepdims=True)
     sims = a @ b.T
@@ -570,6 +617,24 @@ def analysis_markdown(r: dict[str, Any]) -> str:
                 f"| {kind} | {b['tau']:g} | {b['top_n']} | {_f(b['valid_auc'])} | "
                 f"{_f(sel['test_prediction_level_auc'])} | {_f(sel['test_weights']['mean_max_weight'])} |"
             )
+        rh = r.get("selection_random_halves", {})
+        if rh:
+            lines.append(
+                "Selection with random (not user-disjoint) halves: "
+                + "; ".join(
+                    f"{k}: τ={v['tau']:g}, n={v['top_n']}, valid AUC {_f(v['valid_auc'])}"
+                    for k, v in rh.items()
+                )
+                + "."
+            )
+        nb = r.get("neighbours")
+        if nb:
+            lines += [
+                "",
+                f"A test sample's {nb['top_n']} nearest validation neighbours come from "
+                f"{nb['mean_distinct_users']:.1f} of the {nb['validation_users']} validation users on average; the "
+                f"most frequent one holds {nb['mean_share_of_the_most_frequent_user']:.2f} of them.",
+            ]
         lp = r["label_prior"]
         lines += [
             "",
@@ -604,6 +669,8 @@ __all__ = [
     "analysis_markdown",
     "entropy_stats",
     "fast_auc",
+    "halves",
+    "neighbour_users",
     "label_prior_diagnostic",
     "neighbour_error",
     "paired_bootstrap",
