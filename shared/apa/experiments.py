@@ -375,13 +375,15 @@ class Study:
         """P(Yes) of one adapter (None: the zero-shot base model) on a split (stage `predictions`)."""
         return prediction_stage(self.store, self.backbone, adapter, self.splits[split], split, self.progress)
 
-    def stages(self) -> dict[str, Any]:
+    def stages(self, only: str = "both") -> dict[str, Any]:
         """Every stage Table 1's Retraining, SISA and APA need (issue 11 order: Retraining, then the
         semantic K shards), each adapter's predictions right after it; adapters not in the store
         and not trainable (`--train false`) are reported as pending."""
         done: dict[str, list[int]] = {}
         pending: dict[str, list[int]] = {}
-        for strategy, k in (("random", 1), ("semantic", self.config.num_shards)):
+        models = [("random", 1), ("semantic", self.config.num_shards)]
+        models = {"both": models, "retraining": models[:1], "shards": models[1:]}[only]
+        for strategy, k in models:
             name = self.dir_name(strategy, k)
             try:
                 parts = self.partition(strategy, k)  # type: ignore[arg-type]
@@ -401,9 +403,10 @@ class Study:
                 for split in ("valid", "test"):
                     self.predictions(adapter, split)
                 done[name].append(j)
-        for split in ("valid", "test"):
-            self.embeddings(split)
-            self.predictions(None, split)
+        if only != "retraining":  # two processes may share the store: one of them embeds
+            for split in ("valid", "test"):
+                self.embeddings(split)
+                self.predictions(None, split)
         result = {"adapters_done": done, "adapters_pending": pending}
         print(json.dumps(result))
         return result
@@ -1033,6 +1036,7 @@ def experiment_command(
     mia_samples: int | None = None,
     mia_reference: bool = True,
     train: bool = True,
+    only: Literal["both", "retraining", "shards"] = "both",
 ) -> int:
     """Reproduce the paper's study: Table 1 and Fig. 3-6 as JSON + PNG (and table1.md) in OUT.
 
@@ -1071,6 +1075,8 @@ def experiment_command(
         mia_reference: mia: also build the reference model from scratch without the erased users.
         train: Train adapters missing from the store (false: use only adopted/finished ones and
             report the rest as pending; for scoring while another process trains).
+        only: stages: Retraining's and the K shards' stages (both), or one of them (two processes
+            can then share the store: `retraining` leaves the zero-shot and embedding stages to the other).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
@@ -1156,7 +1162,7 @@ def experiment_command(
             result = run_mia(study, erase_users=erase_users, reference=mia_reference, max_samples=mia_samples)
             outputs = ["mia.json", "mia.md"]
         elif name == "stages":
-            result = study.stages()
+            result = study.stages(only)
             outputs = []
         else:
             result = getattr(study, name)()
