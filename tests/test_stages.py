@@ -255,3 +255,11 @@ def test_validation_halves_by_user_never_share_a_user() -> None:
     preds = rng.random((60, 3))
     result = select_tau_n(emb, labels, preds, seed=0, groups=users)
     assert result["best"]["valid_auc"] == max(c["valid_auc"] for c in result["grid"])
+
+
+def test_a_leading_word_picks_what_for_apa_experiment() -> None:
+    from apa.cli import normalise_args
+    from apa.experiments import experiment_command
+
+    assert normalise_args(experiment_command, ["mia", "--preset", "cpu"])[:1] == ["--what=mia"]
+    assert normalise_args(experiment_command, ["--what", "mia"])[:2] == ["--what", "mia"]
