@@ -8,11 +8,14 @@
 * Fig. 4: APA(D) with each partition strategy; Fig. 5: each weight strategy; Fig. 6: shard size
   (K ∈ {K/2, K, 2K}, the paper's 512/256/128 of N=1024) vs AUC and unlearning time.
 
-Trained shard sets are cached as model directories under `OUT/models/<strategy>-K<k>-N<n>-s<seed>/`
-(rebuilt only when incomplete or built from other data/settings), and every scoring pass under
-`OUT/cache/` (keyed by adapter sha256s, samples, base model and settings), so `all` trains each
-(strategy, K) once and a later single figure re-uses what an earlier run computed; delete
-`OUT/cache` to re-measure inference times.
+Every stage is content-keyed in the stage store (`apa.stages`, default `APA_RUNS_DIR/store`): the
+data, each partition, each adapter (its shard's samples, the validation split, the train config
+and seed, the base model), each adapter's predictions on valid and test, the embeddings and every
+aggregated pass. Model directories under `OUT/models/` are assembled from the store, so `all`
+trains each adapter once, a later figure reuses what an earlier run computed, and a stopped run
+resumes where it stopped (`--resume`, or the same command again). `analysis` (issue 11: Table 1
+with paired bootstrap CIs and diagnostics, `apa.study_analysis`) and `mia` (membership inference
+through the serving path, `apa.mia`) build on the same stages.
 """
 
 from __future__ import annotations
