@@ -4,6 +4,7 @@ the TALLRec prompt vocabulary, so every unit test runs without the real model.""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ os.environ["APA_AUDIT_KEY"] = TEST_AUDIT_KEY
 TEST_SIGNING_KEY = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"
 """The Ed25519 seed (APA_SIGNING_KEY) that signs receipts and anchors in the tests (RFC 8032 test 1)."""
 os.environ["APA_SIGNING_KEY"] = TEST_SIGNING_KEY
+os.environ["APA_RUNS_DIR"] = tempfile.mkdtemp(prefix="apa-test-runs-")
+"""No test (or process a test starts) writes into the real run directory of `apa experiment`."""
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -175,8 +175,13 @@ def _list_params(func: Callable[..., Any]) -> set[str]:
 
 def normalise_args(func: Callable[..., Any], args: list[str]) -> list[str]:
     """Accept `--train-limit` for `--train_limit`, bool options bare (`--full`) or negated
-    (`--no-full`), and list options repeated (`--user-id 1 --user-id 2`), as users expect."""
-    params = set(inspect.signature(func).parameters)
+    (`--no-full`), list options repeated (`--user-id 1 --user-id 2`), and a leading word for an
+    optional `what` (`apa experiment mia`), as users expect."""
+    signature = inspect.signature(func).parameters
+    params = set(signature)
+    what = signature.get("what")
+    if args and not args[0].startswith("-") and what is not None and what.default is not what.empty:
+        args = [f"--what={args[0]}", *args[1:]]  # `apa experiment mia`: a leading word picks `what`
     flags = _bool_params(func)
     lists = _list_params(func)
     out: list[str] = []

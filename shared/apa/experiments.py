@@ -8,11 +8,14 @@
 * Fig. 4: APA(D) with each partition strategy; Fig. 5: each weight strategy; Fig. 6: shard size
   (K ∈ {K/2, K, 2K}, the paper's 512/256/128 of N=1024) vs AUC and unlearning time.
 
-Trained shard sets are cached as model directories under `OUT/models/<strategy>-K<k>-N<n>-s<seed>/`
-(rebuilt only when incomplete or built from other data/settings), and every scoring pass under
-`OUT/cache/` (keyed by adapter sha256s, samples, base model and settings), so `all` trains each
-(strategy, K) once and a later single figure re-uses what an earlier run computed; delete
-`OUT/cache` to re-measure inference times.
+Every stage is content-keyed in the stage store (`apa.stages`, default `APA_RUNS_DIR/store`): the
+data, each partition, each adapter (its shard's samples, the validation split, the train config
+and seed, the base model), each adapter's predictions on valid and test, the embeddings and every
+aggregated pass. Model directories under `OUT/models/` are assembled from the store, so `all`
+trains each adapter once, a later figure reuses what an earlier run computed, and a stopped run
+resumes where it stopped (`--resume`, or the same command again). `analysis` (issue 11: Table 1
+with paired bootstrap CIs and diagnostics, `apa.study_analysis`) and `mia` (membership inference
+through the serving path, `apa.mia`) build on the same stages.
 """
 
 from __future__ import annotations
@@ -36,32 +39,53 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from apa.aggregation import AggregatedScorer, Level, WeightConfig, cached_embeddings, embedding_key
-from apa.aggregation.caches import prediction_key
+from apa.aggregation import AggregatedScorer, Level, WeightConfig, embedding_key
+from apa.aggregation.caches import EMBEDDINGS_FILE, prediction_key, predictions_file
 from apa.backbone import Backbone, BackboneConfig
 from apa.data import DataConfig, Sample, load_splits, prepare, sample_splits
 from apa.data.pipeline import Dataset
 from apa.data.samples import sample_digest
 from apa.metrics import auc
-from apa.modeldir import ModelDir, ModelDirError, ShardManifest
-from apa.partition import PartitionConfig, StrategyName
+from apa.modeldir import ModelDir, ModelDirError, ModelInfo, ShardManifest
+from apa.partition import Partition, StrategyName
 from apa.pseudonyms import Pseudonymizer
-from apa.sharded import build_model
+from apa.settings import Settings
+from apa.stages import (
+    AdapterStage,
+    MissingStageError,
+    StageStore,
+    adapter_key,
+    adapter_stage,
+    adopt_model_dir,
+    assembled,
+    data_stage,
+    embeddings_key,
+    partition_config,
+    partition_key,
+    partition_stage,
+    prediction_stage,
+    predictions_key,
+    split_embeddings,
+    stage_seconds,
+    write_embeddings_cache,
+)
 from apa.training import TrainConfig, train_adapter
 
 log = logging.getLogger(__name__)
 
-Preset = Literal["quick", "paper"]
-What = Literal["table1", "fig3", "fig4", "fig5", "fig6", "all"]
+Preset = Literal["quick", "cpu", "paper"]
+What = Literal["table1", "fig3", "fig4", "fig5", "fig6", "all", "stages", "analysis", "mia"]
 FIGURES: tuple[str, ...] = ("table1", "fig3", "fig4", "fig5", "fig6")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # quick: 2 CPU cores, embedded SmolLM2-135M, < 30 min (budget in `quick_budget`)
     "quick": {"train_size": 96, "valid_size": 32, "test_size": 64, "num_shards": 4, "epochs": 1},
+    # cpu: a reduced study that converges on 2 CPU cores in a few hours (patience 2, up to 10 epochs)
+    "cpu": {"train_size": 256, "valid_size": 250, "test_size": 500, "num_shards": 4, "epochs": 10},
     # paper: §4.1 sizes, shard size 256 -> K = 4, TALLRec training settings (a GPU)
     "paper": {"train_size": 1024, "valid_size": 500, "test_size": 1000, "num_shards": 4, "epochs": None},
 }
-TIMING_SAMPLES = {"quick": 8, "paper": 500}
+TIMING_SAMPLES = {"quick": 8, "cpu": 50, "paper": 500}
 """Test samples timed one at a time for Fig. 3 (the paper: 500 random test samples)."""
 
 
@@ -83,6 +107,14 @@ class ExperimentConfig:
     """APA's adaptive weights: τ = 1000, n = 20 (movie) / 100 (book) as in §4.1.4, n capped for small pools."""
     timing_samples: int
     seed: int
+    retrain_epochs: int | None = None
+    """Epoch cap of the K=1 Retraining adapter when it differs from the shards' (None: the same)."""
+
+    def train_for(self, k: int) -> TrainConfig:
+        """The train config of a K-shard model's adapters."""
+        if k == 1 and self.retrain_epochs is not None:
+            return replace(self.train, epochs=self.retrain_epochs)
+        return self.train
 
     @classmethod
     def from_preset(
@@ -96,6 +128,8 @@ class ExperimentConfig:
         test_size: int | None = None,
         epochs: int | None = None,
         seed: int = 0,
+        patience: int | None = None,
+        retrain_epochs: int | None = None,
     ) -> ExperimentConfig:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -112,7 +146,11 @@ class ExperimentConfig:
         e = epochs if epochs is not None else base["epochs"]
         if preset == "quick":
             # one epoch has nothing to early-stop on: skip validation scoring during training
-            train = TrainConfig.preset("cpu", epochs=e, seed=seed, valid_eval_size=0 if e == 1 else 200)
+            train = TrainConfig.preset(
+                "cpu", epochs=e, seed=seed, valid_eval_size=0 if e == 1 else 200, patience=patience
+            )
+        elif preset == "cpu":
+            train = TrainConfig.preset("cpu", epochs=e, seed=seed, patience=patience or 2)
         else:
             train = TrainConfig.preset("tallrec", epochs=e, seed=seed)
         top_n = 100 if dataset == "bookcrossing" else 20
@@ -131,6 +169,7 @@ class ExperimentConfig:
             weights=WeightConfig(strategy="adaptive", tau=1000.0, top_n=top_n),
             timing_samples=min(TIMING_SAMPLES[preset], nt),
             seed=seed,
+            retrain_epochs=retrain_epochs,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -275,7 +314,7 @@ def load_data(data: str, dataset: Dataset, sizes: dict[str, int], seed: int) -> 
 
 
 class Study:
-    """Builds (or re-uses) the model directories and computes each table/figure into `out`."""
+    """Builds (or re-uses) every stage in the content-keyed store and computes each table/figure into `out`."""
 
     def __init__(
         self,
@@ -284,12 +323,17 @@ class Study:
         config: ExperimentConfig,
         out: str | Path,
         progress: bool = True,
+        store: StageStore | None = None,
+        train: bool = True,
     ) -> None:
         self.backbone = backbone
         self.splits = splits
         self.config = config
         self.out = Path(out)
         self.progress = progress
+        self.store = store or StageStore(self.out / "store", progress=progress)
+        self.allow_training = train
+        """False: adapters missing from the store raise `MissingStageError` instead of being trained."""
         self.test = splits["test"]
         self.labels = np.array([s.label for s in self.test])
         self.prompts = [s.prompt for s in self.test]
@@ -298,53 +342,161 @@ class Study:
         self.pseudonymizer = Pseudonymizer(b"apa-experiments-pseudonym-key-v1", source="experiments")
         self.built: dict[str, dict[str, Any]] = {}
 
+    # -- stages: embeddings, partitions, adapters, predictions -------------------------------------
+
+    def embeddings(self, split: str) -> np.ndarray:
+        """Base-model embeddings of a split (stage `embeddings`)."""
+        return split_embeddings(self.store, self.backbone, self.splits[split], split, self.progress)
+
+    def partition(self, strategy: StrategyName, k: int) -> Partition:
+        """The partition of the training split for (strategy, K) (stage `partition`)."""
+        config = partition_config(strategy, k, self.config.seed)
+        train = self.splits["train"]
+        embeddings = None
+        if k > 1 and config.strategy in ("semantic", "bekm", "user"):
+            if not self.allow_training and not self.store.done(
+                "partition", partition_key(self.backbone, train, config)
+            ):
+                raise MissingStageError(f"the {strategy} K={k} partition is not in the store yet")
+            embeddings = self.embeddings("train")
+        return partition_stage(self.store, self.backbone, train, config, embeddings)
+
+    def adapter(self, samples: list[Sample], train_config: TrainConfig, label: str) -> AdapterStage:
+        """One shard's adapter, keyed by its samples, the validation split, the config and seed."""
+        return adapter_stage(
+            self.store,
+            self.backbone,
+            samples,
+            self.splits["valid"],
+            train_config,
+            label,
+            self.progress,
+            train=self.allow_training,
+        )
+
+    def predictions(self, adapter: AdapterStage | None, split: str) -> np.ndarray:
+        """P(Yes) of one adapter (None: the zero-shot base model) on a split (stage `predictions`)."""
+        return prediction_stage(self.store, self.backbone, adapter, self.splits[split], split, self.progress)
+
+    def stages(self, only: str = "both") -> dict[str, Any]:
+        """Every stage Table 1's Retraining, SISA and APA need (issue 11 order: Retraining, then the
+        semantic K shards), each adapter's predictions right after it; adapters not in the store
+        and not trainable (`--train false`) are reported as pending."""
+        done: dict[str, list[int]] = {}
+        pending: dict[str, list[int]] = {}
+        models = [("random", 1), ("semantic", self.config.num_shards)]
+        models = {"both": models, "retraining": models[:1], "shards": models[1:]}[only]
+        for strategy, k in models:
+            name = self.dir_name(strategy, k)
+            try:
+                parts = self.partition(strategy, k)  # type: ignore[arg-type]
+            except MissingStageError:
+                pending[name] = list(range(k))
+                continue
+            by_id = {s.sample_id: s for s in self.splits["train"]}
+            done[name], pending[name] = [], []
+            for j, ids in enumerate(parts.shards):
+                try:
+                    adapter = self.adapter(
+                        [by_id[i] for i in ids], self.config.train_for(k), f"{name} shard {j}"
+                    )
+                except MissingStageError:
+                    pending[name].append(j)
+                    continue
+                for split in ("valid", "test"):
+                    self.predictions(adapter, split)
+                done[name].append(j)
+        if only != "retraining":  # two processes may share the store: one of them embeds
+            for split in ("valid", "test"):
+                self.embeddings(split)
+                self.predictions(None, split)
+        result = {"adapters_done": done, "adapters_pending": pending}
+        print(json.dumps(result))
+        return result
+
+    def plan(self) -> dict[str, Any]:
+        """How many of `stages()`'s stages are done, and an estimate of the time the rest takes."""
+        total = finished = 0
+        seconds = 0.0
+        valid, test = self.splits["valid"], self.splits["test"]
+
+        def count(kind: str, key: dict[str, Any], cost: float) -> bool:
+            nonlocal total, finished, seconds
+            total += 1
+            if self.store.done(kind, key):
+                finished += 1
+                return True
+            seconds += cost
+            return False
+
+        for samples in (valid, test):
+            count("embeddings", embeddings_key(self.backbone, samples), len(samples) / 3.5)
+            count("predictions", predictions_key(self.backbone, None, samples), len(samples) / 3.5)
+        by_id = {s.sample_id: s for s in self.splits["train"]}
+        for strategy, k in (("random", 1), ("semantic", self.config.num_shards)):
+            pconfig = partition_config(strategy, k, self.config.seed)  # type: ignore[arg-type]
+            pkey = partition_key(self.backbone, self.splits["train"], pconfig)
+            if not count("partition", pkey, len(by_id) / 3.5 if k > 1 else 0.0):
+                seconds += 2 * k * (len(valid) + len(test)) / 3.5
+                seconds += len(by_id) * self.config.train_for(k).epochs / 1.1
+                total += 3 * k
+                continue
+            parts = Partition.from_json(
+                json.loads((self.store.path("partition", pkey) / "partition.json").read_text())
+            )
+            train_config = self.config.train_for(k)
+            for ids in parts.shards:
+                samples = [by_id[i] for i in ids]
+                key = adapter_key(self.backbone, samples, valid, train_config)
+                if count("adapter", key, len(samples) * train_config.epochs / 1.1):
+                    adapter = AdapterStage.from_dir(self.store.path("adapter", key))
+                    for split in (valid, test):
+                        count("predictions", predictions_key(self.backbone, adapter, split), len(split) / 3.5)
+                else:
+                    total += 2
+                    seconds += (len(valid) + len(test)) / 3.5
+        return {"stages": total, "done": finished, "seconds_left": seconds}
+
     # -- model directories ------------------------------------------------------------------------
 
     def dir_name(self, strategy: str, k: int) -> str:
         label = "retraining" if k == 1 else strategy
         return f"{label}-K{k}-N{len(self.splits['train'])}-s{self.config.seed}"
 
-    def _complete(self, root: Path, strategy: str, k: int) -> bool:
-        md = ModelDir(root)
-        try:
-            info = md.info
-            if info.num_shards != k or info.base_model_digest != self.backbone.model_digest:
-                return False
-            if info.train_config != self.config.train:
-                return False
-            if k > 1 and info.partition_config.strategy != strategy:
-                return False
-            for name, digest in self.digests.items():
-                if sample_digest(s.sample_id for s in md.splits()[name]) != digest:
-                    return False
-            manifests = md.manifests()
-            return all(
-                m is not None and m.version == 1 and md.verify_adapter_file(m) is None for m in manifests
-            )
-        except (OSError, KeyError, ValueError, ModelDirError):
-            return False
+    def adapters(self, strategy: StrategyName, k: int) -> list[AdapterStage]:
+        """The K adapters of (strategy, K): from the store, or trained now (one stage each)."""
+        parts = self.partition(strategy, k)
+        by_id = {s.sample_id: s for s in self.splits["train"]}
+        train_config = self.config.train_for(k)
+        return [
+            self.adapter([by_id[i] for i in ids], train_config, f"{self.dir_name(strategy, k)} shard {j}")
+            for j, ids in enumerate(parts.shards)
+        ]
 
     def model_dir(self, strategy: StrategyName, k: int) -> ModelDir:
-        """The trained shard set for (strategy, K): from the cache, or built now."""
+        """The shard set for (strategy, K) as a model directory, assembled from the store's stages
+        (only adapters missing from the store are trained)."""
         name = self.dir_name(strategy, k)
         root = self.out / "models" / name
-        if not self._complete(root, strategy, k):
+        adapters = self.adapters(strategy, k)
+        parts = self.partition(strategy, k)
+        pconfig = partition_config(strategy, k, self.config.seed)
+        if not assembled(root, adapters, parts):
             shutil.rmtree(root, ignore_errors=True)
-            log.info("building %s", name)
-            embeddings = None
-            if k > 1 and strategy in ("semantic", "bekm", "user"):
-                embeddings = self.embeddings("train")
-            build_model(
-                self.backbone,
-                self.splits,
-                root,
-                PartitionConfig(strategy=strategy, num_shards=k, seed=self.config.seed),
-                self.config.train,
-                pseudonymizer=self.pseudonymizer,
-                progress=self.progress,
-                embeddings=embeddings,
+            info = ModelInfo(
+                base_model=self.backbone.model_id,
+                base_model_digest=self.backbone.model_digest,
+                backbone_config=self.backbone.config,
+                partition_config=pconfig,
+                train_config=self.config.train_for(k),
+                num_shards=k,
+                pseudonym_key_id=self.pseudonymizer.key_id,
             )
+            md = ModelDir.create(root, info, self.splits, parts)
+            for j, adapter in enumerate(adapters):
+                adapter.save_into(md, j, self.backbone, self.pseudonymizer)
         md = ModelDir(root)
+        self.seed_caches(md, adapters)
         manifests = self.manifests(md)
         self.built[name] = {
             "strategy": strategy if k > 1 else "all-data",
@@ -355,15 +507,24 @@ class Study:
         }
         return md
 
-    def embeddings(self, split: str) -> np.ndarray:
-        """Base-model embeddings of a split, cached by sample id (shared by every model directory)."""
-        samples = self.splits[split]
-        return cached_embeddings(
-            self.backbone,
-            self.out / "cache" / f"{split}-embeddings.npz",
-            [s.sample_id for s in samples],
-            [s.prompt for s in samples],
-            progress=self.progress,
+    def seed_caches(self, md: ModelDir, adapters: Sequence[AdapterStage]) -> None:
+        """Put the store's validation predictions and embeddings into the model directory's caches,
+        so that serving it (adaptive weights) scores nothing twice."""
+        valid = self.splits["valid"]
+        ids = [s.sample_id for s in valid]
+        for adapter in adapters:
+            column = self.predictions(adapter, "valid")
+            path = predictions_file(md.cache_dir(), adapter.sha256)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            payload = {
+                "adapter_sha256": adapter.sha256,
+                "scorer_key": prediction_key(self.backbone),
+                "predictions": {i: float(p) for i, p in zip(ids, column, strict=True)},
+            }
+            path.write_text(json.dumps(payload, sort_keys=True))
+        emb = self.embeddings("valid")
+        write_embeddings_cache(
+            md.cache_dir() / EMBEDDINGS_FILE, embedding_key(self.backbone), dict(zip(ids, emb, strict=True))
         )
 
     @staticmethod
@@ -377,48 +538,44 @@ class Study:
 
     @contextmanager
     def scorer(self, md: ModelDir) -> Iterator[AggregatedScorer]:
-        with AggregatedScorer.from_model_dir(self.backbone, md, cache_dir=self.out / "cache") as scorer:
+        with AggregatedScorer.from_model_dir(self.backbone, md) as scorer:
             yield scorer
 
     # -- cached measurements -------------------------------------------------------------------------
 
     def _memo(self, key: dict[str, Any], compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
-        """(array, seconds it took) for `key`: from `OUT/cache/<sha>.npz`, or computed and timed now."""
+        """(array, seconds it took) for `key`: from the store (stage `memo`), or computed and timed now."""
         full = {**key, "base": embedding_key(self.backbone), "scoring": prediction_key(self.backbone)}
-        path = self.out / "cache" / f"{_digest(full)[:24]}.npz"
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as data:
-                return np.array(data["value"]), float(data["seconds"])
-        started = time.perf_counter()
-        value = np.asarray(compute())
-        seconds = time.perf_counter() - started
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, value=value, seconds=np.array(seconds), key=np.array(json.dumps(full, default=str)))
-        os.replace(tmp, path)
-        return value, seconds
+
+        def build(work: Path) -> None:
+            started = time.perf_counter()
+            value = np.asarray(compute())
+            np.savez(work / "value.npz", value=value, seconds=np.array(time.perf_counter() - started))
+
+        path = self.store.run("memo", full, build, str(key.get("what", "")))
+        with np.load(path / "value.npz", allow_pickle=False) as data:
+            return np.array(data["value"]), float(data["seconds"])
 
     def _adapter_key(self, md: ModelDir) -> list[str]:
         return [str(m.adapter_sha256) for m in self.manifests(md)]
 
     def test_embeddings(self) -> tuple[np.ndarray, float]:
         """Base-model embeddings of the test prompts and the seconds they took (part of APA's cost)."""
-        return self._memo(
-            {"what": "test-embeddings", "test": self.digests["test"]},
-            lambda: self.backbone.embed(self.prompts, progress=self.progress),
-        )
+        path = self.store.path("embeddings", embeddings_key(self.backbone, self.test))
+        emb = self.embeddings("test")
+        return emb, stage_seconds(path)
 
     def adapter_predictions(self, md: ModelDir) -> tuple[np.ndarray, float]:
-        """(n_test x K) P_k(Yes) of each adapter alone: K passes (Bef. Agg. and SISA's averaging)."""
-
-        def compute() -> np.ndarray:
-            with self.scorer(md) as scorer:
-                return scorer.adapter_predictions(self.prompts)
-
-        return self._memo(
-            {"what": "adapter-predictions", "adapters": self._adapter_key(md), "test": self.digests["test"]},
-            compute,
-        )
+        """(n_test x K) P_k(Yes) of each adapter alone: K passes (Bef. Agg. and SISA's averaging),
+        one prediction stage per adapter, and the seconds they took."""
+        columns, seconds = [], 0.0
+        for m in self.manifests(md):
+            adapter = AdapterStage.from_model_dir(md, m.shard_index)
+            columns.append(self.predictions(adapter, "test"))
+            seconds += stage_seconds(
+                self.store.path("predictions", predictions_key(self.backbone, adapter, self.test))
+            )
+        return np.stack(columns, axis=1), seconds
 
     def aggregated(self, md: ModelDir, level: Level, weights: WeightConfig) -> tuple[np.ndarray, float]:
         """APA's P(Yes) on the test split and its inference seconds: embedding + ω + one pass per batch
@@ -450,6 +607,25 @@ class Study:
         value, _ = self._memo(key, compute)
         scores, (weight_seconds, pass_seconds) = value[:-2], value[-2:]
         return scores, embed_seconds + float(weight_seconds) + float(pass_seconds)
+
+    def aggregated_omega(self, md: ModelDir, level: Level, omega: np.ndarray, label: str) -> np.ndarray:
+        """P(Yes) on the test split under the aggregated adapter with a given ω (n_test x K), memoised
+        by ω's content (weight variants computed outside the scorer)."""
+
+        def compute() -> np.ndarray:
+            with self.scorer(md) as scorer:
+                p, _ = scorer.score(self.prompts, level, omega=omega)
+            return p
+
+        key = {
+            "what": "aggregated-omega",
+            "label": label,
+            "adapters": self._adapter_key(md),
+            "test": self.digests["test"],
+            "level": level,
+            "omega": hashlib.sha256(np.ascontiguousarray(omega, dtype=np.float64).tobytes()).hexdigest(),
+        }
+        return self._memo(key, compute)[0]
 
     def _auc(self, scores: np.ndarray) -> float:
         return auc(self.labels, scores)
@@ -836,41 +1012,78 @@ def _print_summary(name: str, result: dict[str, Any]) -> None:
 # CLI
 
 
+def runs_dir(settings: Settings | None = None) -> Path:
+    """The run directory (`APA_RUNS_DIR`), user home expanded."""
+    return Path((settings or Settings.from_env()).runs_dir).expanduser()
+
+
 def experiment_command(
     what: What = "all",
     data: str = "data/ml-100k",
-    out: str = "runs/experiments",
+    out: str | None = None,
     preset: Preset = "quick",
     num_shards: int | None = None,
     train_size: int | None = None,
     valid_size: int | None = None,
     test_size: int | None = None,
     epochs: int | None = None,
+    retrain_epochs: int | None = None,
+    patience: int | None = None,
     seed: int = 0,
     model: str = "embedded",
     dataset: Dataset = "ml-100k",
+    adopt: list[str] | None = None,
+    resume: bool = False,
+    store: str | None = None,
+    erase_users: int = 4,
+    mia_samples: int | None = None,
+    mia_reference: bool = True,
+    train: bool = True,
+    only: Literal["both", "retraining", "shards"] = "both",
 ) -> int:
     """Reproduce the paper's study: Table 1 and Fig. 3-6 as JSON + PNG (and table1.md) in OUT.
 
+    Every stage (data, partitions, adapters, per-adapter predictions, embeddings) is content-keyed in
+    the store under the run directory (`APA_RUNS_DIR`): running the same command again, or with
+    `--resume`, redoes only what is unfinished.
+
     Args:
-        what: table1, fig3, fig4, fig5, fig6, or all. Trained shard sets are cached in OUT/models
-            and shared by every figure.
+        what: table1, fig3, fig4, fig5, fig6, all; `stages` (Retraining and the semantic K shards
+            with their predictions only), `analysis` (issue 11: Table 1 with paired bootstrap CIs and
+            diagnostics) or `mia` (membership inference through the serving path, before and after
+            erasure).
         data: Directory with train/valid/test.jsonl (from `apa prepare`); without them, raw data of
             `dataset` (ml-100k: recbole's copy when the directory does not exist).
-        out: Output directory.
+        out: Output directory (default: RUNS_DIR/experiments/<preset>).
         preset: quick (2 CPU cores, < 30 min on the embedded model: N=96, 32 valid, 64 test, K=4,
-            1 epoch) or paper (1024/500/1000, K=4, TALLRec training settings; for a GPU).
+            1 epoch), cpu (256/250/500, K=4, lr 5e-4, up to 10 epochs, patience 2) or paper
+            (1024/500/1000, K=4, TALLRec training settings; for a GPU).
         num_shards: K for Table 1 and Fig. 3-5 (Fig. 6 uses K/2, K, 2K).
         train_size: Training samples (the paper: 1024).
         valid_size: Validation samples (the paper: 500).
         test_size: Test samples (the paper: 1000).
-        epochs: Training epochs (quick: 1; paper: up to 200 with early stopping).
+        epochs: Training epochs (quick: 1; cpu: 10; paper: up to 200 with early stopping).
+        retrain_epochs: Epoch cap of the K=1 Retraining adapter, when it differs from the shards'.
+        patience: Early-stopping patience (cpu: 2).
         seed: Seed of sampling, partitions, LoRA init and data order.
         model: Backbone: embedded, a local model directory, a .gguf file or a hub id.
         dataset: ml-100k or bookcrossing (sets the neighbour size n: 20 or 100, as in the paper).
+        adopt: Model directories (from `apa train`) whose finished shard adapters join the store
+            instead of being trained again.
+        resume: Resume an interrupted run (the same as running the same command again: finished
+            stages are never redone).
+        store: The stage store (default: RUNS_DIR/store).
+        erase_users: mia: how many training users to erase.
+        mia_samples: mia: at most this many members and non-members (None: all).
+        mia_reference: mia: also build the reference model from scratch without the erased users.
+        train: Train adapters missing from the store (false: use only adopted/finished ones and
+            report the rest as pending; for scoring while another process trains).
+        only: stages: Retraining's and the K shards' stages (both), or one of them (two processes
+            can then share the store: `retraining` leaves the zero-shot and embedding stages to the other).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
+    base_dir = runs_dir()
     try:
         config = ExperimentConfig.from_preset(
             preset,
@@ -881,9 +1094,18 @@ def experiment_command(
             test_size=test_size,
             epochs=epochs,
             seed=seed,
+            patience=patience,
+            retrain_epochs=retrain_epochs,
         )
         sizes = {"train": config.train_size, "valid": config.valid_size, "test": config.test_size}
-        splits = load_data(data, dataset, sizes, seed)
+        stage_store = StageStore(Path(store) if store else base_dir / "store", progress=True)
+        splits = data_stage(
+            stage_store,
+            data,
+            {**sizes, "dataset": dataset},
+            seed,
+            lambda: load_data(data, dataset, sizes, seed),
+        )
     except (FileNotFoundError, ValueError) as err:
         print(f"apa experiment: error: {err}", file=sys.stderr)
         return 1
@@ -903,14 +1125,25 @@ def experiment_command(
             file=sys.stderr,
         )
         return 1
-    out_dir = Path(out)
+    out_dir = Path(out) if out else base_dir / "experiments" / preset
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone = Backbone.load(BackboneConfig(model=model))
-    study = Study(backbone, splits, config, out_dir)
+    for path in adopt or []:
+        shards = adopt_model_dir(stage_store, backbone, path)
+        print(f"adopted {path}: shards {shards}")
+    study = Study(backbone, splits, config, out_dir, store=stage_store, train=train)
+    if resume:
+        print(f"resuming from the store {stage_store.root} (finished stages are reused)")
     if preset == "quick":
         estimate = quick_budget(config)
         print(
             f"quick preset: estimated {estimate['total_seconds'] / 60:.0f} min on 2 CPU cores (embedded model)"
+        )
+    if what in ("stages", "analysis", "mia"):
+        plan = study.plan()
+        print(
+            f"plan: {plan['done']} of {plan['stages']} stages done; about {plan['seconds_left'] / 60:.0f} min "
+            "left at 1.1 trained / 3.5 scored samples per second"
         )
     summary_path = out_dir / "results.json"
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -921,29 +1154,50 @@ def experiment_command(
     for name in names:
         print(f"== {name} ==")
         t0 = time.perf_counter()
-        result = getattr(study, name)()
-        _print_summary(name, result)
-        outputs = [f"{name}.json", f"{name}.png"] + (["table1.md"] if name == "table1" else [])
+        if name == "analysis":
+            from apa.study_analysis import run_analysis
+
+            result = run_analysis(study)
+            outputs = ["analysis.json", "analysis.md", "analysis.png"]
+        elif name == "mia":
+            from apa.mia import run_mia
+
+            result = run_mia(study, erase_users=erase_users, reference=mia_reference, max_samples=mia_samples)
+            outputs = ["mia.json", "mia.md"]
+        elif name == "stages":
+            result = study.stages(only)
+            outputs = []
+        else:
+            result = getattr(study, name)()
+            _print_summary(name, result)
+            outputs = [f"{name}.json", f"{name}.png"] + (["table1.md"] if name == "table1" else [])
         figures[name] = {"outputs": outputs, "seconds": time.perf_counter() - t0, "finished_at": _now()}
     summary = {
         "config": config.to_json(),
         "data": str(data),
+        "store": str(stage_store.root),
         "sizes": {name: len(samples) for name, samples in splits.items()},
         "model": {**backbone.describe(), "source": model},
         "machine": machine_info(backbone),
         "models": {**previous.get("models", {}), **study.built},
         "figures": figures,
         "ran": names,
+        "stages_ran": len(stage_store.ran()),
+        "stages_reused": len(stage_store.reused()),
         "seconds": time.perf_counter() - started,
         "finished_at": _now(),
     }
     write_json(summary_path, summary)
-    print(f"results in {out_dir}/ ({summary['seconds']:.0f} s)")
+    print(
+        f"results in {out_dir}/ ({summary['seconds']:.0f} s; stages run {summary['stages_ran']}, "
+        f"reused {summary['stages_reused']})"
+    )
     return 0
 
 
 __all__ = [
     "FIGURES",
+    "runs_dir",
     "PRESETS",
     "ExperimentConfig",
     "Method",

@@ -145,6 +145,8 @@ class Settings:
     """Alembic `migrations/` directory; default: the one installed as the package `apa.migrations`."""
     log_level: str = "INFO"
     """Python logging level of the services."""
+    runs_dir: str = "~/.cache/apa/runs"
+    """Run directory of `apa experiment`: its content-keyed stage store and results, outside the work tree so a new clone keeps them."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -1,0 +1,206 @@
+"""Membership inference through the serving path (`apa experiment mia`): does the served APA model
+still recognise the samples of erased users?
+
+Three sets of samples are scored by the served model (`AggregatedScorer.from_model_dir`, APA(D)
+with the study's weights), before and after erasure:
+
+* members: training samples of users who stay;
+* erased: the training samples of the users erased through the real erasure path for a model
+  directory (`apa.sharded.unlearn`: journal, scrub, retrain of exactly the affected shards, proof);
+* non-members: held-out test samples of users who stay.
+
+The attack score of a sample is the probability the model gives its true label (a loss attack:
+higher means "member"). For each pair of sets the attack AUC (with a bootstrap 95% CI) and the TPR
+at 1% FPR are reported, before erasure, after it, and for a reference model built from scratch on
+the remaining data only (same partition strategy, configs and seeds). After exact unlearning the
+erased samples should look like non-members, as they do for the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from apa.aggregation import AggregatedScorer
+from apa.data import Sample
+from apa.metrics import auc
+from apa.modeldir import ModelDir
+from apa.sharded import build_model, unlearn
+from apa.stages import partition_config, split_digest
+
+if TYPE_CHECKING:
+    from apa.experiments import Study
+
+
+def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float = 0.01) -> float:
+    """TPR of the attack "member if score > t" at the threshold where at most `fpr` of `neg` pass."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    t = float(np.quantile(neg, 1 - fpr, method="higher"))
+    return float(np.mean(pos > t))
+
+
+def attack(pos: np.ndarray, neg: np.ndarray, draws: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Attack AUC (positives: `pos`) with a bootstrap 95% CI, and TPR at 1% FPR."""
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    s = np.r_[pos, neg]
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(draws):
+        bp = rng.choice(pos, len(pos))
+        bn = rng.choice(neg, len(neg))
+        boot.append(auc(y, np.r_[bp, bn]))
+    return {
+        "auc": auc(y, s),
+        "ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg),
+        "n_pos": len(pos),
+        "n_neg": len(neg),
+    }
+
+
+def p_true(p_yes: np.ndarray, samples: list[Sample]) -> np.ndarray:
+    y = np.array([s.label for s in samples], dtype=np.float64)
+    return np.where(y == 1, p_yes, 1 - p_yes)
+
+
+def served_scores(study: Study, md: ModelDir, samples: list[Sample], label: str) -> np.ndarray:
+    """P(Yes) of `samples` from the served model of `md` (APA(D), the study's weights), memoised."""
+    prompts = [s.prompt for s in samples]
+
+    def compute() -> np.ndarray:
+        with AggregatedScorer.from_model_dir(study.backbone, md) as scorer:
+            p, _ = scorer.score(prompts, "decomposition", study.config.weights)
+        return p
+
+    key = {
+        "what": "mia-served",
+        "label": label,
+        "adapters": study._adapter_key(md),
+        "samples": split_digest(samples),
+        "valid": split_digest(md.splits()["valid"]),
+        "weights": asdict(study.config.weights),
+    }
+    return study._memo(key, compute)[0]
+
+
+def run_mia(
+    study: Study, erase_users: int = 4, reference: bool = True, max_samples: int | None = None
+) -> dict[str, Any]:
+    """Members / erased / non-members through the serving path, before and after a real erasure;
+    writes mia.json and mia.md into the study's output directory."""
+    k = study.config.num_shards
+    seed = study.config.seed
+    source = study.model_dir("semantic", k)
+    train, test = study.splits["train"], study.splits["test"]
+    users = sorted({s.user_id for s in train})
+    rng = np.random.default_rng(seed)
+    erased_users = set(rng.choice(users, min(erase_users, len(users) - 1), replace=False).tolist())
+    erased = [s for s in train if s.user_id in erased_users]
+    members = [s for s in train if s.user_id not in erased_users]
+    non_members = [s for s in test if s.user_id not in erased_users]
+    if max_samples is not None:
+        pick = np.random.default_rng(seed + 1)
+        members = [
+            members[i]
+            for i in sorted(pick.choice(len(members), min(max_samples, len(members)), replace=False))
+        ]
+        non_members = [
+            non_members[i]
+            for i in sorted(pick.choice(len(non_members), min(max_samples, len(non_members)), replace=False))
+        ]
+    sets = {"members": members, "erased": erased, "non-members": non_members}
+
+    def scores_of(md: ModelDir, tag: str) -> dict[str, np.ndarray]:
+        return {name: p_true(served_scores(study, md, s, f"{tag}-{name}"), s) for name, s in sets.items()}
+
+    before = scores_of(source, "before")
+    # the erasure: a copy of the served model directory, unlearned through apa.sharded.unlearn
+    work = study.out / "mia" / "model"
+    marker = study.out / "mia" / "source.json"
+    source_key = {"adapters": study._adapter_key(source), "erased_users": sorted(erased_users)}
+    if not marker.is_file() or json.loads(marker.read_text()) != source_key:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(source.root, work)
+        marker.write_text(json.dumps(source_key))
+    report = unlearn(
+        work,
+        [s.sample_id for s in erased],
+        pseudonymizer=study.pseudonymizer,
+        backbone=study.backbone,
+        progress=study.progress,
+    )
+    unlearned = ModelDir(work)
+    after = scores_of(unlearned, "after")
+    runs = {"before erasure": before, "after erasure": after}
+    if reference:
+        ref_root = study.out / "mia" / "scratch"
+        remaining = {
+            name: [s for s in split if s.user_id not in erased_users] for name, split in study.splits.items()
+        }
+        try:
+            ref_md = ModelDir(ref_root)
+            ok = len(study.manifests(ref_md)) == k
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            shutil.rmtree(ref_root, ignore_errors=True)
+            build_model(
+                study.backbone,
+                remaining,
+                ref_root,
+                partition_config("semantic", k, seed),
+                study.config.train_for(k),
+                pseudonymizer=study.pseudonymizer,
+                progress=study.progress,
+            )
+        runs["from scratch without them"] = scores_of(ModelDir(ref_root), "scratch")
+    pairs = [("members", "non-members"), ("erased", "non-members"), ("members", "erased")]
+    table = {
+        run: {f"{a} vs {b}": attack(s[a], s[b], seed=seed) for a, b in pairs}
+        | {"mean_p_true": {name: float(np.mean(v)) for name, v in s.items()}}
+        for run, s in runs.items()
+    }
+    result = {
+        "erased_users": len(erased_users),
+        "sizes": {name: len(s) for name, s in sets.items()},
+        "affected_shards": report.affected_shards,
+        "retrain_seconds": report.retrain_seconds,
+        "erasure": report.to_json(),
+        "attack_score": "P(true label) from the served APA(D) model (higher: member)",
+        "runs": table,
+    }
+    out = study.out
+    out.mkdir(parents=True, exist_ok=True)
+    from apa.experiments import write_json
+
+    write_json(out / "mia.json", result)
+    (out / "mia.md").write_text(mia_markdown(result))
+    print(mia_markdown(result))
+    return result
+
+
+def mia_markdown(r: dict[str, Any]) -> str:
+    lines = [
+        f"Erased {r['erased_users']} users ({r['sizes']['erased']} training samples; affected shards "
+        f"{r['affected_shards']}, retrained in {r['retrain_seconds']:.0f} s); members {r['sizes']['members']}, "
+        f"non-members {r['sizes']['non-members']}. Attack score: {r['attack_score']}.",
+        "",
+        "| model | pair | attack AUC [95% CI] | TPR @ 1% FPR |",
+        "|---|---|---|---|",
+    ]
+    for run, pairs in r["runs"].items():
+        for pair, a in pairs.items():
+            if pair == "mean_p_true":
+                continue
+            lines.append(
+                f"| {run} | {pair} | {a['auc']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] | {a['tpr_at_1pct_fpr']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["attack", "mia_markdown", "p_true", "run_mia", "served_scores", "tpr_at_fpr"]

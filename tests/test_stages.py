@@ -1,0 +1,265 @@
+"""`apa experiment`'s content-keyed stages: a run stopped mid-way (an injected exception, or a
+kill -9 of the process) resumes without redoing finished stages; model directories are adopted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import apa.stages as stages
+from apa.backbone import Backbone, BackboneConfig
+from apa.cli import main
+from apa.data import write_jsonl
+from apa.experiments import ExperimentConfig, Study
+from apa.partition import PartitionConfig
+from apa.pseudonyms import Pseudonymizer
+from apa.sharded import build_model
+from apa.stages import StageStore, adopt_model_dir, chunked
+from model_fixtures import make_samples
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("stage-data")
+    write_jsonl(root / "train.jsonl", make_samples(12, "train", seed=11))
+    write_jsonl(root / "valid.jsonl", make_samples(8, "valid", seed=12))
+    write_jsonl(root / "test.jsonl", make_samples(8, "test", seed=13))
+    return root
+
+
+def _args(data_dir: Path, tiny_model_dir: Path, out: Path, store: Path) -> list[str]:
+    return [
+        "experiment",
+        "--what",
+        "stages",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--store",
+        str(store),
+        "--model",
+        str(tiny_model_dir),
+        "--num-shards",
+        "2",
+        "--train-size",
+        "12",
+        "--valid-size",
+        "8",
+        "--test-size",
+        "8",
+    ]
+
+
+def _done_stages(store: Path, kind: str) -> dict[str, str]:
+    """digest -> the done.json text of every finished stage of `kind`."""
+    root = store / kind
+    if not root.is_dir():
+        return {}
+    return {d.name: (d / "done.json").read_text() for d in root.iterdir() if (d / "done.json").is_file()}
+
+
+def test_a_stage_failing_mid_way_resumes_without_redoing_finished_stages(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    out, store = tmp_path / "out", tmp_path / "store"
+    real_train = stages.train_adapter
+    calls: list[str] = []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(str(args[-1]))
+        if len(calls) == 3:  # K=1, shard 0 trained; shard 1 dies in the middle of its stage
+            raise RuntimeError("injected crash")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "train_adapter", failing)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        main(_args(data_dir, tiny_model_dir, out, store))
+    finished = _done_stages(store, "adapter")
+    assert len(finished) == 2
+    predictions_before = _done_stages(store, "predictions")
+    assert len(predictions_before) >= 2 + 2  # zero-shot valid/test + the K=1 adapter's valid/test
+    assert any(p.name.endswith(".partial") for p in (store / "adapter").iterdir())
+
+    calls.clear()
+    monkeypatch.setattr(stages, "train_adapter", real_train)
+    counted: list[str] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        counted.append(str(args[-1]))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "train_adapter", counting)
+    assert main([*_args(data_dir, tiny_model_dir, out, store), "--resume"]) == 0
+    assert len(counted) == 1 and "shard 1" in counted[0]  # only the unfinished adapter
+    after = _done_stages(store, "adapter")
+    assert len(after) == 3
+    for digest, text in finished.items():
+        assert after[digest] == text  # untouched: not redone
+    predictions_after = _done_stages(store, "predictions")
+    for digest, text in predictions_before.items():
+        assert predictions_after[digest] == text
+    assert not any(p.name.endswith(".partial") for p in (store / "adapter").iterdir())
+
+    # a third run does nothing at all
+    monkeypatch.setattr(stages, "train_adapter", lambda *a, **k: pytest.fail("trained again"))
+    assert main(_args(data_dir, tiny_model_dir, out, store)) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["stages_ran"] == 0 and summary["stages_reused"] > 0
+
+
+def test_a_killed_process_resumes_without_redoing_finished_stages(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    out, store = tmp_path / "out", tmp_path / "store"
+    cmd = [sys.executable, "-m", "apa.cli", *_args(data_dir, tiny_model_dir, out, store)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while not _done_stages(store, "adapter") and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before a stage finished"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finished = {
+        kind: _done_stages(store, kind)
+        for kind in ("data", "embeddings", "predictions", "partition", "adapter")
+    }
+    assert finished["adapter"], "no adapter finished before the kill"
+
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for kind, before in finished.items():
+        now = _done_stages(store, kind)
+        for digest, text in before.items():
+            assert now[digest] == text, f"{kind} stage {digest} was redone"
+    assert len(_done_stages(store, "adapter")) == 3
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["stages_reused"] >= sum(len(v) for v in finished.values())
+
+
+def test_chunked_scoring_resumes_from_the_last_finished_chunk(tmp_path: Path) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def compute(a: int, b: int) -> np.ndarray:
+        seen.append((a, b))
+        if a == 4 and len(seen) == 3:
+            raise KeyboardInterrupt
+        return np.arange(a, b, dtype=float)
+
+    with pytest.raises(KeyboardInterrupt):
+        chunked(tmp_path, 10, compute, chunk=2)
+    seen.clear()
+    out = chunked(tmp_path, 10, compute, chunk=2)
+    assert out.tolist() == list(range(10))
+    assert seen == [(4, 6), (6, 8), (8, 10)]  # chunks 0-4 came from disk
+
+
+def test_existing_model_directories_are_adopted_not_retrained(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_model_dir)))
+    config = ExperimentConfig.from_preset("quick", num_shards=2, train_size=12, valid_size=8, test_size=8)
+    from apa.data import load_splits
+
+    splits = load_splits(data_dir)
+    built = tmp_path / "built"
+    build_model(
+        backbone,
+        splits,
+        built,
+        PartitionConfig(strategy="semantic", num_shards=2, seed=0),
+        config.train_for(2),
+        pseudonymizer=Pseudonymizer(b"another key of the lead, 32 bytes", source="t"),
+        progress=False,
+    )
+    store = StageStore(tmp_path / "store")
+    assert adopt_model_dir(store, backbone, built) == [0, 1]
+    monkeypatch.setattr(
+        stages, "train_adapter", lambda *a, **k: pytest.fail("an adopted adapter was retrained")
+    )
+    study = Study(backbone, splits, config, tmp_path / "out", progress=False, store=store)
+    md = study.model_dir("semantic", 2)
+    assert [m.adapter_sha256 for m in study.manifests(md)] == [
+        m.adapter_sha256 for m in study.manifests(type(md)(built))
+    ]
+    # the adopted adapters' metrics come along (epochs, steps, validation AUC)
+    assert all(m.metrics for m in study.manifests(md))
+
+
+def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", make_samples(16, "train", seed=21))
+    write_jsonl(data / "valid.jsonl", make_samples(16, "valid", seed=22))
+    write_jsonl(data / "test.jsonl", make_samples(16, "test", seed=23))
+    out, store = tmp_path / "out", tmp_path / "store"
+    args = _args(data, tiny_model_dir, out, store)
+    args[args.index("12")] = "16"
+    args[args.index("--valid-size") + 1] = "16"
+    args[args.index("--test-size") + 1] = "16"
+    analysis = [*args[:2], "analysis", *args[3:]]
+    assert main(analysis) == 0
+    result = json.loads((out / "analysis.json").read_text())
+    methods = result["table"]["methods"]
+    for name in ("zero-shot", "Retraining", "SISA", "uniform D", "APA(D)", "APA(ND)"):
+        low, high = methods[name]["ci"]
+        assert low <= methods[name]["auc"] <= high or not np.isfinite(low)
+    assert "APA(D) - Retraining" in result["table"]["differences"]
+    assert "APA(D) - SISA" in result["table"]["differences"]
+    assert result["selection"]["paper"]["best"]["tau"] in stages_taus()
+    assert result["weights_tau1000_n20"]["paper"]["matches_library"]
+    assert len(result["shards"]) == 2 and all("test_auc" in s for s in result["shards"])
+    assert result["training"]["Retraining"]["steps"] > 0
+    assert result["speedup"]["speedup_vs_mean_shard"] > 0
+    assert (out / "analysis.md").read_text().count("|") > 10
+    assert (out / "analysis.png").read_bytes()[:4] == b"\x89PNG"
+
+    mia = [*args[:2], "mia", *args[3:], "--erase-users", "2"]
+    assert main(mia) == 0
+    r = json.loads((out / "mia.json").read_text())
+    assert set(r["runs"]) == {"before erasure", "after erasure", "from scratch without them"}
+    assert r["affected_shards"] and r["sizes"]["erased"] > 0
+    for run in r["runs"].values():
+        assert 0.0 <= run["erased vs non-members"]["auc"] <= 1.0
+        assert 0.0 <= run["members vs non-members"]["tpr_at_1pct_fpr"] <= 1.0
+
+
+def stages_taus() -> tuple[float, ...]:
+    from apa.study_analysis import TAUS
+
+    return TAUS
+
+
+def test_validation_halves_by_user_never_share_a_user() -> None:
+    from apa.study_analysis import halves, select_tau_n
+
+    rng = np.random.default_rng(0)
+    users = np.array([f"u{i % 7}" for i in range(60)])
+    for _ in range(20):
+        a, b = halves(len(users), rng, users)
+        assert len(a) and len(b) and sorted(np.r_[a, b].tolist()) == list(range(60))
+        assert not set(users[a].tolist()) & set(users[b].tolist())
+    emb = rng.normal(size=(60, 8))
+    labels = (rng.random(60) < 0.6).astype(float)
+    preds = rng.random((60, 3))
+    result = select_tau_n(emb, labels, preds, seed=0, groups=users)
+    assert result["best"]["valid_auc"] == max(c["valid_auc"] for c in result["grid"])
+
+
+def test_a_leading_word_picks_what_for_apa_experiment() -> None:
+    from apa.cli import normalise_args
+    from apa.experiments import experiment_command
+
+    assert normalise_args(experiment_command, ["mia", "--preset", "cpu"])[:1] == ["--what=mia"]
+    assert normalise_args(experiment_command, ["--what", "mia"])[:2] == ["--what", "mia"]
