@@ -14,13 +14,11 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
 
 from apa import validation
 from apa.logs import configure_logging
 from apa.serving import Replica, ServiceUnavailable, UnknownItem
 from apa.settings import Settings
-from apa.validation import ApiError
 from services.inference.api import openapi_document, parse_recommend, parse_score
 
 log = logging.getLogger("apa.inference")
@@ -65,9 +63,7 @@ def create_app(settings: Settings | None = None, *, replica: Replica | None = No
             return response
         return None
 
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> tuple[Response, int]:
-        return jsonify(error=exc.error, field=exc.field), exc.status
+    validation.json_errors(app, log)
 
     @app.errorhandler(ServiceUnavailable)
     def _service_unavailable(exc: ServiceUnavailable) -> Response:
@@ -76,21 +72,6 @@ def create_app(settings: Settings | None = None, *, replica: Replica | None = No
     @app.errorhandler(UnknownItem)
     def _unknown_item(exc: UnknownItem) -> tuple[Response, int]:
         return jsonify(error=f"{exc.field}: unknown item {exc.item_id!r}", field=exc.field), 400
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        field = {413: "body", 414: "url", 415: "Content-Type", 431: "headers"}.get(exc.code or 0)
-        response = jsonify(error=(exc.description or exc.name), field=field)
-        response.status_code = exc.code or 500
-        for name, value in exc.get_headers():
-            if name.lower() != "content-type":
-                response.headers[name] = value
-        return response
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> tuple[Response, int]:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify(error="internal error", field=None), 500
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -30,7 +30,6 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
-from werkzeug.exceptions import HTTPException
 
 from apa import anchors, receipts, validation
 from apa.db import audit, registry
@@ -193,24 +192,7 @@ def create_app(
         g.query = validation.query(request, op.query)
         g.body = op.body.parse(request) if op.body is not None else None
 
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> tuple[Response, int]:
-        return jsonify(error=exc.error, field=exc.field), exc.status
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        field = {413: "body", 414: "url", 415: "Content-Type", 431: "headers"}.get(exc.code or 0)
-        response = jsonify(error=(exc.description or exc.name), field=field)
-        response.status_code = exc.code or 500
-        for name, value in exc.get_headers():  # keep Allow (405), WWW-Authenticate, Retry-After, ...
-            if name.lower() != "content-type":
-                response.headers[name] = value
-        return response
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> tuple[Response, int]:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return jsonify(error="internal error", field=None), 500
+    validation.json_errors(app, log)
 
     # --- health ------------------------------------------------------------------------------------
 

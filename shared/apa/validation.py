@@ -17,6 +17,7 @@ Each failure is an `ApiError`: a 4xx JSON `{"error": ..., "field": ...}` naming 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from flask import Request
+from flask import Flask, Request, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from apa.ids import MAX_ID_LENGTH, id_problem, shard_id_problem
 
@@ -389,3 +391,28 @@ def check_limits(request: Request) -> None:
             )
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ApiError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", "body")
+
+
+def json_errors(app: Flask, log: logging.Logger) -> None:
+    """Every error of `app` as JSON `{"error", "field"}`: an ApiError with its status and field, an
+    HTTP error with its code (the field for 413/414/415/431; its headers kept: Allow on a 405,
+    WWW-Authenticate, Retry-After), anything else a logged 500 that shows no detail."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> tuple[Response, int]:
+        return jsonify(error=exc.error, field=exc.field), exc.status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        field = {413: "body", 414: "url", 415: "Content-Type", 431: "headers"}.get(exc.code or 0)
+        response = jsonify(error=(exc.description or exc.name), field=field)
+        response.status_code = exc.code or 500
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(error="internal error", field=None), 500
