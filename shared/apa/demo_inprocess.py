@@ -29,6 +29,7 @@ from apa.db import audit
 from apa.db.bootstrap import bootstrap
 from apa.db.registry import live_samples, user_erasure_status
 from apa.db.session import make_engine, session_scope, upgrade
+from apa.demo import _say
 from apa.events import ErasureRequested, InMemoryEventBus
 from apa.lifecycle import (
     ShardRef,
@@ -46,10 +47,6 @@ from apa.sharded import build_model
 from apa.training import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-def _say(message: str) -> None:
-    print(f"[apa demo] {message}", flush=True)
 
 
 def in_process_demo(
