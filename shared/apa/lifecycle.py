@@ -89,12 +89,9 @@ def handle_erasure(
     pseudonymizer: Pseudonymizer,
     *,
     now: datetime | None = None,
-    replica_live_seconds: float = registry.DEFAULT_REPLICA_LIVE_SECONDS,
 ) -> ErasureOutcome:
     """Step 1, in the caller's transaction (commit before acknowledging the event)."""
-    result = registry.record_erasure(
-        session, event, pseudonymizer, now=now, replica_live_seconds=replica_live_seconds
-    )
+    result = registry.record_erasure(session, event, pseudonymizer, now=now)
     stale = {ShardRef.parse(key): generation for key, generation in result.generations.items()}
     return ErasureOutcome(
         result.request.request_id, result.created, len(result.erased_samples), stale, result.request.status

@@ -165,9 +165,7 @@ def erase(
     """One erasure event, in the caller's transaction (or savepoint): `handle_erasure`, then a `stale` shard
     event and a retrain task (coalesced) per shard it made stale, as outbox rows. A redelivered
     request changes nothing; ConflictError when its id was used for another user."""
-    outcome = handle_erasure(
-        session, event, pseudonymizer, now=now, replica_live_seconds=settings.replica_live_seconds
-    )
+    outcome = handle_erasure(session, event, pseudonymizer, now=now)
     if not outcome.created or not outcome.stale:
         return outcome
     for shard, generation in sorted(outcome.stale.items()):

@@ -87,7 +87,7 @@ def erase_command(
         check_schema(engine)
         with session_scope(engine) as session:
             live_seconds = settings.replica_live_seconds
-            outcome = handle_erasure(session, event, pseudonymizer, replica_live_seconds=live_seconds)
+            outcome = handle_erasure(session, event, pseudonymizer)
             request = session.get(ErasureRequest, outcome.request_id)
             view = registry.request_view(session, request, replica_live_seconds=live_seconds)  # type: ignore[arg-type]
         with session_scope(engine) as session:

@@ -162,7 +162,6 @@ def record_erasure(
     pseudonymizer: Pseudonymizer,
     *,
     now: datetime | None = None,
-    replica_live_seconds: float = DEFAULT_REPLICA_LIVE_SECONDS,
 ) -> ErasureResult:
     """Record an erasure request and exclude its data, in the caller's (one) transaction.
 
