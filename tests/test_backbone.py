@@ -95,3 +95,41 @@ def test_bf16_autocast_is_the_default_only_where_the_cpu_has_native_bf16(
         assert backbone.BackboneConfig().bf16_autocast is native
     finally:
         backbone.native_bf16.cache_clear()
+
+
+def test_an_early_exit_embedding_runs_only_the_first_layers_and_equals_that_hidden_state(tiny_llama):
+    model, tok = tiny_llama
+    prompts = [s.prompt for s in make_samples(3)] + ["Yes"]
+    full = tiny_backbone(model, tok, batch_size=2)
+    layers = full.num_layers
+    assert layers == len(model.model.layers) >= 2
+    ran: list[int] = []
+    hooks = [
+        layer.register_forward_hook(lambda *_a, i=i: ran.append(i))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        early = tiny_backbone(model, tok, batch_size=2, embed_layer=1).embed(prompts)
+        assert set(ran) == {0}  # layer 1 and the final norm never ran: an exit, not a lookup
+        ran.clear()
+        last = full.embed(prompts)
+        assert set(ran) == set(range(layers))
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        states = model(**tok(prompts[1], return_tensors="pt"), output_hidden_states=True).hidden_states
+    np.testing.assert_allclose(early[1], states[1][0, -1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(last[1], states[-1][0, -1].numpy(), atol=1e-5)
+    assert not np.allclose(early, last)
+    # one full pass gives every layer's embedding, equal to each early exit
+    many = full.embed_layers(prompts, [1, -1, 0])
+    np.testing.assert_allclose(many[1], early, atol=1e-5)
+    np.testing.assert_allclose(many[-1], last, atol=1e-5)
+    np.testing.assert_allclose(many[0], tiny_backbone(model, tok, embed_layer=0).embed(prompts), atol=1e-5)
+    with pytest.raises(ValueError, match="not in"):
+        full.embed_layers(prompts, [layers])
+    with pytest.raises(ValueError, match="beyond"):
+        tiny_backbone(model, tok, embed_layer=layers).embed(prompts)
+    with pytest.raises(ValueError, match="embed_layer"):
+        BackboneConfig(embed_layer=-2)

@@ -29,6 +29,7 @@ from apa.db.session import session_scope
 from apa.events import ErasureRequested, ShardEvent
 from apa.kafka import ensure_topic, make_producer
 from apa.lifecycle import ShardRef, retrain_shard, serving_refs
+from apa.prompts import request_prefix
 from apa.pseudonyms import pseudonymizer_from_settings
 from apa.retrains import erase
 from apa.serving import Replica, ServingConfig
@@ -571,7 +572,7 @@ def test_apa_bench_serve_measures_the_running_service(tmp_path: Path) -> None:
     assert report["exclusion_and_reload"]["failed_requests"] == 0
 
 
-def test_per_request_omega_gives_every_candidate_the_omega_of_the_history_prompt(
+def test_per_request_omega_gives_every_candidate_the_omega_of_the_request_prefix(
     deployment: tuple[Engine, ArtifactStore, Path], backbone: Backbone, tmp_path: Path
 ) -> None:
     engine, store, _ = deployment
@@ -581,16 +582,17 @@ def test_per_request_omega_gives_every_candidate_the_omega_of_the_history_prompt
             candidates = list(session.scalars(select(CatalogueItem.item_id).limit(4)))
         user = _users(engine)[0]
         prompts = replica.recommend_prompts(user, candidates)
-        [prefix] = replica.recommend_prompts(user, [], prefix_only=True)
-        assert 'target movie ""?' in prefix
+        prefix = request_prefix(prompts[0])
+        assert prefix.endswith("the target movie") and all(p.startswith(prefix) for p in prompts)
         body = replica.recommend(user, candidates)
         scorer = replica.scorer
         assert scorer is not None
-        row = scorer.weights([prefix], WeightConfig())
+        # the library's answer: ω from the prefix against the pool's prefixes, every full prompt scored
+        row = scorer.weights([prefix], WeightConfig(), view="prefix")
         p_lib, _ = scorer.score(prompts, "decomposition", omega=np.repeat(row, len(prompts), axis=0))
         got = {r["item_id"]: r["p_yes"] for r in body["ranked"]}
         np.testing.assert_allclose([got[c] for c in candidates], p_lib, rtol=1e-5, atol=1e-6)
-        scored = replica.score(prompts, prefix=prefix)
-        assert np.allclose(scored.omega, scored.omega[0]) and np.allclose(scored.omega[0], row[0])
+        scored = replica.score(prompts, request=True)
+        assert np.allclose(scored.omega, row)
     finally:
         replica.close()

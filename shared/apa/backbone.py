@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -69,7 +70,8 @@ class BackboneConfig:
     pooling: Literal["last", "mean"] = "last"
     """How `embed` pools the prompt's token states: the last token, or the mean over real tokens."""
     embed_layer: int = -1
-    """Which hidden layer `embed` reads (-1: the last, after the final norm)."""
+    """Which layer `embed` reads: -1, the last (after the final norm); l >= 0, the output of the
+    first l decoder layers, computed by running only those layers (an early exit: l/L of a pass)."""
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`."""
 
@@ -80,6 +82,10 @@ class BackboneConfig:
             raise ValueError(f"max_length must be >= 8, got {self.max_length}")
         if self.pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {self.pooling!r}")
+        if self.embed_layer < -1:
+            raise ValueError(
+                f"embed_layer must be -1 (the last) or a layer count >= 0, got {self.embed_layer}"
+            )
 
 
 def default_cache_dir() -> Path:
@@ -269,6 +275,10 @@ class Backbone:
     ) -> torch.Tensor:
         """(n, 2) fp32 logits of the Yes and No tokens at each row's last position."""
         hidden = last_hidden_state(model, batch, lambda: self.autocast(bf16))[:, -1]
+        return self.answer_logits(model, hidden)
+
+    def answer_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, 2) fp32 logits of the Yes and No tokens from (n, d) final hidden states."""
         head = unwrap_causal_lm(model).get_output_embeddings()
         weight = head.weight[[self.yes_token_id, self.no_token_id]].float()
         logits = hidden.float() @ weight.T
@@ -294,24 +304,65 @@ class Backbone:
             out[idx] = torch.softmax(logits, dim=-1)[:, 0].double().cpu().numpy()
         return out
 
+    @property
+    def num_layers(self) -> int:
+        """L, the number of decoder layers."""
+        return len(unwrap_causal_lm(self.model).get_decoder().layers)
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.config.pooling == "last":
+            return hidden[:, -1]
+        m = mask.unsqueeze(-1).float()
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
     @torch.no_grad()
     def embed(
         self, prompts: Sequence[str], batch_size: int | None = None, progress: bool = False
     ) -> np.ndarray:
-        """Base-model hidden state of each prompt, pooled per `config.pooling`, fp32 (`self.model`
-        never carries adapters: training and scorers wrap forks of it)."""
+        """Base-model hidden state of each prompt at `config.embed_layer` (an early exit when it is
+        not the last), pooled per `config.pooling`, fp32 (`self.model` never carries adapters:
+        training and scorers wrap forks of it)."""
         rows: list[np.ndarray] = [np.zeros(0)] * len(prompts)
         for idx in _progress(list(self.batches(prompts, batch_size)), progress, "embed"):
             batch = self.encode([prompts[i] for i in idx])
             hidden = hidden_state(self.model, batch, self.config.embed_layer, self.autocast).float()
-            if self.config.pooling == "last":
-                pooled = hidden[:, -1]
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).float()
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            pooled = self._pool(hidden, batch["attention_mask"])
             for row, i in enumerate(idx):
                 rows[i] = pooled[row].cpu().numpy()
         return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+    @torch.no_grad()
+    def embed_layers(
+        self,
+        prompts: Sequence[str],
+        layers: Sequence[int],
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> dict[int, np.ndarray]:
+        """`embed` at several layers from ONE full pass (each equals `embed` with that
+        `embed_layer`; -1 is the last, normed): for measuring what an early exit costs in AUC."""
+        wanted = list(dict.fromkeys(int(layer) for layer in layers))
+        bad = [layer for layer in wanted if not -1 <= layer < self.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are not in [-1, {self.num_layers})")
+        rows: dict[int, list[np.ndarray]] = {layer: [np.zeros(0)] * len(prompts) for layer in wanted}
+        decoder = unwrap_causal_lm(self.model).get_decoder()
+        for idx in _progress(list(self.batches(prompts, batch_size)), progress, "embed"):
+            batch = self.encode([prompts[i] for i in idx])
+            with self.autocast():
+                out = decoder(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"],
+                    use_cache=False,
+                    output_hidden_states=True,
+                )
+            for layer in wanted:
+                hidden = (out.last_hidden_state if layer == -1 else out.hidden_states[layer]).float()
+                pooled = self._pool(hidden, batch["attention_mask"])
+                for row, i in enumerate(idx):
+                    rows[layer][i] = pooled[row].cpu().numpy()
+        return {layer: np.stack(r) if r else np.zeros((0, 0), dtype=np.float32) for layer, r in rows.items()}
 
 
 @contextlib.contextmanager
@@ -369,18 +420,44 @@ def base_only(model: Any) -> Iterator[None]:
 def hidden_state(
     model: nn.Module, batch: dict[str, torch.Tensor], layer: int = -1, autocast: Any = contextlib.nullcontext
 ) -> torch.Tensor:
-    """Hidden states (n, seq, d) of one layer (-1: the final normed output), computed by the
-    decoder alone: the full-vocabulary LM head never runs."""
+    """Hidden states (n, seq, d) of one layer, computed by the decoder alone (the full-vocabulary
+    LM head never runs): -1, the final normed output; l >= 0, the output of the first l decoder
+    layers (before any norm, as `output_hidden_states[l]`), and only those l layers run."""
     decoder = unwrap_causal_lm(model).get_decoder()
+    num_layers = len(decoder.layers)
+    if layer >= num_layers:
+        raise ValueError(f"layer {layer} is beyond the model's {num_layers} layers (-1 is the last)")
+    if layer >= 0:
+        decoder = truncated_decoder(decoder, layer)
     with autocast():
         out = decoder(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             position_ids=batch["position_ids"],
             use_cache=False,
-            output_hidden_states=layer != -1,
         )
-    return out.last_hidden_state if layer == -1 else out.hidden_states[layer]  # type: ignore[no-any-return]
+    return out.last_hidden_state  # type: ignore[no-any-return]
+
+
+_TRUNCATED: dict[tuple[int, int], nn.Module] = {}
+_TRUNCATED_LOCK = threading.Lock()
+
+
+def truncated_decoder(decoder: nn.Module, layers: int) -> nn.Module:
+    """A view of `decoder` that runs only its first `layers` layers and no final norm (an early
+    exit). It shares every weight with `decoder` (a shallow copy with a shorter layer list) and is
+    built once per (decoder, layers)."""
+    key = (id(decoder), layers)
+    with _TRUNCATED_LOCK:
+        view = _TRUNCATED.get(key)
+        if view is None or view._apa_source is not decoder:  # type: ignore[attr-defined]
+            view = copy.copy(decoder)
+            view._modules = dict(decoder._modules)  # its own module table; the weights stay shared
+            view._modules["layers"] = nn.ModuleList(list(decoder.layers)[:layers])  # type: ignore[attr-defined]
+            view._modules["norm"] = nn.Identity()
+            view._apa_source = decoder  # type: ignore[attr-defined]
+            _TRUNCATED[key] = view
+        return view
 
 
 def last_hidden_state(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 PROMPT_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -32,3 +34,14 @@ def format_prompt(instruction: str, input: str) -> str:  # noqa: A002 - TALLRec'
 def answer_text(label: int) -> str:
     """`Yes.` for label 1, `No.` for label 0."""
     return YES if label else NO
+
+
+_TARGET = re.compile(r"the target \w+")
+
+
+def request_prefix(prompt: str) -> str:
+    """What a ranking request's candidate prompts share: the prompt up to "... the target movie"
+    (instruction and history, no target item). It is what per-request ω embeds, for the request and
+    for the validation pool alike; a prompt without that phrase is its own prefix."""
+    ends = [match.end() for match in _TARGET.finditer(prompt)]
+    return prompt[: ends[-1]] if ends else prompt

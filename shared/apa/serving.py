@@ -121,8 +121,8 @@ class ServingConfig:
     """Seconds between heartbeats."""
     omega: str = "per_candidate"
     """ω of a /recommend: `per_candidate` (each candidate's full prompt embedded: the paper's) or
-    `per_request` (one ω from the user's history prompt without a target, shared by its candidates:
-    one embedding pass per request instead of one per candidate)."""
+    `per_request` (one ω from the request prefix, the user's history without a target, shared by its
+    candidates: one short embedding pass per request, and the shared prefix tokens run once)."""
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -204,8 +204,8 @@ class Scored:
 @dataclass
 class _Job:
     prompts: list[str]
-    prefix: str | None = None
-    """per_request ω: the prompt whose embedding gives every row of this job its ω."""
+    request: bool = False
+    """One ranking request scored with per-request ω and its shared prefix (`score_request`)."""
     done: threading.Event = field(default_factory=threading.Event)
     abandoned: bool = False
     """The caller stopped waiting (timeout): not scored if it was not started yet."""
@@ -617,12 +617,13 @@ class Replica:
 
     # -- scoring ------------------------------------------------------------------------------------
 
-    def score(self, prompts: Sequence[str], timeout_s: float = 300.0, *, prefix: str | None = None) -> Scored:
+    def score(self, prompts: Sequence[str], timeout_s: float = 300.0, *, request: bool = False) -> Scored:
         """Score `prompts` in the next micro-batch (with whatever other requests join it); with
-        `prefix`, every prompt gets the ω of the prefix's embedding (per-request ω)."""
+        `request`, they are one ranking request's candidates: one ω for all of them (from their
+        shared request prefix) and the shared prefix tokens computed once."""
         if not self.ready.is_set():
             raise ServiceUnavailable(self.load_error or "the replica is still loading its model and adapters")
-        job = _Job(list(prompts), prefix)
+        job = _Job(list(prompts), request)
         self._jobs.put(job)
         if not job.done.wait(timeout_s):
             job.abandoned = True
@@ -654,24 +655,33 @@ class Replica:
                 if not job.abandoned:
                     jobs.append(job)
                     size += len(job.prompts)
+            self._run_jobs([j for j in jobs if not j.request], together=True)
+            self._run_jobs([j for j in jobs if j.request], together=False)
+
+    def _run_jobs(self, jobs: list[_Job], *, together: bool) -> None:
+        """Score `jobs` as one batch (`together`) or each ranking request on its own, then wake them."""
+        groups = [jobs] if together and jobs else [[j] for j in jobs]
+        for group in groups:
             try:
-                scored = self.score_now(
-                    [p for j in jobs for p in j.prompts], [j.prefix for j in jobs for _ in j.prompts]
-                )
+                if together:
+                    scored = self.score_now([p for j in group for p in j.prompts])
+                else:
+                    scored = self.score_now(group[0].prompts, request=True)
                 start = 0
-                for job in jobs:
+                for job in group:
                     end = start + len(job.prompts)
                     job.result = replace(scored, p_yes=scored.p_yes[start:end], omega=scored.omega[start:end])
                     start = end
             except BaseException as exc:
-                for job in jobs:
+                for job in group:
                     job.error = exc
-            for job in jobs:
+            for job in group:
                 job.done.set()
 
-    def score_now(self, prompts: Sequence[str], prefixes: Sequence[str | None] | None = None) -> Scored:
+    def score_now(self, prompts: Sequence[str], *, request: bool = False) -> Scored:
         """One batch, in the caller's thread: the registry check, then the scorer with every blocked
-        shard at weight 0. A row with a prefix gets the ω of the prefix (computed once per prefix)."""
+        shard at weight 0. `request`: one ranking request's candidates (`AggregatedScorer.score_request`:
+        per-request ω, shared prefix computed once)."""
         scorer = self.scorer
         if scorer is None:
             raise ServiceUnavailable("the replica is still loading its model and adapters")
@@ -684,12 +694,12 @@ class Replica:
                 stale = sorted(self.shard_id(k) for k in range(self.num_shards))
                 raise ServiceUnavailable(f"every shard is stale or without a serving adapter: {stale}")
             excluded = {k for k in serving if k in blocked}
-            omega = None
-            if prefixes is not None and any(p is not None for p in prefixes):
-                omega = self._omega(scorer, list(prompts), list(prefixes), excluded)
-            p_yes, omega = scorer.score(
-                list(prompts), self.config.level, self.config.weights, excluded, omega=omega
-            )
+            if request:
+                p_yes, omega, _ = scorer.score_request(
+                    list(prompts), self.config.level, self.config.weights, excluded
+                )
+            else:
+                p_yes, omega = scorer.score(list(prompts), self.config.level, self.config.weights, excluded)
         return Scored(
             p_yes=p_yes,
             omega=omega,
@@ -697,15 +707,6 @@ class Replica:
             adapter_sha256={self.shard_id(k): serving[k].sha256 for k in allowed},
             excluded_shards=[self.shard_id(k) for k in range(self.num_shards) if k not in allowed],
         )
-
-    def _omega(
-        self, scorer: AggregatedScorer, prompts: list[str], prefixes: list[str | None], excluded: set[int]
-    ) -> np.ndarray:
-        """ω rows: per prefix (embedded once) where given, per prompt elsewhere."""
-        texts = list(dict.fromkeys(p if p is not None else prompts[i] for i, p in enumerate(prefixes)))
-        rows = scorer.weights(texts, self.config.weights, excluded)
-        index = {t: i for i, t in enumerate(texts)}
-        return rows[[index[p if p is not None else prompts[i]] for i, p in enumerate(prefixes)]]
 
     # -- recommending -------------------------------------------------------------------------------
 
@@ -739,11 +740,8 @@ class Replica:
         user_id: str,
         candidates: Sequence[str],
         history: Sequence[Mapping[str, Any]] | None = None,
-        *,
-        prefix_only: bool = False,
     ) -> list[str]:
-        """The TALLRec prompt of each candidate for this user (history from the registry unless
-        given); `prefix_only`: the one prompt with the history and no target (per-request ω)."""
+        """The TALLRec prompt of each candidate for this user (history from the registry unless given)."""
         titles = [self.title(item, f"candidates[{i}]") for i, item in enumerate(candidates)]
         if history is None:
             past = self.user_history(user_id)
@@ -752,8 +750,6 @@ class Replica:
                 HistoryItem(self.title(h["item_id"], f"history[{i}].item_id"), bool(h["liked"]))
                 for i, h in enumerate(history)
             ]
-        if prefix_only:
-            return [recommend_prompt(past, "", self.instruction)]
         return [recommend_prompt(past, title, self.instruction) for title in titles]
 
     def recommend(
@@ -761,10 +757,7 @@ class Replica:
     ) -> dict[str, Any]:
         """`{ranked: [{item_id, p_yes}], adapter_versions, excluded_shards}`, best first."""
         prompts = self.recommend_prompts(user_id, candidates, history)
-        prefix = None
-        if self.config.omega == "per_request":
-            prefix = self.recommend_prompts(user_id, [], history, prefix_only=True)[0]
-        scored = self.score(prompts, prefix=prefix)
+        scored = self.score(prompts, request=self.config.omega == "per_request")
         order = sorted(range(len(candidates)), key=lambda i: (-float(scored.p_yes[i]), i))
         return {
             "ranked": [{"item_id": candidates[i], "p_yes": float(scored.p_yes[i])} for i in order],

@@ -4,7 +4,8 @@
 `semantic`; `mixture` applies ω inside peft's LoRA layers for a whole batch at once
 (`decomposition`, `non_decomposition`) or averages predictions (`prediction`, SISA), and exports a
 static merged adapter; `caches` keeps validation embeddings and per-adapter predictions (and
-prunes erased samples from them); `scorer` puts them together for serving.
+prunes erased samples from them); `prefix` scores one ranking request's candidates with their
+shared prefix tokens computed once; `scorer` puts them together for serving.
 """
 
 from apa.aggregation.caches import (
@@ -16,7 +17,8 @@ from apa.aggregation.caches import (
     valid_predictions,
 )
 from apa.aggregation.mixture import LEVELS, Level, MixtureLoRA, export_merged_adapter, lora_layers
-from apa.aggregation.scorer import AggregatedScorer
+from apa.aggregation.prefix import common_prefix_length, score_shared_prefix
+from apa.aggregation.scorer import AggregatedScorer, EmbeddingView
 from apa.aggregation.weights import (
     AllShardsExcludedError,
     Strategy,
@@ -29,6 +31,7 @@ __all__ = [
     "LEVELS",
     "AggregatedScorer",
     "AllShardsExcludedError",
+    "EmbeddingView",
     "Level",
     "MixtureLoRA",
     "Strategy",
@@ -36,11 +39,13 @@ __all__ = [
     "aggregation_weights",
     "cache_sample_ids",
     "cached_embeddings",
+    "common_prefix_length",
     "embedding_key",
     "export_merged_adapter",
     "lora_layers",
     "neighbour_errors",
     "prediction_key",
     "prune_caches",
+    "score_shared_prefix",
     "valid_predictions",
 ]

@@ -26,7 +26,7 @@ from collections.abc import Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,16 +38,22 @@ from apa.aggregation.caches import (
     valid_predictions,
 )
 from apa.aggregation.mixture import Level, MixtureLoRA
+from apa.aggregation.prefix import score_shared_prefix
 from apa.aggregation.weights import AllShardsExcludedError, WeightConfig, aggregation_weights
 from apa.artifacts import AdapterRef, AdapterSource, ArtifactError, LoadedAdapter
 from apa.backbone import Backbone
 from apa.data import Sample
+from apa.prompts import request_prefix
 from apa.pseudonyms import Pseudonymizer
 
 log = logging.getLogger(__name__)
 
 _NEEDS_VALID = ("adaptive", "major")
 _NEEDS_EMBEDDINGS = ("adaptive", "major", "semantic")
+
+
+EmbeddingView = Literal["prompt", "prefix"]
+"""What ω embeds: each full prompt (the paper, per-candidate ω) or the request prefix (per-request ω)."""
 
 
 class AggregatedScorer:
@@ -88,6 +94,7 @@ class AggregatedScorer:
         self.progress = progress
         self._valid: list[Sample] = list(valid)
         self._valid_embeddings: np.ndarray | None = None
+        self._valid_prefix_embeddings: np.ndarray | None = None  # per-request ω's view (memory only)
         self._valid_columns: dict[str, np.ndarray] = {}  # adapter sha256 -> P(Yes) on the pool
         self._lock = threading.RLock()
         self._refs: dict[int, AdapterRef] = {}
@@ -305,6 +312,8 @@ class AggregatedScorer:
                 self._valid = [self._valid[i] for i in keep]
                 if self._valid_embeddings is not None:
                     self._valid_embeddings = self._valid_embeddings[keep]
+                if self._valid_prefix_embeddings is not None:
+                    self._valid_prefix_embeddings = self._valid_prefix_embeddings[keep]
                 self._valid_columns = {sha: col[keep] for sha, col in self._valid_columns.items()}
             if self.cache_dir is not None and self.cache_dir.is_dir():
                 pid_of = pseudonymizer.sample if pseudonymizer is not None else None
@@ -353,6 +362,15 @@ class AggregatedScorer:
                     self._valid_embeddings = self.embed(prompts)
             return self._valid_embeddings
 
+    def valid_prefix_embeddings(self) -> np.ndarray:
+        """(n_valid x d) embeddings of the pool's request prefixes (`request_prefix`: the prompt
+        without its target item), the neighbour space of per-request ω. Kept in memory only."""
+        with self._lock:
+            if self._valid_prefix_embeddings is None:
+                prefixes = [request_prefix(s.prompt) for s in self._valid]
+                self._valid_prefix_embeddings = self.embed(prefixes)
+            return self._valid_prefix_embeddings
+
     def _valid_column(self, shard: int) -> np.ndarray:
         ref = self._refs[shard]
         column = self._valid_columns.get(ref.sha256)
@@ -393,8 +411,11 @@ class AggregatedScorer:
         excluded: Collection[int] = frozenset(),
         request_embeddings: np.ndarray | None = None,
         batch_size: int | None = None,
+        *,
+        view: EmbeddingView = "prompt",
     ) -> np.ndarray:
         """ω (n x K): `config`'s strategy; `excluded` shards and shards without a serving adapter get 0.
+        `view="prefix"`: the prompts are request prefixes, matched against the pool's prefixes.
         Raises `AllShardsExcludedError` when no shard may serve."""
         with self._lock:
             self._check_open()
@@ -415,7 +436,9 @@ class AggregatedScorer:
             if config.strategy in _NEEDS_VALID:
                 preds = self.valid_prediction_matrix(allowed)
                 kwargs.update(
-                    valid_embeddings=self.valid_embeddings(),
+                    valid_embeddings=self.valid_prefix_embeddings()
+                    if view == "prefix"
+                    else self.valid_embeddings(),
                     valid_labels=np.array([s.label for s in self._valid], dtype=np.float64),
                     valid_predictions=np.nan_to_num(preds, nan=0.5),  # NaN only in excluded columns
                 )
@@ -473,6 +496,48 @@ class AggregatedScorer:
             else:
                 p = self._mix().score(self._score_fn, prompts, columns, level, batch_size=size)
             return p, omega
+
+    def score_request(
+        self,
+        prompts: Sequence[str],
+        level: Level = "decomposition",
+        weights: WeightConfig | None = None,
+        excluded: Collection[int] = frozenset(),
+        *,
+        batch_size: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """(P(Yes), ω (n x K), tokens shared) for ONE ranking request's candidate prompts, with
+        per-request ω: one ω row from the embedding of the prompts' common `request_prefix`, one
+        aggregated adapter for every candidate, and the shared prefix tokens computed once
+        (`score_shared_prefix`). Equal to `score(prompts, omega=that row repeated)`.
+
+        The prompts must share their request prefix (the candidates of one user's request)."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("a ranking request needs at least one candidate prompt")
+        prefixes = {request_prefix(p) for p in prompts}
+        if len(prefixes) != 1:
+            raise ValueError(
+                f"the prompts of one request must share their prefix; got {len(prefixes)} prefixes"
+            )
+        size = batch_size or self.batch_size
+        with self._lock:
+            self._check_open()
+            row = self.weights(list(prefixes), weights or WeightConfig(), excluded, view="prefix")
+            omega = np.repeat(row, len(prompts), axis=0)
+            if level == "prediction":
+                p, _ = self.score(prompts, level, omega=omega, excluded=excluded, batch_size=size)
+                return p, omega, 0
+            columns = row[:, self.loaded_shards]
+            mix = self._mix()
+
+            def context(rows: int) -> Any:
+                return mix.apply(np.repeat(columns, rows, axis=0), level)
+
+            p, shared = score_shared_prefix(
+                self.backbone, self.peft_model, prompts, context=context, chunk_size=size
+            )
+            return p, omega, shared
 
     def adapter_predictions(
         self, prompts: Sequence[str], shards: Collection[int] | None = None, batch_size: int | None = None
