@@ -98,6 +98,7 @@ READS: dict[str, set[str]] = {
         "APA_INFERENCE_LEVEL", "APA_INFERENCE_STRATEGY",
         "APA_INFERENCE_REGISTRY_MAX_AGE_S", "APA_INFERENCE_BATCH_WAIT_MS", "APA_INFERENCE_MAX_BATCH",
         "APA_INFERENCE_MAX_CANDIDATES", "APA_INFERENCE_HEARTBEAT_S", "APA_INFERENCE_OMEGA",
+        "APA_INFERENCE_EMBED_LAYER",
     },
 }  # fmt: skip
 
@@ -110,6 +111,7 @@ UNSET_ON_PURPOSE = {
     "APA_CELERY_EMBEDDED_BROKER": "the deployments use RabbitMQ (APA_CELERY_BROKER_URL), not the embedded broker",
     "APA_WORKER_MODEL": "workers train with the registered model's own backbone",
     "APA_CRASH_AT": "testing only (fault injection)",
+    "APA_INFERENCE_EMBED_LAYER": "ω embeds at the model's own layer (the paper's: the last); an early exit is opt-in",
     "APA_AUDIT_ANCHOR_FILE": "anchors go to the Kafka topic apa.audit-anchors (several registry replicas "
     "must not share one append-only file)",
 }

@@ -337,6 +337,14 @@ class Replica:
         from apa.backbone import Backbone
 
         config = replace(info.backbone_config, device=self.settings.worker_device)
+        layer = self.settings.inference_embed_layer
+        if layer is not None:  # ω's neighbours are embedded by this replica, pool and requests alike
+            if self.config.weights.strategy == "semantic":
+                raise ValueError(
+                    "APA_INFERENCE_EMBED_LAYER cannot change the layer of `semantic` ω: its centroids "
+                    "were computed at the model's embedding layer"
+                )
+            config = replace(config, embed_layer=layer)
         if self.settings.worker_model:
             config = replace(config, model=self.settings.worker_model)
         backbone = Backbone.load(config)

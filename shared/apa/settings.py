@@ -138,7 +138,11 @@ class Settings:
     """Most candidate items of one POST /recommend (and prompts of one POST /score)."""
     inference_omega: str = "per_candidate"
     """ω of POST /recommend: `per_candidate` (the paper's: each candidate prompt embedded) or
-    `per_request` (one ω from the user's history prompt, shared by the request's candidates)."""
+    `per_request` (one ω from the request prefix, the user's history without a target, shared by the
+    request's candidates, whose shared prefix tokens then run once)."""
+    inference_embed_layer: int | None = None
+    """Layer whose hidden state ω's embeddings read: empty keeps the model's (-1, the last); l >= 0
+    is an early exit that runs only the first l decoder layers (adaptive and major ω only)."""
     inference_heartbeat_s: float = 5.0
     """Seconds between a replica's heartbeats to the registry (also sent at once when its loaded set changes)."""
     migrations_dir: str | None = None
