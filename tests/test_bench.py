@@ -20,6 +20,7 @@ METHODS = {
     "mixture_ND",
     "apa_D_end_to_end",
     "apa_ND_end_to_end",
+    "apa_D_end_to_end_exit",
     "sisa",
 }
 TIMING_FIELDS = {"samples_per_second", "latency_ms_p50", "latency_ms_p95", "seconds", "requests"}
@@ -43,7 +44,7 @@ def test_bench_inference_reports_every_method_k_and_batch_size(tiny_model_dir: P
         assert TIMING_FIELDS <= set(row) and row["requests"] == 6
         assert row["samples_per_second"] > 0 and row["latency_ms_p95"] >= row["latency_ms_p50"] > 0
     single, sisa = report["ratios"]["mixture_vs_single"], report["ratios"]["mixture_vs_sisa"]
-    assert single["batch_size"] == 4 and single["target"] == 0.85  # no batch 16 asked: the largest
+    assert single["batch_size"] == 4 and single["target"] == 0.9  # no batch 16 asked: the largest
     assert set(single["ratios"]) == {"K=2", "K=4"}
     assert sisa["num_shards"] == 4 and sisa["target"] == 3.4 and set(sisa["ratios"]) == {"batch=1", "batch=4"}
     assert set(sisa["ratios"]["batch=4"]) == {
@@ -51,7 +52,18 @@ def test_bench_inference_reports_every_method_k_and_batch_size(tiny_model_dir: P
         "mixture_ND",
         "apa_D_end_to_end",
         "apa_ND_end_to_end",
+        "apa_D_end_to_end_exit",
     }
+    assert report["exit_layer"] == report["num_layers"] // 4
+    rec = report["recommend"]  # one ranking request: full prompts vs the shared prefix
+    assert rec["candidates"] == 50 and rec["target"] == 5.0
+    assert {r["method"] for r in rec["results"]} == {
+        "full_prompts_per_candidate_omega",
+        "full_prompts_per_request_omega",
+        "shared_prefix_per_request_omega",
+        "shared_prefix_per_request_omega_exit",
+    }
+    assert 0 < rec["shared_tokens"] < rec["prompt_tokens"] and rec["speedup"] > 0
     assert report["machine"]["torch_threads"] >= 1
     # the base model is left without LoRA layers (adapters unloaded after the bench)
 

@@ -453,7 +453,8 @@ def truncated_decoder(decoder: nn.Module, layers: int) -> nn.Module:
         if view is None or view._apa_source is not decoder:  # type: ignore[attr-defined]
             view = copy.copy(decoder)
             view._modules = dict(decoder._modules)  # its own module table; the weights stay shared
-            view._modules["layers"] = nn.ModuleList(list(decoder.layers)[:layers])  # type: ignore[attr-defined]
+            kept = list(decoder.get_submodule("layers").children())[:layers]
+            view._modules["layers"] = nn.ModuleList(kept)
             view._modules["norm"] = nn.Identity()
             view._apa_source = decoder  # type: ignore[attr-defined]
             _TRUNCATED[key] = view

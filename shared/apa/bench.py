@@ -3,8 +3,10 @@
 * `inference`: throughput (samples/s) and per-request latency (p50/p95) of scoring with one LoRA
   adapter merged into the base model, the same adapter unmerged, APA's batched per-request mixture
   at the decomposition / non-decomposition level (with given ω, and end to end: base-model
-  embedding + adaptive ω + mixture), and SISA's prediction averaging (K passes), for each K and
-  batch size. The adapters are random LoRA weights (r=8, alpha=16, q_proj/v_proj, as trained):
+  embedding + adaptive ω + mixture, the embedding at the last layer or an early exit), and SISA's
+  prediction averaging (K passes), for each K and batch size; and one ranking request (50
+  candidates of one user): every full prompt scored with per-candidate ω, vs per-request ω with
+  the shared prefix computed once. The adapters are random LoRA weights (r=8, alpha=16, q_proj/v_proj, as trained):
   the bench measures speed only and needs no training.
 * `train`: seconds to train one of K shards vs the whole training set (K=1), same settings.
 """
@@ -24,7 +26,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from apa.aggregation import MixtureLoRA, WeightConfig, aggregation_weights
+from apa.aggregation import (
+    MixtureLoRA,
+    WeightConfig,
+    aggregation_weights,
+    common_prefix_length,
+    score_shared_prefix,
+)
 from apa.backbone import Backbone, BackboneConfig, unwrap_causal_lm
 from apa.data import Sample, read_jsonl
 from apa.experiments import machine_info, write_json
@@ -38,8 +46,10 @@ log = logging.getLogger(__name__)
 RANDOM_ADAPTERS_NOTE = (
     "adapters are random LoRA weights (r=8, alpha=16, q_proj/v_proj): the bench measures speed, not quality"
 )
-MIXTURE_VS_SINGLE_TARGET = 0.85
-"""Mixture throughput / one merged adapter's, at batch 16."""
+MIXTURE_VS_SINGLE_TARGET = 0.9
+"""APA's throughput (end to end: weights included) / one merged adapter's, at K=4 and batch 16."""
+RECOMMEND_TARGET = 5.0
+"""A /recommend of 50 candidates with the shared prefix / scoring 50 full prompts (speed-up)."""
 MIXTURE_VS_SISA_TARGET = 3.4
 """Mixture throughput / SISA's, at K=4."""
 
@@ -150,9 +160,12 @@ def bench_inference(
     repeats: int,
     seed: int = 0,
     progress: bool = True,
+    exit_layer: int | None = None,
 ) -> dict[str, Any]:
-    """Every method x K x batch size, on random adapters over a fork of the base model."""
+    """Every method x K x batch size, on random adapters over a fork of the base model;
+    `exit_layer` (default L/4) is the early exit of `apa_*_end_to_end_exit`."""
     prompts = list(prompts)
+    exit_backbone = early_exit(backbone, exit_layer)
     n = len(prompts)
     k_max = max(shard_counts)
     peft_model = random_adapters(backbone, k_max, seed)
@@ -184,7 +197,7 @@ def bench_inference(
             "valid_labels": rng.integers(0, 2, 256).astype(float),
             "valid_predictions": rng.uniform(size=(256, k)),
         }
-        jobs += _mixture_jobs(backbone, peft_model, mix, prompts, omega, pool, k)
+        jobs += _mixture_jobs(backbone, peft_model, mix, prompts, omega, pool, k, exit_backbone)
     total = len(jobs) * len(batch_sizes)
     bar = _progress(total, progress)
     for method, k, fn in jobs:
@@ -197,7 +210,19 @@ def bench_inference(
                 bar.update()
     if bar is not None:
         bar.close()
-    return {"results": results, "ratios": ratios(results, shard_counts, batch_sizes)}
+    return {
+        "exit_layer": exit_backbone.config.embed_layer,
+        "num_layers": backbone.num_layers,
+        "results": results,
+        "ratios": ratios(results, shard_counts, batch_sizes),
+    }
+
+
+def early_exit(backbone: Backbone, layer: int | None = None) -> Backbone:
+    """The same backbone (shared model and tokenizer) embedding at `layer` (default L/4)."""
+    view = copy.copy(backbone)
+    view.config = replace(backbone.config, embed_layer=backbone.num_layers // 4 if layer is None else layer)
+    return view
 
 
 def _mixture_jobs(
@@ -208,6 +233,7 @@ def _mixture_jobs(
     omega: np.ndarray,
     pool: dict[str, np.ndarray],
     k: int,
+    exit_backbone: Backbone,
 ) -> list[tuple[str, int, Callable[[list[int]], Any]]]:
     def score_fn(p: list[str]) -> np.ndarray:  # one forward batch, row-aligned with ω
         return backbone.score(p, model=peft_model, batch_size=max(1, len(p)))
@@ -220,10 +246,10 @@ def _mixture_jobs(
 
         return run
 
-    def end_to_end(level: Any) -> Callable[[list[int]], Any]:
+    def end_to_end(level: Any, embedder: Backbone = backbone) -> Callable[[list[int]], Any]:
         def run(idx: list[int]) -> Any:
             batch = [prompts[i] for i in idx]
-            emb = backbone.embed(batch, batch_size=len(batch))
+            emb = embedder.embed(batch, batch_size=len(batch))
             w = aggregation_weights(
                 adaptive,
                 emb,
@@ -243,8 +269,114 @@ def _mixture_jobs(
         ("mixture_ND", k, mixture("non_decomposition")),
         ("apa_D_end_to_end", k, end_to_end("decomposition")),
         ("apa_ND_end_to_end", k, end_to_end("non_decomposition")),
+        ("apa_D_end_to_end_exit", k, end_to_end("decomposition", exit_backbone)),
         ("sisa", k, sisa),
     ]
+
+
+def recommend_request(samples: Sequence[Sample], candidates: int, history: int = 10) -> list[str]:
+    """One user's ranking request: a TALLRec history of `history` items (the targets of the first
+    samples, with their labels) and `candidates` other target titles, as `apa.catalogue` builds it."""
+    from apa.catalogue import HistoryItem, recommend_prompt, target_title
+
+    titles = list(dict.fromkeys(t for t in (target_title(s) for s in samples) if t))
+    labels = {target_title(s): s.label for s in samples}
+    if len(titles) < history + candidates:
+        titles = titles + [f"Synthetic Movie {i} ({1950 + i % 50})" for i in range(history + candidates)]
+    past = [HistoryItem(t, bool(labels.get(t, i % 2))) for i, t in enumerate(titles[:history])]
+    return [recommend_prompt(past, t) for t in titles[history : history + candidates]]
+
+
+def bench_recommend(
+    backbone: Backbone,
+    samples: Sequence[Sample],
+    num_shards: int = 4,
+    candidates: int = 50,
+    repeats: int = 2,
+    seed: int = 0,
+    exit_layer: int | None = None,
+) -> dict[str, Any]:
+    """Seconds to rank `candidates` items for one user, APA(D) with K random adapters: every full
+    prompt with per-candidate ω (the paper's: embed each prompt, one mixture row each), per-request
+    ω on full prompts, and per-request ω with the shared prefix run once (`score_shared_prefix`),
+    the last also with an early-exit embedding. The speed-up is full / shared prefix."""
+    from apa.prompts import request_prefix
+
+    prompts = recommend_request(samples, candidates)
+    peft_model = random_adapters(backbone, num_shards, seed)
+    mix = MixtureLoRA(peft_model, [f"shard_{j}" for j in range(num_shards)])
+    rng = np.random.default_rng(seed)
+    width = int(unwrap_causal_lm(backbone.model).get_input_embeddings().weight.shape[1])
+    pool: dict[str, np.ndarray] = {
+        "valid_embeddings": rng.normal(size=(256, width)),
+        "valid_labels": rng.integers(0, 2, 256).astype(float),
+        "valid_predictions": rng.uniform(size=(256, num_shards)),
+    }
+    adaptive = WeightConfig(strategy="adaptive", tau=1000.0, top_n=20)
+    size = 16
+    exit_backbone = early_exit(backbone, exit_layer)
+
+    def omega(texts: list[str], embedder: Backbone = backbone) -> np.ndarray:
+        return aggregation_weights(
+            adaptive,
+            embedder.embed(texts, batch_size=size),
+            valid_embeddings=pool["valid_embeddings"],
+            valid_labels=pool["valid_labels"],
+            valid_predictions=pool["valid_predictions"],
+        )
+
+    def score_fn(p: list[str]) -> np.ndarray:
+        return backbone.score(p, model=peft_model, batch_size=max(1, len(p)))
+
+    def full(per_request: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            w = omega([request_prefix(prompts[0])]).repeat(len(prompts), 0) if per_request else omega(prompts)
+            return mix.score(score_fn, prompts, w, "decomposition", batch_size=size)
+
+        return run
+
+    def shared(embedder: Backbone) -> Callable[[], Any]:
+        def run() -> Any:
+            row = omega([request_prefix(prompts[0])], embedder)
+            return score_shared_prefix(
+                backbone,
+                peft_model,
+                prompts,
+                context=lambda rows: mix.apply(row.repeat(rows, 0), "decomposition"),
+                chunk_size=size,
+            )
+
+        return run
+
+    jobs = [
+        ("full_prompts_per_candidate_omega", full(False)),
+        ("full_prompts_per_request_omega", full(True)),
+        ("shared_prefix_per_request_omega", shared(backbone)),
+        ("shared_prefix_per_request_omega_exit", shared(exit_backbone)),
+    ]
+    results: list[dict[str, Any]] = []
+    by: dict[str, float] = {}
+    for method, fn in jobs:
+        fn()  # warm-up
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - started)
+        by[method] = float(np.median(seconds))
+        results.append({"method": method, "seconds_p50": by[method], "seconds": seconds, "repeats": repeats})
+    ids = backbone.tokenizer(prompts)["input_ids"]
+    return {
+        "candidates": len(prompts),
+        "num_shards": num_shards,
+        "exit_layer": exit_backbone.config.embed_layer,
+        "prompt_tokens": int(np.mean([len(x) for x in ids])),
+        "shared_tokens": common_prefix_length(ids),
+        "results": results,
+        "speedup": by["full_prompts_per_candidate_omega"] / by["shared_prefix_per_request_omega"],
+        "speedup_exit": by["full_prompts_per_candidate_omega"] / by["shared_prefix_per_request_omega_exit"],
+        "target": RECOMMEND_TARGET,
+    }
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -263,7 +395,7 @@ def ratios(
     speed = {(r["method"], r["num_shards"], r["batch_size"]): r["samples_per_second"] for r in results}
     big = 16 if 16 in batch_sizes else max(batch_sizes)
     k4 = 4 if 4 in shard_counts else min(shard_counts)
-    mixtures = ("mixture_D", "mixture_ND", "apa_D_end_to_end", "apa_ND_end_to_end")
+    mixtures = ("mixture_D", "mixture_ND", "apa_D_end_to_end", "apa_ND_end_to_end", "apa_D_end_to_end_exit")
     vs_single = {
         f"K={k}": {m: speed[(m, k, big)] / speed[("single_merged", 1, big)] for m in mixtures}
         for k in shard_counts
@@ -302,7 +434,14 @@ def plot_inference(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.5 * len(batch_sizes), 4), squeeze=False)
     speed = {(r["method"], r["num_shards"], r["batch_size"]): r["samples_per_second"] for r in results}
     for ax, b in zip(axes[0], batch_sizes, strict=True):
-        for method in ("mixture_D", "mixture_ND", "apa_D_end_to_end", "apa_ND_end_to_end", "sisa"):
+        for method in (
+            "mixture_D",
+            "mixture_ND",
+            "apa_D_end_to_end",
+            "apa_ND_end_to_end",
+            "apa_D_end_to_end_exit",
+            "sisa",
+        ):
             ax.plot(ks, [speed[(method, k, b)] for k in ks], "o-", label=method)
         for method, style in (("single_merged", "--"), ("single_lora", ":")):
             ax.axhline(speed[(method, 1, b)], color="k", linestyle=style, linewidth=1, label=method)
@@ -335,6 +474,16 @@ def print_inference(report: dict[str, Any]) -> None:
     print(f"mixture / SISA at K={sisa['num_shards']} (target >= {sisa['target']}x):")
     for key, row in sisa["ratios"].items():
         print(f"  {key:<9} " + "  ".join(f"{m} {v:.2f}x" for m, v in row.items()))
+    print(f"(apa_D_end_to_end_exit embeds at layer {report['exit_layer']} of {report['num_layers']})")
+    rec = report.get("recommend")
+    if rec:
+        print(f"\none /recommend of {rec['candidates']} candidates, K={rec['num_shards']}:")
+        for r in rec["results"]:
+            print(f"  {r['method']:<34} {r['seconds_p50']:.3f} s (p50 of {r['repeats']})")
+        print(
+            f"  shared prefix vs full prompts: {rec['speedup']:.2f}x (target >= {rec['target']}x); "
+            f"{rec['shared_tokens']} of {rec['prompt_tokens']} tokens shared"
+        )
     print(f"\nnote: {RANDOM_ADAPTERS_NOTE}")
 
 
@@ -503,6 +652,8 @@ def bench_command(
     concurrency: int | list[int] | None = None,
     erasures: int = 2,
     omega: str = "per_candidate",
+    recommend_candidates: int = 50,
+    exit_layer: int | None = None,
 ) -> int:
     """Benchmark APA: inference throughput and latency, training, the backbone, erasure or the inference service.
 
@@ -529,6 +680,8 @@ def bench_command(
         concurrency: serve: client threads, e.g. [1,8] (default); num_requests is per thread.
         erasures: serve: stale-event / hot-reload rounds against the running service.
         omega: serve: the service's ω of /recommend, per_candidate (the paper's) or per_request.
+        recommend_candidates: inference: candidates of the one ranking request timed (0: skip it).
+        exit_layer: inference: the early-exit embedding layer of `*_exit` (default L/4).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if what == "erasure":  # the erasure service's bench: no model, its own module
@@ -574,7 +727,14 @@ def bench_command(
     header = {"model": {**backbone.describe(), "source": model}, "machine": machine_info(backbone)}
     if what == "inference":
         samples, source = bench_samples(data, "test", num_requests, seed)
-        report = bench_inference(backbone, [s.prompt for s in samples], ks, sizes, repeats, seed)
+        report = bench_inference(
+            backbone, [s.prompt for s in samples], ks, sizes, repeats, seed, exit_layer=exit_layer
+        )
+        if recommend_candidates > 0:
+            pool, _ = bench_samples(data, "test", max(200, recommend_candidates + 10), seed)
+            report["recommend"] = bench_recommend(
+                backbone, pool, 4 if 4 in ks else min(ks), recommend_candidates, repeats, seed, exit_layer
+            )
         report = {
             "note": RANDOM_ADAPTERS_NOTE,
             **header,
@@ -627,6 +787,9 @@ __all__ = [
     "MIXTURE_VS_SISA_TARGET",
     "bench_command",
     "bench_inference",
+    "bench_recommend",
+    "early_exit",
+    "recommend_request",
     "bench_train",
     "measure",
     "random_adapters",
