@@ -234,6 +234,21 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
         assert 0.0 <= run["erased vs non-members"]["auc"] <= 1.0
         assert 0.0 <= run["members vs non-members"]["tpr_at_1pct_fpr"] <= 1.0
 
+    # issue 9's ω variants on the same adapters (reused from the store: no adapter is trained again)
+    adapters_before = set(_done_stages(store, "adapter"))
+    assert main([*args[:2], "embedding", *args[3:]]) == 0
+    assert set(_done_stages(store, "adapter")) == adapters_before
+    e = json.loads((out / "embedding.json").read_text())
+    names = [v["variant"] for v in e["variants"]]
+    assert names[0] == "prompt@L" and any("per-request" in n for n in names) and len(names) == 5
+    assert {v["layer"] for v in e["variants"]} == {e["num_layers"], e["num_layers"] // 2, e["num_layers"] // 4}
+    baseline = e["variants"][0]
+    assert baseline["argmax_agrees_with_paper"] == 1.0
+    # the paper's ω here is Table 1's APA(D) (same adapters, τ, n, pool): the same test AUC
+    assert baseline["test_auc"] == pytest.approx(methods["APA(D)"]["auc"], abs=1e-9)
+    assert set(e["bootstrap"]["differences"]) == {f"{n} - prompt@L" for n in names[1:]}
+    assert (out / "embedding.md").read_text().count("|") > 20
+
 
 def stages_taus() -> tuple[float, ...]:
     from apa.study_analysis import TAUS

@@ -74,7 +74,7 @@ from apa.training import TrainConfig, train_adapter
 log = logging.getLogger(__name__)
 
 Preset = Literal["quick", "cpu", "paper"]
-What = Literal["table1", "fig3", "fig4", "fig5", "fig6", "all", "stages", "analysis", "mia"]
+What = Literal["table1", "fig3", "fig4", "fig5", "fig6", "all", "stages", "analysis", "mia", "embedding"]
 FIGURES: tuple[str, ...] = ("table1", "fig3", "fig4", "fig5", "fig6")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -1051,7 +1051,8 @@ def experiment_command(
         what: table1, fig3, fig4, fig5, fig6, all; `stages` (Retraining and the semantic K shards
             with their predictions only), `analysis` (issue 11: Table 1 with paired bootstrap CIs and
             diagnostics) or `mia` (membership inference through the serving path, before and after
-            erasure).
+            erasure), `embedding` (what an early-exit embedding and per-request ω cost in APA(D)'s
+            test AUC, on the same adapters).
         data: Directory with train/valid/test.jsonl (from `apa prepare`); without them, raw data of
             `dataset` (ml-100k: recbole's copy when the directory does not exist).
         out: Output directory (default: RUNS_DIR/experiments/<preset>).
@@ -1139,7 +1140,7 @@ def experiment_command(
         print(
             f"quick preset: estimated {estimate['total_seconds'] / 60:.0f} min on 2 CPU cores (embedded model)"
         )
-    if what in ("stages", "analysis", "mia"):
+    if what in ("stages", "analysis", "mia", "embedding"):
         plan = study.plan()
         print(
             f"plan: {plan['done']} of {plan['stages']} stages done; about {plan['seconds_left'] / 60:.0f} min "
@@ -1164,6 +1165,16 @@ def experiment_command(
 
             result = run_mia(study, erase_users=erase_users, reference=mia_reference, max_samples=mia_samples)
             outputs = ["mia.json", "mia.md"]
+        elif name == "embedding":
+            from apa.study_embedding import run_embedding_study
+
+            try:
+                result = run_embedding_study(study)
+            except MissingStageError as err:
+                print(f"apa experiment: error: {err}", file=sys.stderr)
+                return 1
+            outputs = ["embedding.json", "embedding.md"]
+            print((out_dir / "embedding.md").read_text())
         elif name == "stages":
             result = study.stages(only)
             outputs = []
