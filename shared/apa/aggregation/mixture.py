@@ -7,11 +7,13 @@ Each row b of a batch carries its own weights ω_b (K,). For a LoRA-targeted Lin
   = B_cat · diag((ω_b ∘ s) ⊗ 1_r) · A_cat · x, with A_cat = [A_0; ...] (K·r x in), B_cat = [B_0 ... ] (out x K·r);
 * `decomposition` (Eq. 5): Δ = B̄_b Ā_b x with Ā_b = Σ_k ω_bk A_k and B̄_b = Σ_k ω_bk s_k B_k. The scaling
   goes into B̄; for adapters with one common s (same r and alpha, as `apa train` writes) this is
-  exactly s·(Σ_k ω_bk B_k)(Σ_k ω_bk A_k) x;
+  exactly s·(Σ_k ω_bk B_k)(Σ_k ω_bk A_k) x. It is computed as B_cat · [ω_bk s_k Ā_b x]_k with
+  Ā_b x = Σ_k ω_bk (A_k x): the same two GEMMs as ND, no per-row matrix;
 * `prediction` (SISA): Σ_k ω_bk P_k(Yes), one forward pass per adapter.
 
 No merge per request: A_cat / B_cat are stacked once per layer (re-stacked automatically when an
-adapter's tensors are replaced or modified in place) and the per-row mixture is two batched matmuls.
+adapter's tensors are replaced or modified in place) and the per-row mixture is two GEMMs shared by
+every row of the batch.
 Adapters whose weight is 0 in every row of the batch are left out of the computation entirely.
 LoRA dropout is not applied (inference only).
 """
@@ -295,7 +297,14 @@ class MixtureLoRA:
 
 
 def mixture_delta(x: torch.Tensor, stack: _Stack, mix: _Mix) -> torch.Tensor:
-    """The per-row mixture delta of one layer for input x (batch, ..., in) -> (batch, ..., out)."""
+    """The per-row mixture delta of one layer for input x (batch, ..., in) -> (batch, ..., out).
+
+    Both levels are two GEMMs shared by every row, with A_cat (K'·r x in) and B_cat (out x K'·r),
+    and cheap per-row scalings between them (no per-row matrix is ever built):
+
+    * ND: h = A_cat x, then B_cat · ((ω_b ∘ s) ⊗ 1_r ∘ h);
+    * D:  u = Σ_k ω_bk h_k = Ā_b x (r wide), then B_cat · [ω_b1 s_1 u; ...; ω_bK' s_K' u] = B̄_b Ā_b x.
+    """
     batch = x.shape[0]
     if batch != mix.weights.shape[0]:
         raise ValueError(
@@ -307,15 +316,16 @@ def mixture_delta(x: torch.Tensor, stack: _Stack, mix: _Mix) -> torch.Tensor:
     w = mix.weights  # (batch, K')
     ws = w * stack.scaling.index_select(0, mix.used)  # ω_k s_k
     k_used, r, d_in = a.shape
-    x3 = x.reshape(batch, -1, d_in).to(a.dtype)  # (batch, L, in)
+    x3 = x.reshape(batch, -1, d_in)  # (batch, L, in)
+    if not torch.is_autocast_enabled(x.device.type):  # under autocast the GEMMs pick the dtype
+        x3 = x3.to(a.dtype)
+    h = F.linear(x3, a.reshape(k_used * r, d_in))  # A_cat x: (batch, L, K'·r)
     if mix.level == "non_decomposition":
-        h = F.linear(x3, a.reshape(k_used * r, d_in))  # A_cat x: (batch, L, K'·r)
-        h = h * ws.repeat_interleave(r, dim=1).unsqueeze(1).to(h.dtype)  # diag((ω∘s) ⊗ 1_r)
-        y = F.linear(h, b.reshape(-1, k_used * r))  # B_cat ·
-    else:  # decomposition: a rank-r adapter per row, Ā_b = Σ ω A_k, B̄_b = Σ ω s B_k
-        a_bar = torch.einsum("bk,kri->bri", w.to(a.dtype), a)  # (batch, r, in)
-        b_bar = torch.einsum("bk,okr->bor", ws.to(b.dtype), b)  # (batch, out, r)
-        y = torch.bmm(torch.bmm(x3, a_bar.transpose(1, 2)), b_bar.transpose(1, 2))
+        v = h * ws.repeat_interleave(r, dim=1).unsqueeze(1).to(h.dtype)  # diag((ω∘s) ⊗ 1_r)
+    else:  # decomposition: u = Σ_k ω_k (A_k x), then every B_k sees ω_k s_k u
+        u = torch.einsum("blkr,bk->blr", h.view(batch, -1, k_used, r), w.to(h.dtype))
+        v = (u.unsqueeze(2) * ws.to(h.dtype)[:, None, :, None]).reshape(batch, -1, k_used * r)
+    y = F.linear(v, b.reshape(-1, k_used * r))  # B_cat ·
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
