@@ -240,7 +240,7 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     assert set(_done_stages(store, "adapter")) == adapters_before
     e = json.loads((out / "embedding.json").read_text())
     names = [v["variant"] for v in e["variants"]]
-    assert names[0] == "prompt@L" and any("per-request" in n for n in names) and len(names) == 5
+    assert names[0] == "prompt@L" and any("per-request" in n for n in names) and len(names) == 6
     assert {v["layer"] for v in e["variants"]} == {e["num_layers"], e["num_layers"] // 2, e["num_layers"] // 4}
     baseline = e["variants"][0]
     assert baseline["argmax_agrees_with_paper"] == 1.0
@@ -278,3 +278,15 @@ def test_a_leading_word_picks_what_for_apa_experiment() -> None:
 
     assert normalise_args(experiment_command, ["mia", "--preset", "cpu"])[:1] == ["--what=mia"]
     assert normalise_args(experiment_command, ["--what", "mia"])[:2] == ["--what", "mia"]
+
+
+def test_mia_can_erase_users_confined_to_few_shards() -> None:
+    from apa.mia import confined_users
+
+    shard_of = {"a1": 0, "a2": 0, "b1": 0, "b2": 1, "c1": 2, "c2": 2, "c3": 2, "d1": 1, "e1": 2, "e2": 1}
+    user_of = {sid: sid[0] for sid in shard_of}
+    # one shard: users a (2 in shard 0), c (3 in shard 2), d (1 in shard 1): shard 2 holds most
+    assert confined_users(shard_of, user_of, 3, 1) == ([2], ["c"])
+    # two shards: {1, 2} holds c, d and e (6 samples); {0, 1} holds a, b, d (5)
+    assert confined_users(shard_of, user_of, 3, 2) == ([1, 2], ["c", "d", "e"])
+    assert confined_users(shard_of, user_of, 3, 3)[1] == ["a", "b", "c", "d", "e"]

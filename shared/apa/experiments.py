@@ -1038,6 +1038,7 @@ def experiment_command(
     erase_users: int = 4,
     mia_samples: int | None = None,
     mia_reference: bool = True,
+    mia_shards: int | None = None,
     train: bool = True,
     only: Literal["both", "retraining", "shards"] = "both",
 ) -> int:
@@ -1077,6 +1078,8 @@ def experiment_command(
         erase_users: mia: how many training users to erase.
         mia_samples: mia: at most this many members and non-members (None: all).
         mia_reference: mia: also build the reference model from scratch without the erased users.
+        mia_shards: mia: erase only users whose samples lie in this many shards (those holding most
+            such samples), so the erasure retrains only them (None: users drawn at random).
         train: Train adapters missing from the store (false: use only adopted/finished ones and
             report the rest as pending; for scoring while another process trains).
         only: stages: Retraining's and the K shards' stages (both), or one of them (two processes
@@ -1163,7 +1166,13 @@ def experiment_command(
         elif name == "mia":
             from apa.mia import run_mia
 
-            result = run_mia(study, erase_users=erase_users, reference=mia_reference, max_samples=mia_samples)
+            result = run_mia(
+                study,
+                erase_users=erase_users,
+                reference=mia_reference,
+                max_samples=mia_samples,
+                shards_touched=mia_shards,
+            )
             outputs = ["mia.json", "mia.md"]
         elif name == "embedding":
             from apa.study_embedding import run_embedding_study

@@ -18,6 +18,7 @@ erased samples should look like non-members, as they do for the reference.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from dataclasses import asdict
@@ -88,18 +89,51 @@ def served_scores(study: Study, md: ModelDir, samples: list[Sample], label: str)
     return study._memo(key, compute)[0]
 
 
+def confined_users(
+    shard_of: dict[str, int], user_of: dict[str, str], k: int, width: int
+) -> tuple[list[int], list[str]]:
+    """(shards, users): of every set of `width` shards, the one holding the most training samples of
+    users whose samples all lie inside it, and those users (erasing them retrains only those shards)."""
+    shards_of: dict[str, set[int]] = {}
+    count: dict[str, int] = {}
+    for sample_id, shard in shard_of.items():
+        user = user_of[sample_id]
+        shards_of.setdefault(user, set()).add(shard)
+        count[user] = count.get(user, 0) + 1
+    best: tuple[int, list[int], list[str]] = (-1, [], [])
+    for combo in itertools.combinations(range(k), width):
+        inside = sorted(u for u, sh in shards_of.items() if sh <= set(combo))
+        total = sum(count[u] for u in inside)
+        if total > best[0]:
+            best = (total, list(combo), inside)
+    return best[1], best[2]
+
+
 def run_mia(
-    study: Study, erase_users: int = 4, reference: bool = True, max_samples: int | None = None
+    study: Study,
+    erase_users: int = 4,
+    reference: bool = True,
+    max_samples: int | None = None,
+    shards_touched: int | None = None,
 ) -> dict[str, Any]:
     """Members / erased / non-members through the serving path, before and after a real erasure;
-    writes mia.json and mia.md into the study's output directory."""
+    writes mia.json and mia.md into the study's output directory. `shards_touched`: erase (up to
+    `erase_users` of) the users confined to the `shards_touched` shards holding most of such users'
+    samples, so that the erasure retrains only those shards; None: `erase_users` users at random."""
     k = study.config.num_shards
     seed = study.config.seed
     source = study.model_dir("semantic", k)
     train, test = study.splits["train"], study.splits["test"]
     users = sorted({s.user_id for s in train})
     rng = np.random.default_rng(seed)
-    erased_users = set(rng.choice(users, min(erase_users, len(users) - 1), replace=False).tolist())
+    chosen_from = users
+    if shards_touched is not None:
+        parts = study.partition("semantic", k)
+        shard_of = {i: j for j, ids in enumerate(parts.shards) for i in ids}
+        _, chosen_from = confined_users(shard_of, {s.sample_id: s.user_id for s in train}, k, shards_touched)
+    erased_users = set(
+        rng.choice(chosen_from, min(erase_users, len(chosen_from), len(users) - 1), replace=False).tolist()
+    )
     erased = [s for s in train if s.user_id in erased_users]
     members = [s for s in train if s.user_id not in erased_users]
     non_members = [s for s in test if s.user_id not in erased_users]
@@ -167,6 +201,7 @@ def run_mia(
     }
     result = {
         "erased_users": len(erased_users),
+        "users_chosen": "at random" if shards_touched is None else f"confined to {shards_touched} shard(s)",
         "sizes": {name: len(s) for name, s in sets.items()},
         "affected_shards": report.affected_shards,
         "retrain_seconds": report.retrain_seconds,
