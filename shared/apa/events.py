@@ -288,6 +288,8 @@ class KafkaEventBus:
     def __init__(self, bootstrap_servers: str, *, timeout_s: float = 30.0, **producer_kwargs: Any) -> None:
         from kafka import KafkaProducer
 
+        from apa.kafka_serde import JsonValueSerializer, Utf8KeySerializer
+
         self.timeout_s = timeout_s
         # send() itself blocks up to max_block_ms (default 60 s) waiting for metadata when the
         # broker is unreachable; bound it by timeout_s too, so a publish fails within ~2x timeout_s.
@@ -296,8 +298,8 @@ class KafkaEventBus:
             bootstrap_servers=[s.strip() for s in bootstrap_servers.split(",") if s.strip()],
             acks="all",
             retries=5,
-            key_serializer=lambda k: k.encode("utf-8"),
-            value_serializer=lambda v: json.dumps(v, sort_keys=True).encode("utf-8"),
+            key_serializer=Utf8KeySerializer(),
+            value_serializer=JsonValueSerializer(),
             **producer_kwargs,
         )
 

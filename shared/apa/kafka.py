@@ -87,6 +87,8 @@ def consumer_config(settings: Settings, group_id: str | None = None) -> dict[str
     Keys are decoded as UTF-8 (undecodable bytes replaced); values stay raw bytes so that a
     malformed message reaches the caller (and the dead-letter topic) instead of failing the poll.
     """
+    from apa.kafka_serde import Utf8KeyDeserializer
+
     session = settings.kafka_session_timeout_ms
     heartbeat = settings.kafka_heartbeat_interval_ms
     if session <= 0 or not 0 < heartbeat < session:
@@ -104,7 +106,7 @@ def consumer_config(settings: Settings, group_id: str | None = None) -> dict[str
         "session_timeout_ms": session,
         "heartbeat_interval_ms": heartbeat,
         "max_poll_interval_ms": settings.kafka_max_poll_interval_ms,
-        "key_deserializer": lambda raw: None if raw is None else raw.decode("utf-8", errors="replace"),
+        "key_deserializer": Utf8KeyDeserializer(),
     }
 
 
@@ -122,16 +124,16 @@ def make_consumer(
 def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer:
     """A producer that waits for all in-sync replicas, with UTF-8 keys and JSON values; a send
     blocks at most `kafka_timeout_s` for metadata. Prefer `apa.events.KafkaEventBus` for events."""
-    import json
-
     from kafka import KafkaProducer
+
+    from apa.kafka_serde import JsonValueSerializer, Utf8KeySerializer
 
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap_servers(settings.kafka_bootstrap),
         "acks": "all",
         "max_block_ms": int(settings.kafka_timeout_s * 1000),
-        "key_serializer": lambda k: None if k is None else k.encode("utf-8"),
-        "value_serializer": lambda v: json.dumps(v, sort_keys=True).encode("utf-8"),
+        "key_serializer": Utf8KeySerializer(),
+        "value_serializer": JsonValueSerializer(),
     }
     return KafkaProducer(**{**config, **overrides})
 
