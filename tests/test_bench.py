@@ -20,7 +20,6 @@ METHODS = {
     "mixture_ND",
     "apa_D_end_to_end",
     "apa_ND_end_to_end",
-    "apa_D_end_to_end_exit",
     "sisa",
 }
 TIMING_FIELDS = {"samples_per_second", "latency_ms_p50", "latency_ms_p95", "seconds", "requests"}
@@ -52,9 +51,17 @@ def test_bench_inference_reports_every_method_k_and_batch_size(tiny_model_dir: P
         "mixture_ND",
         "apa_D_end_to_end",
         "apa_ND_end_to_end",
-        "apa_D_end_to_end_exit",
+        *(f"apa_D_end_to_end_exit{layer}" for layer in report["exit_layers"]),
     }
-    assert report["exit_layer"] == report["num_layers"] // 4
+    assert report["exit_layers"] == sorted(
+        {report["num_layers"] // 4, report["num_layers"] // 8}, reverse=True
+    )
+    assert {
+        (f"apa_D_end_to_end_exit{layer}", k, b)
+        for layer in report["exit_layers"]
+        for k in (2, 4)
+        for b in (1, 4)
+    } <= seen
     rec = report["recommend"]  # one ranking request: full prompts vs the shared prefix
     assert rec["candidates"] == 50 and rec["target"] == 5.0
     assert {r["method"] for r in rec["results"]} == {

@@ -160,12 +160,13 @@ def bench_inference(
     repeats: int,
     seed: int = 0,
     progress: bool = True,
-    exit_layer: int | None = None,
+    exit_layers: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Every method x K x batch size, on random adapters over a fork of the base model;
-    `exit_layer` (default L/4) is the early exit of `apa_*_end_to_end_exit`."""
+    `apa_D_end_to_end_exit<l>` embeds with an early exit at each of `exit_layers` (default L/4, L/8)."""
     prompts = list(prompts)
-    exit_backbone = early_exit(backbone, exit_layer)
+    layers = list(exit_layers) if exit_layers is not None else default_exit_layers(backbone)
+    exits = [early_exit(backbone, layer) for layer in layers]
     n = len(prompts)
     k_max = max(shard_counts)
     peft_model = random_adapters(backbone, k_max, seed)
@@ -197,7 +198,7 @@ def bench_inference(
             "valid_labels": rng.integers(0, 2, 256).astype(float),
             "valid_predictions": rng.uniform(size=(256, k)),
         }
-        jobs += _mixture_jobs(backbone, peft_model, mix, prompts, omega, pool, k, exit_backbone)
+        jobs += _mixture_jobs(backbone, peft_model, mix, prompts, omega, pool, k, exits)
     total = len(jobs) * len(batch_sizes)
     bar = _progress(total, progress)
     for method, k, fn in jobs:
@@ -211,11 +212,16 @@ def bench_inference(
     if bar is not None:
         bar.close()
     return {
-        "exit_layer": exit_backbone.config.embed_layer,
+        "exit_layers": layers,
         "num_layers": backbone.num_layers,
         "results": results,
         "ratios": ratios(results, shard_counts, batch_sizes),
     }
+
+
+def default_exit_layers(backbone: Backbone) -> list[int]:
+    """L/4 and L/8: the early exits the bench times by default."""
+    return sorted({backbone.num_layers // 4, backbone.num_layers // 8}, reverse=True)
 
 
 def early_exit(backbone: Backbone, layer: int | None = None) -> Backbone:
@@ -233,7 +239,7 @@ def _mixture_jobs(
     omega: np.ndarray,
     pool: dict[str, np.ndarray],
     k: int,
-    exit_backbone: Backbone,
+    exits: Sequence[Backbone],
 ) -> list[tuple[str, int, Callable[[list[int]], Any]]]:
     def score_fn(p: list[str]) -> np.ndarray:  # one forward batch, row-aligned with ω
         return backbone.score(p, model=peft_model, batch_size=max(1, len(p)))
@@ -269,7 +275,7 @@ def _mixture_jobs(
         ("mixture_ND", k, mixture("non_decomposition")),
         ("apa_D_end_to_end", k, end_to_end("decomposition")),
         ("apa_ND_end_to_end", k, end_to_end("non_decomposition")),
-        ("apa_D_end_to_end_exit", k, end_to_end("decomposition", exit_backbone)),
+        *[(f"apa_D_end_to_end_exit{e.config.embed_layer}", k, end_to_end("decomposition", e)) for e in exits],
         ("sisa", k, sisa),
     ]
 
@@ -395,7 +401,7 @@ def ratios(
     speed = {(r["method"], r["num_shards"], r["batch_size"]): r["samples_per_second"] for r in results}
     big = 16 if 16 in batch_sizes else max(batch_sizes)
     k4 = 4 if 4 in shard_counts else min(shard_counts)
-    mixtures = ("mixture_D", "mixture_ND", "apa_D_end_to_end", "apa_ND_end_to_end", "apa_D_end_to_end_exit")
+    mixtures = list(dict.fromkeys(m for m, _, _ in speed if m.startswith(("mixture_", "apa_"))))
     vs_single = {
         f"K={k}": {m: speed[(m, k, big)] / speed[("single_merged", 1, big)] for m in mixtures}
         for k in shard_counts
@@ -434,14 +440,8 @@ def plot_inference(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.5 * len(batch_sizes), 4), squeeze=False)
     speed = {(r["method"], r["num_shards"], r["batch_size"]): r["samples_per_second"] for r in results}
     for ax, b in zip(axes[0], batch_sizes, strict=True):
-        for method in (
-            "mixture_D",
-            "mixture_ND",
-            "apa_D_end_to_end",
-            "apa_ND_end_to_end",
-            "apa_D_end_to_end_exit",
-            "sisa",
-        ):
+        methods = dict.fromkeys(r["method"] for r in results if r["num_shards"] > 1)
+        for method in methods:
             ax.plot(ks, [speed[(method, k, b)] for k in ks], "o-", label=method)
         for method, style in (("single_merged", "--"), ("single_lora", ":")):
             ax.axhline(speed[(method, 1, b)], color="k", linestyle=style, linewidth=1, label=method)
@@ -474,7 +474,7 @@ def print_inference(report: dict[str, Any]) -> None:
     print(f"mixture / SISA at K={sisa['num_shards']} (target >= {sisa['target']}x):")
     for key, row in sisa["ratios"].items():
         print(f"  {key:<9} " + "  ".join(f"{m} {v:.2f}x" for m, v in row.items()))
-    print(f"(apa_D_end_to_end_exit embeds at layer {report['exit_layer']} of {report['num_layers']})")
+    print(f"(apa_D_end_to_end_exit<l> embeds at layer l of {report['num_layers']})")
     rec = report.get("recommend")
     if rec:
         print(f"\none /recommend of {rec['candidates']} candidates, K={rec['num_shards']}:")
@@ -681,7 +681,8 @@ def bench_command(
         erasures: serve: stale-event / hot-reload rounds against the running service.
         omega: serve: the service's ω of /recommend, per_candidate (the paper's) or per_request.
         recommend_candidates: inference: candidates of the one ranking request timed (0: skip it).
-        exit_layer: inference: the early-exit embedding layer of `*_exit` (default L/4).
+        exit_layer: inference: the early-exit embedding layer timed (default: L/4 and L/8; the
+            /recommend request: L/4).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if what == "erasure":  # the erasure service's bench: no model, its own module
@@ -728,7 +729,13 @@ def bench_command(
     if what == "inference":
         samples, source = bench_samples(data, "test", num_requests, seed)
         report = bench_inference(
-            backbone, [s.prompt for s in samples], ks, sizes, repeats, seed, exit_layer=exit_layer
+            backbone,
+            [s.prompt for s in samples],
+            ks,
+            sizes,
+            repeats,
+            seed,
+            exit_layers=None if exit_layer is None else [exit_layer],
         )
         if recommend_candidates > 0:
             pool, _ = bench_samples(data, "test", max(200, recommend_candidates + 10), seed)
