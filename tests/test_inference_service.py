@@ -357,17 +357,19 @@ class Client(threading.Thread):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("omega", ["per_candidate", "per_request"])  # per_request: the shared-prefix path
 def test_no_response_lists_an_excluded_version_after_the_stale_event(
     deployment: tuple[Engine, ArtifactStore, Path],
     backbone: Backbone,
     tmp_path: Path,
     kafka_bootstrap: str,  # noqa: F811
+    omega: str,
 ) -> None:
     engine, store, _ = deployment
     topic = f"apa.shard-events.{uuid.uuid4().hex[:8]}"
     ensure_topic(kafka_bootstrap, topic, 1)
     settings = _kafka_settings(tmp_path, kafka_bootstrap, topic)
-    replica = _replica(engine, store, backbone, settings)
+    replica = _replica(engine, store, backbone, settings, omega=omega)
     server = Server(create_app(settings, replica=replica))
     try:
         wait_until(replica.consumer_ready.is_set, 30, "the shard-events consumer")
