@@ -222,6 +222,11 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     assert len(result["shards"]) == 2 and all("test_auc" in s for s in result["shards"])
     assert result["training"]["Retraining"]["steps"] > 0
     assert result["speedup"]["speedup_vs_mean_shard"] > 0
+    sp = result["speedup"]
+    assert sp["retraining_steps"] == result["training"]["Retraining"]["steps"]
+    assert sp["steps_speedup_vs_mean_shard"] == pytest.approx(
+        sp["retraining_steps"] / np.mean(sp["shard_steps"])
+    )
     assert (out / "analysis.md").read_text().count("|") > 10
     assert (out / "analysis.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -241,7 +246,11 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     e = json.loads((out / "embedding.json").read_text())
     names = [v["variant"] for v in e["variants"]]
     assert names[0] == "prompt@L" and any("per-request" in n for n in names) and len(names) == 6
-    assert {v["layer"] for v in e["variants"]} == {e["num_layers"], e["num_layers"] // 2, e["num_layers"] // 4}
+    assert {v["layer"] for v in e["variants"]} == {
+        e["num_layers"],
+        e["num_layers"] // 2,
+        e["num_layers"] // 4,
+    }
     baseline = e["variants"][0]
     assert baseline["argmax_agrees_with_paper"] == 1.0
     # the paper's ω here is Table 1's APA(D) (same adapters, τ, n, pool): the same test AUC
