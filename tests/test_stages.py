@@ -245,7 +245,7 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     assert set(_done_stages(store, "adapter")) == adapters_before
     e = json.loads((out / "embedding.json").read_text())
     names = [v["variant"] for v in e["variants"]]
-    assert names[0] == "prompt@L" and any("per-request" in n for n in names) and len(names) == 6
+    assert names[0] == "prompt@L" and any("per-request" in n for n in names) and len(names) == 4
     assert {v["layer"] for v in e["variants"]} == {
         e["num_layers"],
         e["num_layers"] // 2,
