@@ -175,8 +175,6 @@ def bench_inference(
     results: list[dict[str, Any]] = []
     merged = copy.deepcopy(peft_model).merge_and_unload(adapter_names=["shard_0"])
     merged.eval()
-    # the base-model embedding width, for a synthetic validation pool
-    width = int(unwrap_causal_lm(backbone.model).get_input_embeddings().weight.shape[1])
     one_pass = MixtureLoRA(peft_model, names[:1])
 
     def score_batch(model: Any) -> Callable[[list[str]], np.ndarray]:
@@ -193,11 +191,7 @@ def bench_inference(
     for k in shard_counts:
         mix = MixtureLoRA(peft_model, names[:k])
         omega = rng.dirichlet(np.ones(k), size=n)  # dense: every adapter carries weight in every row
-        pool = {  # a validation pool for adaptive ω (random: only its cost matters here)
-            "valid_embeddings": rng.normal(size=(256, width)),
-            "valid_labels": rng.integers(0, 2, 256).astype(float),
-            "valid_predictions": rng.uniform(size=(256, k)),
-        }
+        pool = synthetic_pool(backbone, k, rng)
         jobs += _mixture_jobs(backbone, peft_model, mix, prompts, omega, pool, k, exits)
     total = len(jobs) * len(batch_sizes)
     bar = _progress(total, progress)
@@ -216,6 +210,19 @@ def bench_inference(
         "num_layers": backbone.num_layers,
         "results": results,
         "ratios": ratios(results, shard_counts, batch_sizes),
+    }
+
+
+def synthetic_pool(
+    backbone: Backbone, k: int, rng: np.random.Generator, size: int = 256
+) -> dict[str, np.ndarray]:
+    """A random validation pool for adaptive ω (only its cost matters to a bench): embeddings of the
+    base model's width, labels, and K adapters' predictions."""
+    width = int(unwrap_causal_lm(backbone.model).get_input_embeddings().weight.shape[1])
+    return {
+        "valid_embeddings": rng.normal(size=(size, width)),
+        "valid_labels": rng.integers(0, 2, size).astype(float),
+        "valid_predictions": rng.uniform(size=(size, k)),
     }
 
 
@@ -312,12 +319,7 @@ def bench_recommend(
     peft_model = random_adapters(backbone, num_shards, seed)
     mix = MixtureLoRA(peft_model, [f"shard_{j}" for j in range(num_shards)])
     rng = np.random.default_rng(seed)
-    width = int(unwrap_causal_lm(backbone.model).get_input_embeddings().weight.shape[1])
-    pool: dict[str, np.ndarray] = {
-        "valid_embeddings": rng.normal(size=(256, width)),
-        "valid_labels": rng.integers(0, 2, 256).astype(float),
-        "valid_predictions": rng.uniform(size=(256, num_shards)),
-    }
+    pool = synthetic_pool(backbone, num_shards, rng)
     adaptive = WeightConfig(strategy="adaptive", tau=1000.0, top_n=20)
     size = 16
     exit_backbone = early_exit(backbone, exit_layer)
