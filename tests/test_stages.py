@@ -238,6 +238,12 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     for run in r["runs"].values():
         assert 0.0 <= run["erased vs non-members"]["auc"] <= 1.0
         assert 0.0 <= run["members vs non-members"]["tpr_at_1pct_fpr"] <= 1.0
+    assert (out / "mia.png").read_bytes()[:4] == b"\x89PNG"
+    assert "mean P(true label)" in (out / "mia.md").read_text()
+    # a re-run reuses the finished erasure and reports it, not an empty second unlearning pass
+    assert main(mia) == 0
+    again = json.loads((out / "mia.json").read_text())
+    assert again["erasure"] == r["erasure"] and again["runs"] == r["runs"]
 
     # issue 9's ω variants on the same adapters (reused from the store: no adapter is trained again)
     adapters_before = set(_done_stages(store, "adapter"))

@@ -22,6 +22,7 @@ import itertools
 import json
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -157,18 +158,25 @@ def run_mia(
     work = study.out / "mia" / "model"
     marker = study.out / "mia" / "source.json"
     source_key = {"adapters": study._adapter_key(source), "erased_users": sorted(erased_users)}
+    saved = study.out / "mia" / "erasure.json"
     if not marker.is_file() or json.loads(marker.read_text()) != source_key:
         shutil.rmtree(work, ignore_errors=True)
+        saved.unlink(missing_ok=True)
         shutil.copytree(source.root, work)
         marker.write_text(json.dumps(source_key))
-    report = unlearn(
-        work,
-        [s.sample_id for s in erased],
-        pseudonymizer=study.pseudonymizer,
-        backbone=study.backbone,
-        progress=study.progress,
-    )
     unlearned = ModelDir(work)
+    if saved.is_file() and not unlearned.journal().pending:
+        # a re-run: the erasure finished before; report what it did, not an empty second pass
+        erasure = json.loads(saved.read_text())
+    else:
+        erasure = unlearn(
+            work,
+            [s.sample_id for s in erased],
+            pseudonymizer=study.pseudonymizer,
+            backbone=study.backbone,
+            progress=study.progress,
+        ).to_json()
+        saved.write_text(json.dumps(erasure, indent=1))
     after = scores_of(unlearned, "after")
     runs = {"before erasure": before, "after erasure": after}
     if reference:
@@ -203,9 +211,9 @@ def run_mia(
         "erased_users": len(erased_users),
         "users_chosen": "at random" if shards_touched is None else f"confined to {shards_touched} shard(s)",
         "sizes": {name: len(s) for name, s in sets.items()},
-        "affected_shards": report.affected_shards,
-        "retrain_seconds": report.retrain_seconds,
-        "erasure": report.to_json(),
+        "affected_shards": erasure["affected_shards"],
+        "retrain_seconds": erasure["retrain_seconds"],
+        "erasure": erasure,
         "attack_score": "P(true label) from the served APA(D) model (higher: member)",
         "runs": table,
     }
@@ -215,8 +223,43 @@ def run_mia(
 
     write_json(out / "mia.json", result)
     (out / "mia.md").write_text(mia_markdown(result))
+    plot_mia(runs, result, out / "mia.png")
     print(mia_markdown(result))
     return result
+
+
+SET_COLOURS = {"members": "#3070b0", "erased": "#c03030", "non-members": "#909090"}
+
+
+def plot_mia(runs: dict[str, dict[str, np.ndarray]], r: dict[str, Any], path: Path) -> None:
+    """One panel per model: the empirical CDF of P(true label) for members, erased and non-members
+    (the attack separates two sets where their curves part; erased on non-members = forgotten)."""
+    from apa.experiments import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.6), sharey=True, squeeze=False)
+    for ax, (run, sets) in zip(axes[0], runs.items(), strict=True):
+        for name, scores in sets.items():
+            if len(scores) == 0:
+                continue
+            x = np.sort(scores)
+            a = r["runs"][run].get(f"{name} vs non-members")
+            label = f"{name} (n={len(x)})" + ("" if a is None else f", AUC vs non-members {a['auc']:.3f}")
+            ax.step(
+                x, np.arange(1, len(x) + 1) / len(x), where="post", color=SET_COLOURS.get(name), label=label
+            )
+        ax.set_title(run, fontsize=10)
+        ax.set_xlabel("P(true label) from the served model")
+        ax.set_xlim(0, 1)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("fraction of samples ≤ x")
+    fig.suptitle(
+        f"Membership inference: {r['erased_users']} users erased (affected shards {r['affected_shards']})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def mia_markdown(r: dict[str, Any]) -> str:
@@ -235,7 +278,11 @@ def mia_markdown(r: dict[str, Any]) -> str:
             lines.append(
                 f"| {run} | {pair} | {a['auc']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}] | {a['tpr_at_1pct_fpr']:.3f} |"
             )
+    lines += ["", "| model | mean P(true label): " + " / ".join(r["sizes"]) + " |", "|---|---|"]
+    for run, pairs in r["runs"].items():
+        means = pairs["mean_p_true"]
+        lines.append(f"| {run} | " + " / ".join(f"{means[name]:.3f}" for name in r["sizes"]) + " |")
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["attack", "mia_markdown", "p_true", "run_mia", "served_scores", "tpr_at_fpr"]
+__all__ = ["attack", "mia_markdown", "p_true", "plot_mia", "run_mia", "served_scores", "tpr_at_fpr"]
