@@ -512,6 +512,29 @@ def test_the_celery_configuration_is_at_least_once_one_task_at_a_time() -> None:
         celery_config(Settings(worker_pool="gevent"))
 
 
+def test_the_embedded_broker_publishes_without_a_library_warning(tmp_path: Path) -> None:
+    """kombu's SQLAlchemy transport trips a SQLAlchemy 2.1 deprecation on its first publish; a
+    fresh process (the warning fires once per process) with warnings as errors must not see it."""
+    import subprocess
+    import sys
+
+    code = (
+        "from apa.settings import Settings\n"
+        "from apa.taskqueue import CelerySender, make_celery\n"
+        f"s = Settings(celery_embedded_broker={str(tmp_path / 'broker.sqlite')!r})\n"
+        "CelerySender(make_celery(s), s.retrain_queue)('apa.retrain_shard', [1, 1], {}, 'apa-retrain-1')\n"
+        "print('sent')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "sent", done.stderr[-2000:]
+    assert "Warning" not in done.stderr
+
+
 @pytest.mark.integration
 def test_the_relay_enqueues_on_redis(loaded: Engine) -> None:
     import uuid

@@ -17,6 +17,7 @@ Tasks are sent by name (`RETRAIN_TASK`), so nothing here imports the trainer ser
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,11 @@ def broker_url(settings: Settings) -> str:
         return settings.celery_broker_url
     path = Path(settings.celery_embedded_broker).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
+    # kombu's SQLAlchemy transport maps its tables with `noload`, which SQLAlchemy 2.1 deprecates; a
+    # warning about kombu's internals that the user can do nothing about (its first publish or poll)
+    warnings.filterwarnings(
+        "ignore", message=r"The ``noload`` loader strategy is deprecated", category=DeprecationWarning
+    )
     return f"sqla+sqlite:///{path}"
 
 
