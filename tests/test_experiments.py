@@ -97,6 +97,16 @@ def test_quick_preset_fits_the_cpu_budget() -> None:
     assert ExperimentConfig.from_preset("paper", "bookcrossing").weights.top_n == 100
 
 
+def test_lr_and_early_stopping_reach_every_adapter_config() -> None:
+    default = ExperimentConfig.from_preset("cpu")
+    assert default.train.lr == 5e-4 and default.train.valid_eval_size == 200
+    fit = ExperimentConfig.from_preset("cpu", lr=2e-3, early_stopping=False, retrain_epochs=7)
+    for k in (1, 4):
+        assert fit.train_for(k).lr == 2e-3 and fit.train_for(k).valid_eval_size == 0
+    assert fit.train_for(1).epochs == 7
+    assert ExperimentConfig.from_preset("paper", lr=3e-4).train.lr == 3e-4
+
+
 def test_missing_data_is_an_error_not_a_crash(tmp_path: Path, capsys: Any) -> None:
     code = experiments.experiment_command(
         "table1", data=str(tmp_path / "nowhere"), out=str(tmp_path / "o"), dataset="bookcrossing"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,41 @@ def test_chunked_scoring_resumes_from_the_last_finished_chunk(tmp_path: Path) ->
     assert seen == [(4, 6), (6, 8), (8, 10)]  # chunks 0-4 came from disk
 
 
+def test_two_processes_asking_for_one_stage_build_it_once(tmp_path: Path) -> None:
+    """The second asker waits for the first (a lock per stage), then reuses its result; without the
+    lock both would write the same work directory at once (seen: a chunk vanished under the other)."""
+    import threading
+
+    store_a, store_b = StageStore(tmp_path / "store"), StageStore(tmp_path / "store")
+    started, release = threading.Event(), threading.Event()
+    builds: list[str] = []
+
+    def slow_build(work: Path) -> None:
+        builds.append("a")
+        started.set()
+        release.wait(10)
+        (work / "result.txt").write_text("a")
+
+    def other_build(work: Path) -> None:
+        builds.append("b")
+        (work / "result.txt").write_text("b")
+
+    key = {"what": "shared stage"}
+    first = threading.Thread(target=lambda: store_a.run("memo", key, slow_build))
+    first.start()
+    assert started.wait(10)
+    second_result: list[Path] = []
+    second = threading.Thread(target=lambda: second_result.append(store_b.run("memo", key, other_build)))
+    second.start()
+    second.join(timeout=1)
+    assert second.is_alive()  # waiting for the first, not building beside it
+    release.set()
+    first.join()
+    second.join(timeout=10)
+    assert builds == ["a"] and (second_result[0] / "result.txt").read_text() == "a"
+    assert store_b.reused("memo") == [second_result[0].name]
+
+
 def test_existing_model_directories_are_adopted_not_retrained(
     tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
 ) -> None:
@@ -198,7 +234,7 @@ def test_existing_model_directories_are_adopted_not_retrained(
     assert all(m.metrics for m in study.manifests(md))
 
 
-def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", make_samples(16, "train", seed=21))
     write_jsonl(data / "valid.jsonl", make_samples(16, "valid", seed=22))
@@ -231,7 +267,17 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     assert (out / "analysis.png").read_bytes()[:4] == b"\x89PNG"
 
     mia = [*args[:2], "mia", *args[3:], "--erase-users", "2"]
+    # a second process may build the from-scratch reference first; the full run then reuses it
+    assert main([*mia, "--mia-part", "reference"]) == 0
+    scratch = out / "mia" / "scratch"
+
+    def built_files() -> dict[Path, int]:  # the model directory, not the serving caches scoring adds
+        return {p: p.stat().st_mtime_ns for p in scratch.rglob("*") if p.is_file() and "cache" not in p.parts}
+
+    reference_files = built_files()
+    assert reference_files and not (out / "mia.json").exists()
     assert main(mia) == 0
+    assert built_files() == reference_files
     r = json.loads((out / "mia.json").read_text())
     assert set(r["runs"]) == {"before erasure", "after erasure", "from scratch without them"}
     assert r["affected_shards"] and r["sizes"]["erased"] > 0
@@ -244,6 +290,41 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     assert main(mia) == 0
     again = json.loads((out / "mia.json").read_text())
     assert again["erasure"] == r["erasure"] and again["runs"] == r["runs"]
+    # killed after unlearn finished, before its report was saved: the report is read off the dirs
+    (out / "mia" / "erasure.json").unlink()
+    assert main(mia) == 0
+    read_off = json.loads((out / "mia.json").read_text())
+    assert read_off["erasure"]["read_off_model_dirs"] and read_off["runs"] == r["runs"]
+    for field in ("erased_samples", "affected_shards", "versions", "estimated_full_retrain_seconds"):
+        assert read_off["erasure"][field] == r["erasure"][field], field
+    assert read_off["erasure"]["erased_samples"] == r["sizes"]["erased"] > 0
+
+    # two builders of the reference never overlap: one waits on the lock, then builds or reuses
+    import fcntl
+    import threading
+
+    import apa.mia
+
+    shutil.rmtree(scratch)
+    released = threading.Event()
+    calls: list[bool] = []
+    real_build = apa.mia.build_model
+
+    def build_after_release(*a: Any, **k: Any) -> Any:
+        calls.append(released.is_set())
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(apa.mia, "build_model", build_after_release)
+    codes: list[int] = []
+    with open(out / "mia" / "scratch.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: codes.append(main([*mia, "--mia-part", "reference"])))
+        waiter.start()
+        waiter.join(timeout=3)
+        assert waiter.is_alive() and not calls
+        released.set()
+    waiter.join()
+    assert codes == [0] and calls == [True] and scratch.is_dir()
 
     # issue 9's ω variants on the same adapters (reused from the store: no adapter is trained again)
     adapters_before = set(_done_stages(store, "adapter"))

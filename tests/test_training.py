@@ -103,6 +103,22 @@ def test_early_stopping_keeps_the_best_validation_epoch(tiny_llama):
     assert len(result.metrics) <= 6
 
 
+def test_without_validation_every_epoch_runs_and_the_last_is_kept(tiny_llama):
+    """valid_eval_size=0 (`apa experiment --early_stopping false`): the adapter fits its shard."""
+    model, tok = tiny_llama
+    bb = tiny_backbone(model, tok)
+    config = TrainConfig(
+        **{**FAST.to_json(), "target_modules": ("q_proj",), "epochs": 3, "patience": 1, "lr": 0.5}
+    )
+    train, valid = make_samples(16, seed=1), make_samples(16, "valid", seed=2)
+    result = train_adapter(bb, train, valid, replace(config, valid_eval_size=0))
+    assert [m.epoch for m in result.metrics] == [1, 2, 3]
+    assert result.best_epoch == 3 and all(m.valid_auc is None for m in result.metrics)
+    # the kept state is the last epoch's: training one epoch less gives a different adapter
+    shorter = train_adapter(bb, train, valid, replace(config, valid_eval_size=0, epochs=2))
+    assert not _state_equal(result.adapter_state, shorter.adapter_state)
+
+
 def test_length_grouped_batches_cover_every_sample_once_and_hold_similar_lengths():
     from apa.training import _epoch_order
 

@@ -130,6 +130,8 @@ class ExperimentConfig:
         seed: int = 0,
         patience: int | None = None,
         retrain_epochs: int | None = None,
+        lr: float | None = None,
+        early_stopping: bool = True,
     ) -> ExperimentConfig:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -153,6 +155,11 @@ class ExperimentConfig:
             train = TrainConfig.preset("cpu", epochs=e, seed=seed, patience=patience or 2)
         else:
             train = TrainConfig.preset("tallrec", epochs=e, seed=seed)
+        if lr is not None:
+            train = replace(train, lr=lr)
+        if not early_stopping:
+            # no validation scoring: every adapter trains all its epochs and keeps the last one
+            train = replace(train, valid_eval_size=0)
         top_n = 100 if dataset == "bookcrossing" else 20
         if preset == "quick":
             top_n = min(top_n, max(1, nv // 4))
@@ -1029,6 +1036,8 @@ def experiment_command(
     epochs: int | None = None,
     retrain_epochs: int | None = None,
     patience: int | None = None,
+    lr: float | None = None,
+    early_stopping: bool = True,
     seed: int = 0,
     model: str = "embedded",
     dataset: Dataset = "ml-100k",
@@ -1039,6 +1048,7 @@ def experiment_command(
     mia_samples: int | None = None,
     mia_reference: bool = True,
     mia_shards: int | None = None,
+    mia_part: Literal["all", "reference"] = "all",
     train: bool = True,
     only: Literal["both", "retraining", "shards"] = "both",
 ) -> int:
@@ -1067,6 +1077,9 @@ def experiment_command(
         epochs: Training epochs (quick: 1; cpu: 10; paper: up to 200 with early stopping).
         retrain_epochs: Epoch cap of the K=1 Retraining adapter, when it differs from the shards'.
         patience: Early-stopping patience (cpu: 2).
+        lr: AdamW learning rate of every adapter (default: the preset's; cpu: 5e-4, paper: 1e-4).
+        early_stopping: Select each adapter's epoch on validation AUC (false: train every epoch and
+            keep the last, i.e. fit the shard; for a membership-inference stress test).
         seed: Seed of sampling, partitions, LoRA init and data order.
         model: Backbone: embedded, a local model directory, a .gguf file or a hub id.
         dataset: ml-100k or bookcrossing (sets the neighbour size n: 20 or 100, as in the paper).
@@ -1080,6 +1093,8 @@ def experiment_command(
         mia_reference: mia: also build the reference model from scratch without the erased users.
         mia_shards: mia: erase only users whose samples lie in this many shards (those holding most
             such samples), so the erasure retrains only them (None: users drawn at random).
+        mia_part: mia: everything (all), or only the from-scratch reference model (reference: run
+            in a second process while the first trains and unlearns; the first then reuses it).
         train: Train adapters missing from the store (false: use only adopted/finished ones and
             report the rest as pending; for scoring while another process trains).
         only: stages: Retraining's and the K shards' stages (both), or one of them (two processes
@@ -1100,6 +1115,8 @@ def experiment_command(
             seed=seed,
             patience=patience,
             retrain_epochs=retrain_epochs,
+            lr=lr,
+            early_stopping=early_stopping,
         )
         sizes = {"train": config.train_size, "valid": config.valid_size, "test": config.test_size}
         stage_store = StageStore(Path(store) if store else base_dir / "store", progress=True)
@@ -1172,6 +1189,7 @@ def experiment_command(
                 reference=mia_reference,
                 max_samples=mia_samples,
                 shards_touched=mia_shards,
+                reference_only=mia_part == "reference",
             )
             outputs = ["mia.json", "mia.md"]
         elif name == "embedding":

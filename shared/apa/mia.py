@@ -18,6 +18,7 @@ erased samples should look like non-members, as they do for the reference.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import shutil
@@ -31,7 +32,7 @@ from apa.aggregation import AggregatedScorer
 from apa.data import Sample
 from apa.metrics import auc
 from apa.modeldir import ModelDir
-from apa.sharded import build_model, unlearn
+from apa.sharded import UnlearnReport, build_model, unlearn
 from apa.stages import partition_config, split_digest
 
 if TYPE_CHECKING:
@@ -110,20 +111,12 @@ def confined_users(
     return best[1], best[2]
 
 
-def run_mia(
-    study: Study,
-    erase_users: int = 4,
-    reference: bool = True,
-    max_samples: int | None = None,
-    shards_touched: int | None = None,
-) -> dict[str, Any]:
-    """Members / erased / non-members through the serving path, before and after a real erasure;
-    writes mia.json and mia.md into the study's output directory. `shards_touched`: erase (up to
-    `erase_users` of) the users confined to the `shards_touched` shards holding most of such users'
-    samples, so that the erasure retrains only those shards; None: `erase_users` users at random."""
+def mia_sets(
+    study: Study, erase_users: int, max_samples: int | None, shards_touched: int | None
+) -> tuple[set[str], dict[str, list[Sample]]]:
+    """The erased users (seeded: every process of one study draws the same) and the three sets."""
     k = study.config.num_shards
     seed = study.config.seed
-    source = study.model_dir("semantic", k)
     train, test = study.splits["train"], study.splits["test"]
     users = sorted({s.user_id for s in train})
     rng = np.random.default_rng(seed)
@@ -148,7 +141,79 @@ def run_mia(
             non_members[i]
             for i in sorted(pick.choice(len(non_members), min(max_samples, len(non_members)), replace=False))
         ]
-    sets = {"members": members, "erased": erased, "non-members": non_members}
+    return erased_users, {"members": members, "erased": erased, "non-members": non_members}
+
+
+def erasure_from_dirs(source: ModelDir, unlearned: ModelDir) -> dict[str, Any]:
+    """The report of a finished erasure, read off the model directories: the shards whose adapter
+    version went up were retrained (their manifests hold the retrain times)."""
+    before, after = source.manifests(), unlearned.manifests()
+    versions = {
+        k: a.version
+        for k, (b, a) in enumerate(zip(before, after, strict=True))
+        if a is not None and (b is None or a.version > b.version)
+    }
+    removed = len(source.splits()["train"]) - len(unlearned.splits()["train"])
+    estimated = float(sum(m.train_seconds for m in before if m is not None))
+    retrained = float(sum(m.train_seconds for k, m in enumerate(after) if k in versions and m is not None))
+    return {
+        **UnlearnReport(removed, sorted(versions), retrained, estimated, versions).to_json(),
+        "read_off_model_dirs": True,
+    }
+
+
+def reference_model(study: Study, erased_users: set[str]) -> ModelDir:
+    """The model built from scratch on the data without `erased_users` (same partition strategy, K,
+    configs and seeds), under OUT/mia/scratch; reused when complete (its adapters also come from the
+    stage store when their shard's samples are unchanged)."""
+    k = study.config.num_shards
+    ref_root = study.out / "mia" / "scratch"
+    remaining = {
+        name: [s for s in split if s.user_id not in erased_users] for name, split in study.splits.items()
+    }
+    ref_root.parent.mkdir(parents=True, exist_ok=True)
+    # one builder at a time: a process that finds another building waits for it, then reuses its model
+    with open(ref_root.parent / "scratch.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            ok = len(study.manifests(ModelDir(ref_root))) == k
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            shutil.rmtree(ref_root, ignore_errors=True)
+            build_model(
+                study.backbone,
+                remaining,
+                ref_root,
+                partition_config("semantic", k, study.config.seed),
+                study.config.train_for(k),
+                pseudonymizer=study.pseudonymizer,
+                progress=study.progress,
+            )
+    return ModelDir(ref_root)
+
+
+def run_mia(
+    study: Study,
+    erase_users: int = 4,
+    reference: bool = True,
+    max_samples: int | None = None,
+    shards_touched: int | None = None,
+    reference_only: bool = False,
+) -> dict[str, Any]:
+    """Members / erased / non-members through the serving path, before and after a real erasure;
+    writes mia.json and mia.md into the study's output directory. `shards_touched`: erase (up to
+    `erase_users` of) the users confined to the `shards_touched` shards holding most of such users'
+    samples, so that the erasure retrains only those shards; None: `erase_users` users at random.
+    `reference_only`: only build the from-scratch reference (a second process can build it while
+    the first trains and unlearns the served model; the first then finds it complete)."""
+    erased_users, sets = mia_sets(study, erase_users, max_samples, shards_touched)
+    if reference_only:
+        ref = reference_model(study, erased_users)
+        print(f"reference model without the {len(erased_users)} erased users: {ref.root}")
+        return {"reference": str(ref.root), "erased_users": len(erased_users)}
+    seed = study.config.seed
+    source = study.model_dir("semantic", study.config.num_shards)
 
     def scores_of(md: ModelDir, tag: str) -> dict[str, np.ndarray]:
         return {name: p_true(served_scores(study, md, s, f"{tag}-{name}"), s) for name, s in sets.items()}
@@ -165,13 +230,20 @@ def run_mia(
         shutil.copytree(source.root, work)
         marker.write_text(json.dumps(source_key))
     unlearned = ModelDir(work)
-    if saved.is_file() and not unlearned.journal().pending:
+    journal = unlearned.journal()
+    erased_pids = {study.pseudonymizer.sample(s.sample_id) for s in sets["erased"]}
+    finished = not journal.pending and erased_pids <= journal.erased_pids
+    if finished and saved.is_file():
         # a re-run: the erasure finished before; report what it did, not an empty second pass
         erasure = json.loads(saved.read_text())
+    elif finished:
+        # the process died after unlearn finished and before its report was saved
+        erasure = erasure_from_dirs(source, unlearned)
+        saved.write_text(json.dumps(erasure, indent=1))
     else:
         erasure = unlearn(
             work,
-            [s.sample_id for s in erased],
+            [s.sample_id for s in sets["erased"]],
             pseudonymizer=study.pseudonymizer,
             backbone=study.backbone,
             progress=study.progress,
@@ -180,27 +252,7 @@ def run_mia(
     after = scores_of(unlearned, "after")
     runs = {"before erasure": before, "after erasure": after}
     if reference:
-        ref_root = study.out / "mia" / "scratch"
-        remaining = {
-            name: [s for s in split if s.user_id not in erased_users] for name, split in study.splits.items()
-        }
-        try:
-            ref_md = ModelDir(ref_root)
-            ok = len(study.manifests(ref_md)) == k
-        except (OSError, ValueError):
-            ok = False
-        if not ok:
-            shutil.rmtree(ref_root, ignore_errors=True)
-            build_model(
-                study.backbone,
-                remaining,
-                ref_root,
-                partition_config("semantic", k, seed),
-                study.config.train_for(k),
-                pseudonymizer=study.pseudonymizer,
-                progress=study.progress,
-            )
-        runs["from scratch without them"] = scores_of(ModelDir(ref_root), "scratch")
+        runs["from scratch without them"] = scores_of(reference_model(study, erased_users), "scratch")
     pairs = [("members", "non-members"), ("erased", "non-members"), ("members", "erased")]
     table = {
         run: {f"{a} vs {b}": attack(s[a], s[b], seed=seed) for a, b in pairs}
@@ -285,4 +337,15 @@ def mia_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["attack", "mia_markdown", "p_true", "plot_mia", "run_mia", "served_scores", "tpr_at_fpr"]
+__all__ = [
+    "attack",
+    "erasure_from_dirs",
+    "mia_markdown",
+    "mia_sets",
+    "p_true",
+    "plot_mia",
+    "reference_model",
+    "run_mia",
+    "served_scores",
+    "tpr_at_fpr",
+]

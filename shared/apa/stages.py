@@ -13,6 +13,9 @@ it. The key is what the result depends on, nothing else:
   scoring settings;
 * `memo`: any other measured array (aggregated passes), keyed by its caller.
 
+Two processes may share a store: a stage is built by one process at a time (a lock file beside
+it), and a process that finds another building it waits, then reuses the result.
+
 A stage that is stopped keeps its work directory (`<digest>.partial/`): chunked stages (scoring,
 embedding) resume there from the last finished chunk, and a stage that is done is never run again.
 Running the same command again (or with `--resume`) therefore redoes only what is unfinished.
@@ -20,6 +23,7 @@ Running the same command again (or with `--resume`) therefore redoes only what i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -83,9 +87,27 @@ class StageStore:
         directory survives a crash, so `build` may resume from what it finds there)."""
         final = self.path(kind, key)
         if (final / DONE).is_file():
-            self.events.append((kind, final.name, "reused"))
-            log.info("stage %s %s: done, reused", kind, label or final.name)
-            return final
+            return self._reused(kind, final, label)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # one process per stage: another asking for it waits, then reuses what the first built
+        with open(final.with_name(final.name + ".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("stage %s %s: another process is running it; waiting", kind, label or final.name)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if (final / DONE).is_file():
+                return self._reused(kind, final, label)
+            return self._build(kind, key, build, label, final)
+
+    def _reused(self, kind: str, final: Path, label: str) -> Path:
+        self.events.append((kind, final.name, "reused"))
+        log.info("stage %s %s: done, reused", kind, label or final.name)
+        return final
+
+    def _build(
+        self, kind: str, key: dict[str, Any], build: Callable[[Path], None], label: str, final: Path
+    ) -> Path:
         work = final.with_name(final.name + ".partial")
         work.mkdir(parents=True, exist_ok=True)
         (work / KEY).write_text(json.dumps({"kind": kind, **key}, indent=2, sort_keys=True, default=str))
