@@ -299,6 +299,21 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
         assert read_off["erasure"][field] == r["erasure"][field], field
     assert read_off["erasure"]["erased_samples"] == r["sizes"]["erased"] > 0
 
+    # the served scores are computed in chunks behind a bar: the same numbers as one call
+    from apa.aggregation import AggregatedScorer, WeightConfig
+    from apa.mia import score_in_chunks
+    from apa.modeldir import ModelDir
+
+    unlearned = ModelDir(out / "mia" / "model")
+    prompts = [s.prompt for split in unlearned.splits().values() for s in split]
+    weights = WeightConfig(strategy="adaptive", tau=1000.0, top_n=4)
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_model_dir)))
+    with AggregatedScorer.from_model_dir(backbone, unlearned) as scorer:
+        whole, _ = scorer.score(prompts, "decomposition", weights)
+        assert len(prompts) > 2 * scorer.batch_size
+        chunked_p = score_in_chunks(scorer, prompts, weights, chunks_of=1)
+    np.testing.assert_array_equal(chunked_p, whole)
+
     # two builders of the reference never overlap: one waits on the lock, then builds or reuses
     import fcntl
     import threading

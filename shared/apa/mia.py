@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apa.aggregation import AggregatedScorer
+from apa.aggregation import AggregatedScorer, WeightConfig
 from apa.data import Sample
 from apa.metrics import auc
 from apa.modeldir import ModelDir
@@ -77,8 +77,7 @@ def served_scores(study: Study, md: ModelDir, samples: list[Sample], label: str)
 
     def compute() -> np.ndarray:
         with AggregatedScorer.from_model_dir(study.backbone, md) as scorer:
-            p, _ = scorer.score(prompts, "decomposition", study.config.weights)
-        return p
+            return score_in_chunks(scorer, prompts, study.config.weights, progress=study.progress, desc=label)
 
     key = {
         "what": "mia-served",
@@ -89,6 +88,37 @@ def served_scores(study: Study, md: ModelDir, samples: list[Sample], label: str)
         "weights": asdict(study.config.weights),
     }
     return study._memo(key, compute)[0]
+
+
+def score_in_chunks(
+    scorer: AggregatedScorer,
+    prompts: list[str],
+    weights: WeightConfig,
+    chunks_of: int = 4,
+    progress: bool = False,
+    desc: str = "",
+) -> np.ndarray:
+    """APA(D)'s P(Yes) of `prompts`, the same as one `scorer.score` call, computed in chunks of
+    `chunks_of` batches behind a progress bar. The scorer batches a call's prompts after a stable
+    sort by length; chunking that sorted order into whole batches keeps every batch as it was."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    step = chunks_of * scorer.batch_size
+    p = np.zeros(len(prompts))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc=f"serve {desc}".strip(), unit="sample")
+    try:
+        for start in range(0, len(order), step):
+            idx = order[start : start + step]
+            p[idx], _ = scorer.score([prompts[i] for i in idx], "decomposition", weights)
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+    return p
 
 
 def confined_users(
@@ -346,6 +376,7 @@ __all__ = [
     "plot_mia",
     "reference_model",
     "run_mia",
+    "score_in_chunks",
     "served_scores",
     "tpr_at_fpr",
 ]
