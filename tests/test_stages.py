@@ -286,6 +286,15 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
         assert 0.0 <= run["members vs non-members"]["tpr_at_1pct_fpr"] <= 1.0
     assert (out / "mia.png").read_bytes()[:4] == b"\x89PNG"
     assert "mean P(true label)" in (out / "mia.md").read_text()
+    # where ω sends training samples: members are in every model's partition, erased ones only before
+    routing = r["own_shard_weight"]
+    assert set(routing["before erasure"]) == {"members", "erased"}
+    assert set(routing["after erasure"]) == set(routing["from scratch without them"]) == {"members"}
+    assert routing["before erasure"]["erased"]["n"] == r["sizes"]["erased"]
+    for by_set in routing.values():
+        for o in by_set.values():
+            assert 0.0 <= o["mean_own_omega"] <= o["mean_max_omega"] <= 1.0 + 1e-9
+            assert 0.0 <= o["own_is_argmax"] <= 1.0
     # a re-run reuses the finished erasure and reports it, not an empty second unlearning pass
     assert main(mia) == 0
     again = json.loads((out / "mia.json").read_text())
@@ -309,10 +318,11 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     weights = WeightConfig(strategy="adaptive", tau=1000.0, top_n=4)
     backbone = Backbone.load(BackboneConfig(model=str(tiny_model_dir)))
     with AggregatedScorer.from_model_dir(backbone, unlearned) as scorer:
-        whole, _ = scorer.score(prompts, "decomposition", weights)
+        whole_p, whole_omega = scorer.score(prompts, "decomposition", weights)
         assert len(prompts) > 2 * scorer.batch_size
-        chunked_p = score_in_chunks(scorer, prompts, weights, chunks_of=1)
-    np.testing.assert_array_equal(chunked_p, whole)
+        chunked_p, chunked_omega = score_in_chunks(scorer, prompts, weights, chunks_of=1)
+    np.testing.assert_array_equal(chunked_p, whole_p)
+    np.testing.assert_array_equal(chunked_omega, whole_omega)
 
     # two builders of the reference never overlap: one waits on the lock, then builds or reuses
     import fcntl

@@ -71,23 +71,48 @@ def p_true(p_yes: np.ndarray, samples: list[Sample]) -> np.ndarray:
     return np.where(y == 1, p_yes, 1 - p_yes)
 
 
-def served_scores(study: Study, md: ModelDir, samples: list[Sample], label: str) -> np.ndarray:
-    """P(Yes) of `samples` from the served model of `md` (APA(D), the study's weights), memoised."""
+def served_scores(
+    study: Study, md: ModelDir, samples: list[Sample], label: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(P(Yes), ω) of `samples` from the served model of `md` (APA(D), the study's weights), memoised."""
     prompts = [s.prompt for s in samples]
 
     def compute() -> np.ndarray:
         with AggregatedScorer.from_model_dir(study.backbone, md) as scorer:
-            return score_in_chunks(scorer, prompts, study.config.weights, progress=study.progress, desc=label)
+            p, omega = score_in_chunks(
+                scorer, prompts, study.config.weights, progress=study.progress, desc=label
+            )
+        return np.column_stack([p, omega])  # one array for the memo: P(Yes), then ω's K columns
 
     key = {
         "what": "mia-served",
+        "columns": "p_yes, omega",
         "label": label,
         "adapters": study._adapter_key(md),
         "samples": split_digest(samples),
         "valid": split_digest(md.splits()["valid"]),
         "weights": asdict(study.config.weights),
     }
-    return study._memo(key, compute)[0]
+    value = study._memo(key, compute)[0].reshape(len(samples), -1)
+    return value[:, 0], value[:, 1:]
+
+
+def own_shard_weight(md: ModelDir, samples: list[Sample], omega: np.ndarray) -> dict[str, Any] | None:
+    """How much of ω the served model gives a training sample's own shard adapter (None: no sample
+    of `samples` is in `md`'s training partition). With one-hot ω, a sample served by another
+    shard's adapter is scored by a model that never saw it."""
+    shard_of = {i: k for k, ids in enumerate(md.partition().shards) for i in ids}
+    rows = [(i, shard_of[s.sample_id]) for i, s in enumerate(samples) if s.sample_id in shard_of]
+    if not rows:
+        return None
+    own = np.array([omega[i, k] for i, k in rows])
+    top = np.array([int(np.argmax(omega[i])) == k for i, k in rows])
+    return {
+        "n": len(rows),
+        "mean_own_omega": float(own.mean()),
+        "own_is_argmax": float(top.mean()),
+        "mean_max_omega": float(np.mean([omega[i].max() for i, _ in rows])),
+    }
 
 
 def score_in_chunks(
@@ -97,13 +122,14 @@ def score_in_chunks(
     chunks_of: int = 4,
     progress: bool = False,
     desc: str = "",
-) -> np.ndarray:
-    """APA(D)'s P(Yes) of `prompts`, the same as one `scorer.score` call, computed in chunks of
+) -> tuple[np.ndarray, np.ndarray]:
+    """APA(D)'s (P(Yes), ω) of `prompts`, the same as one `scorer.score` call, computed in chunks of
     `chunks_of` batches behind a progress bar. The scorer batches a call's prompts after a stable
     sort by length; chunking that sorted order into whole batches keeps every batch as it was."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     step = chunks_of * scorer.batch_size
     p = np.zeros(len(prompts))
+    omega = np.zeros((len(prompts), scorer.num_shards))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -112,13 +138,13 @@ def score_in_chunks(
     try:
         for start in range(0, len(order), step):
             idx = order[start : start + step]
-            p[idx], _ = scorer.score([prompts[i] for i in idx], "decomposition", weights)
+            p[idx], omega[idx] = scorer.score([prompts[i] for i in idx], "decomposition", weights)
             if bar is not None:
                 bar.update(len(idx))
     finally:
         if bar is not None:
             bar.close()
-    return p
+    return p, omega
 
 
 def confined_users(
@@ -245,10 +271,19 @@ def run_mia(
     seed = study.config.seed
     source = study.model_dir("semantic", study.config.num_shards)
 
-    def scores_of(md: ModelDir, tag: str) -> dict[str, np.ndarray]:
-        return {name: p_true(served_scores(study, md, s, f"{tag}-{name}"), s) for name, s in sets.items()}
+    routing: dict[str, dict[str, Any]] = {}
 
-    before = scores_of(source, "before")
+    def scores_of(md: ModelDir, tag: str, run: str) -> dict[str, np.ndarray]:
+        out = {}
+        for name, samples in sets.items():
+            p_yes, omega = served_scores(study, md, samples, f"{tag}-{name}")
+            out[name] = p_true(p_yes, samples)
+            own = own_shard_weight(md, samples, omega)
+            if own is not None:
+                routing.setdefault(run, {})[name] = own
+        return out
+
+    before = scores_of(source, "before", "before erasure")
     # the erasure: a copy of the served model directory, unlearned through apa.sharded.unlearn
     work = study.out / "mia" / "model"
     marker = study.out / "mia" / "source.json"
@@ -279,10 +314,12 @@ def run_mia(
             progress=study.progress,
         ).to_json()
         saved.write_text(json.dumps(erasure, indent=1))
-    after = scores_of(unlearned, "after")
+    after = scores_of(unlearned, "after", "after erasure")
     runs = {"before erasure": before, "after erasure": after}
     if reference:
-        runs["from scratch without them"] = scores_of(reference_model(study, erased_users), "scratch")
+        runs["from scratch without them"] = scores_of(
+            reference_model(study, erased_users), "scratch", "from scratch without them"
+        )
     pairs = [("members", "non-members"), ("erased", "non-members"), ("members", "erased")]
     table = {
         run: {f"{a} vs {b}": attack(s[a], s[b], seed=seed) for a, b in pairs}
@@ -298,6 +335,7 @@ def run_mia(
         "erasure": erasure,
         "attack_score": "P(true label) from the served APA(D) model (higher: member)",
         "runs": table,
+        "own_shard_weight": routing,
     }
     out = study.out
     out.mkdir(parents=True, exist_ok=True)
@@ -364,6 +402,21 @@ def mia_markdown(r: dict[str, Any]) -> str:
     for run, pairs in r["runs"].items():
         means = pairs["mean_p_true"]
         lines.append(f"| {run} | " + " / ".join(f"{means[name]:.3f}" for name in r["sizes"]) + " |")
+    if r.get("own_shard_weight"):
+        lines += [
+            "",
+            "ω of training samples on their own shard's adapter (with one-hot ω, a sample served by another",
+            "shard's adapter is scored by a model that never saw it):",
+            "",
+            "| model | training samples | n | mean ω on own shard | own shard is the argmax | mean max ω |",
+            "|---|---|---|---|---|---|",
+        ]
+        for run, by_set in r["own_shard_weight"].items():
+            for name, o in by_set.items():
+                lines.append(
+                    f"| {run} | {name} | {o['n']} | {o['mean_own_omega']:.3f} | {o['own_is_argmax']:.3f} "
+                    f"| {o['mean_max_omega']:.3f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -372,6 +425,7 @@ __all__ = [
     "erasure_from_dirs",
     "mia_markdown",
     "mia_sets",
+    "own_shard_weight",
     "p_true",
     "plot_mia",
     "reference_model",
