@@ -93,7 +93,7 @@ def served_scores(
         "valid": split_digest(md.splits()["valid"]),
         "weights": asdict(study.config.weights),
     }
-    value = study._memo(key, compute)[0].reshape(len(samples), -1)
+    value = study._memo(key, compute)[0].reshape(len(samples), 1 + md.num_shards)
     return value[:, 0], value[:, 1:]
 
 
