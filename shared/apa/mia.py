@@ -18,7 +18,6 @@ erased samples should look like non-members, as they do for the reference.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
 import shutil
@@ -33,7 +32,7 @@ from apa.data import Sample
 from apa.metrics import auc
 from apa.modeldir import ModelDir
 from apa.sharded import UnlearnReport, build_model, unlearn
-from apa.stages import partition_config, split_digest
+from apa.stages import exclusive, partition_config, split_digest
 
 if TYPE_CHECKING:
     from apa.experiments import Study
@@ -227,10 +226,8 @@ def reference_model(study: Study, erased_users: set[str]) -> ModelDir:
     remaining = {
         name: [s for s in split if s.user_id not in erased_users] for name, split in study.splits.items()
     }
-    ref_root.parent.mkdir(parents=True, exist_ok=True)
     # one builder at a time: a process that finds another building waits for it, then reuses its model
-    with open(ref_root.parent / "scratch.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(ref_root.parent / "scratch.lock", "the from-scratch reference model"):
         try:
             ok = len(study.manifests(ModelDir(ref_root))) == k
         except (OSError, ValueError):

@@ -30,7 +30,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,6 +65,20 @@ def split_digest(samples: Sequence[Sample]) -> str:
     return sample_digest(f"{s.sample_id}\t{s.label}" for s in samples)
 
 
+@contextmanager
+def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (created with its folder) for the block: across
+    processes, and across threads that open it separately. Logs when it has to wait for another."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process is running it; waiting", what)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 @dataclass
 class StageStore:
     """`STORE/<kind>/<digest>/`: one directory per finished stage (see the module docstring)."""
@@ -88,14 +103,8 @@ class StageStore:
         final = self.path(kind, key)
         if (final / DONE).is_file():
             return self._reused(kind, final, label)
-        final.parent.mkdir(parents=True, exist_ok=True)
         # one process per stage: another asking for it waits, then reuses what the first built
-        with open(final.with_name(final.name + ".lock"), "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("stage %s %s: another process is running it; waiting", kind, label or final.name)
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive(final.with_name(final.name + ".lock"), f"stage {kind} {label or final.name}"):
             if (final / DONE).is_file():
                 return self._reused(kind, final, label)
             return self._build(kind, key, build, label, final)
@@ -538,6 +547,7 @@ __all__ = [
     "chunked",
     "data_stage",
     "embeddings_key",
+    "exclusive",
     "key_digest",
     "partition_config",
     "partition_key",
