@@ -324,7 +324,7 @@ def resume_command(url: str | None = None) -> int:
     Args:
         url: database URL (default: APA_DATABASE_URL).
     """
-    overrides = {"database_url": url} if url else {}
+    overrides: dict[str, Any] = {"database_url": url} if url else {}
     settings = Settings.from_env(**overrides)
     configure_logging(settings.log_level)
     from apa.db.session import check_schema
