@@ -321,8 +321,34 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
         whole_p, whole_omega = scorer.score(prompts, "decomposition", weights)
         assert len(prompts) > 2 * scorer.batch_size
         chunked_p, chunked_omega = score_in_chunks(scorer, prompts, weights, chunks_of=1)
+        # with a work directory, a scoring stopped after its first chunk resumes at the second
+        real_score, scored = scorer.score, []
+
+        def stop_after_first_chunk(batch: list[str], *a: Any, **k: Any) -> Any:
+            if scored:
+                raise RuntimeError("stopped")
+            scored.append(len(batch))
+            return real_score(batch, *a, **k)
+
+        work = tmp_path / "served-work"
+        monkeypatch.setattr(scorer, "score", stop_after_first_chunk)
+        with pytest.raises(RuntimeError, match="stopped"):
+            score_in_chunks(scorer, prompts, weights, chunks_of=1, work=work)
+
+        def counted(batch: list[str], *a: Any, **k: Any) -> Any:
+            scored.append(len(batch))
+            return real_score(batch, *a, **k)
+
+        monkeypatch.setattr(scorer, "score", counted)
+        resumed_p, resumed_omega = score_in_chunks(scorer, prompts, weights, chunks_of=1, work=work)
+        assert scored[0] == scorer.batch_size and sum(scored) == len(prompts)  # no prompt twice
     np.testing.assert_array_equal(chunked_p, whole_p)
     np.testing.assert_array_equal(chunked_omega, whole_omega)
+    np.testing.assert_array_equal(resumed_p, whole_p)
+    np.testing.assert_array_equal(resumed_omega, whole_omega)
+    # the MIA's served-score memos kept their chunks in the stage's work directory
+    served = [d for d in store.rglob("served-chunks-of-*") if d.is_dir()]
+    assert served and all(any(d.glob("part-*.npy")) for d in served)
 
     # two builders of the reference never overlap: one waits on the lock, then builds or reuses
     import fcntl

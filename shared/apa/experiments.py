@@ -550,13 +550,15 @@ class Study:
 
     # -- cached measurements -------------------------------------------------------------------------
 
-    def _memo(self, key: dict[str, Any], compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
-        """(array, seconds it took) for `key`: from the store (stage `memo`), or computed and timed now."""
+    def memo(self, key: dict[str, Any], compute: Callable[[Path], np.ndarray]) -> tuple[np.ndarray, float]:
+        """(array, seconds it took) for `key`: from the store (stage `memo`), or computed and timed now
+        by `compute(work)`, which may keep partial results in the stage's work directory `work` (it
+        survives a crash, so a re-run can resume from them)."""
         full = {**key, "base": embedding_key(self.backbone), "scoring": prediction_key(self.backbone)}
 
         def build(work: Path) -> None:
             started = time.perf_counter()
-            value = np.asarray(compute())
+            value = np.asarray(compute(work))
             np.savez(work / "value.npz", value=value, seconds=np.array(time.perf_counter() - started))
 
         path = self.store.run("memo", full, build, str(key.get("what", "")))
@@ -590,7 +592,7 @@ class Study:
         needs_embeddings = weights.strategy != "average"
         emb, embed_seconds = self.test_embeddings() if needs_embeddings else (None, 0.0)
 
-        def compute() -> np.ndarray:
+        def compute(_work: Path) -> np.ndarray:
             with self.scorer(md) as scorer:
                 if weights.strategy in ("adaptive", "major"):
                     scorer.valid_prediction_matrix()  # warm the caches, untimed
@@ -611,7 +613,7 @@ class Study:
             "level": level,
             "weights": asdict(weights),
         }
-        value, _ = self._memo(key, compute)
+        value, _ = self.memo(key, compute)
         scores, (weight_seconds, pass_seconds) = value[:-2], value[-2:]
         return scores, embed_seconds + float(weight_seconds) + float(pass_seconds)
 
@@ -619,7 +621,7 @@ class Study:
         """P(Yes) on the test split under the aggregated adapter with a given ω (n_test x K), memoised
         by ω's content (weight variants computed outside the scorer)."""
 
-        def compute() -> np.ndarray:
+        def compute(_work: Path) -> np.ndarray:
             with self.scorer(md) as scorer:
                 p, _ = scorer.score(self.prompts, level, omega=omega)
             return p
@@ -632,7 +634,7 @@ class Study:
             "level": level,
             "omega": hashlib.sha256(np.ascontiguousarray(omega, dtype=np.float64).tobytes()).hexdigest(),
         }
-        return self._memo(key, compute)[0]
+        return self.memo(key, compute)[0]
 
     def _auc(self, scores: np.ndarray) -> float:
         return auc(self.labels, scores)

@@ -18,9 +18,11 @@ erased samples should look like non-members, as they do for the reference.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +34,7 @@ from apa.data import Sample
 from apa.metrics import auc
 from apa.modeldir import ModelDir
 from apa.sharded import UnlearnReport, build_model, unlearn
-from apa.stages import exclusive, partition_config, split_digest
+from apa.stages import chunked, exclusive, partition_config, split_digest
 
 if TYPE_CHECKING:
     from apa.experiments import Study
@@ -73,13 +75,14 @@ def p_true(p_yes: np.ndarray, samples: list[Sample]) -> np.ndarray:
 def served_scores(
     study: Study, md: ModelDir, samples: list[Sample], label: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(P(Yes), ω) of `samples` from the served model of `md` (APA(D), the study's weights), memoised."""
+    """(P(Yes), ω) of `samples` from the served model of `md` (APA(D), the study's weights), memoised;
+    a set stopped midway resumes at its first unfinished chunk."""
     prompts = [s.prompt for s in samples]
 
-    def compute() -> np.ndarray:
+    def compute(work: Path) -> np.ndarray:
         with AggregatedScorer.from_model_dir(study.backbone, md) as scorer:
             p, omega = score_in_chunks(
-                scorer, prompts, study.config.weights, progress=study.progress, desc=label
+                scorer, prompts, study.config.weights, progress=study.progress, desc=label, work=work
             )
         return np.column_stack([p, omega])  # one array for the memo: P(Yes), then ω's K columns
 
@@ -92,7 +95,7 @@ def served_scores(
         "valid": split_digest(md.splits()["valid"]),
         "weights": asdict(study.config.weights),
     }
-    value = study._memo(key, compute)[0].reshape(len(samples), 1 + md.num_shards)
+    value = study.memo(key, compute)[0].reshape(len(samples), 1 + md.num_shards)
     return value[:, 0], value[:, 1:]
 
 
@@ -121,29 +124,33 @@ def score_in_chunks(
     chunks_of: int = 4,
     progress: bool = False,
     desc: str = "",
+    work: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """APA(D)'s (P(Yes), ω) of `prompts`, the same as one `scorer.score` call, computed in chunks of
-    `chunks_of` batches behind a progress bar. The scorer batches a call's prompts after a stable
-    sort by length; chunking that sorted order into whole batches keeps every batch as it was."""
+    `chunks_of` batches behind a progress bar (`stages.chunked`). The scorer batches a call's prompts
+    after a stable sort by length; chunking that sorted order into whole batches keeps every batch
+    as it was. With `work`, each chunk is saved there as it finishes and a stopped run resumes at
+    the first unfinished chunk."""
+    if not prompts:
+        return np.zeros(0), np.zeros((0, scorer.num_shards))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     step = chunks_of * scorer.batch_size
-    p = np.zeros(len(prompts))
-    omega = np.zeros((len(prompts), scorer.num_shards))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts), desc=f"serve {desc}".strip(), unit="sample")
-    try:
-        for start in range(0, len(order), step):
-            idx = order[start : start + step]
-            p[idx], omega[idx] = scorer.score([prompts[i] for i in idx], "decomposition", weights)
-            if bar is not None:
-                bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
-    return p, omega
+    def compute(start: int, stop: int) -> np.ndarray:
+        p, omega = scorer.score([prompts[i] for i in order[start:stop]], "decomposition", weights)
+        return np.column_stack([p, omega])
+
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="apa-served-")))
+        parts = work / f"served-chunks-of-{step}"  # a chunk's rows depend on the chunk size
+        parts.mkdir(parents=True, exist_ok=True)
+        rows = chunked(
+            parts, len(prompts), compute, chunk=step, desc=f"serve {desc}".strip(), progress=progress
+        )
+    value = np.zeros_like(rows)
+    value[order] = rows
+    return value[:, 0], value[:, 1:]
 
 
 def confined_users(

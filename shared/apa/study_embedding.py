@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,11 +54,11 @@ def _embeddings(study: Study, texts: list[str], layers: list[int], what: str) ->
     """Embeddings of `texts` at every layer in `layers` (one pass, memoised as one stage)."""
     digest = hashlib.sha256("\n\x00".join(texts).encode()).hexdigest()
 
-    def compute() -> np.ndarray:
+    def compute(_work: Path) -> np.ndarray:
         by_layer = study.backbone.embed_layers(texts, layers, progress=study.progress)
         return np.stack([by_layer[layer] for layer in layers])
 
-    stacked, _ = study._memo({"what": f"embed-layers {what}", "texts": digest, "layers": layers}, compute)
+    stacked, _ = study.memo({"what": f"embed-layers {what}", "texts": digest, "layers": layers}, compute)
     return {layer: stacked[i] for i, layer in enumerate(layers)}
 
 
