@@ -64,6 +64,21 @@ def test_experiment_all_writes_every_table_and_figure(
     fig6 = json.loads((out / "fig6.json").read_text())
     assert [p["num_shards"] for p in fig6["points"]] == [2, 4]
     assert [p["shard_size"] for p in fig6["points"]] == [10, 5]
+    # every figure's AUC carries a paired bootstrap 95% CI on the same test samples
+    for row in [*fig4["rows"], *fig5["rows"], *fig6["points"], fig6["retraining"]]:
+        low, high = row["auc_ci"]
+        assert low <= row["auc"] <= high
+    for p in fig6["points"]:
+        assert p["minus_retraining"]["diff"] == pytest.approx(p["auc"] - fig6["retraining"]["auc"])
+        assert p["unlearning_steps"] > 0
+    assert fig6["retraining"]["unlearning_steps"] > max(p["unlearning_steps"] for p in fig6["points"])
+    assert fig4["rows"][0]["minus_semantic"] is None
+    assert fig4["rows"][1]["minus_semantic"]["diff"] == pytest.approx(
+        fig4["rows"][1]["auc"] - fig4["rows"][0]["auc"]
+    )
+    assert fig5["rows"][1]["adaptive_minus"]["diff"] == pytest.approx(
+        fig5["rows"][0]["auc"] - fig5["rows"][1]["auc"]
+    )
     # shared results: APA(D) of Table 1 is Fig. 4's semantic bar, Fig. 5's adaptive bar and Fig. 6's K=2 point
     apa_d = table["rows"][4]["auc"]
     assert fig4["rows"][0]["auc"] == fig5["rows"][0]["auc"] == fig6["points"][0]["auc"] == apa_d

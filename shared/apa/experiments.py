@@ -639,6 +639,13 @@ class Study:
     def _auc(self, scores: np.ndarray) -> float:
         return auc(self.labels, scores)
 
+    def _cis(self, scores: dict[str, np.ndarray], diffs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+        """Paired bootstrap 95% CIs (2000 resamples of the same test samples) of each AUC and of each
+        difference in `diffs`."""
+        from apa.study_analysis import paired_bootstrap
+
+        return paired_bootstrap(self.labels, scores, list(diffs), seed=self.config.seed)
+
     def _before_aggregation(self, each: np.ndarray) -> tuple[float, list[float]]:
         per_shard = [self._auc(each[:, j]) for j in range(each.shape[1])]
         finite = [a for a in per_shard if math.isfinite(a)]
@@ -783,11 +790,17 @@ class Study:
         k = self.config.num_shards
         strategies: list[StrategyName] = ["semantic", "random", "user", "bekm"]
         dirs = {s: self.model_dir(s, k) for s in strategies}
-        rows = []
+        rows, scores = [], {}
         for strategy in _bar(strategies, "fig4", self.progress):
-            scores, _ = self.aggregated(dirs[strategy], "decomposition", self.config.weights)
+            scores[strategy], _ = self.aggregated(dirs[strategy], "decomposition", self.config.weights)
             before, _ = self._before_aggregation(self.adapter_predictions(dirs[strategy])[0])
-            rows.append({"partition": strategy, "auc": self._auc(scores), "before_aggregation_auc": before})
+            rows.append(
+                {"partition": strategy, "auc": self._auc(scores[strategy]), "before_aggregation_auc": before}
+            )
+        cis = self._cis(scores, [(s, "semantic") for s in strategies[1:]])
+        for row in rows:
+            row["auc_ci"] = cis["methods"][row["partition"]]["ci"]
+            row["minus_semantic"] = cis["differences"].get(f"{row['partition']} - semantic")
         result = {
             "num_shards": k,
             "level": "decomposition",
@@ -801,17 +814,23 @@ class Study:
             "AUC",
             f"APA(D) by partition strategy (K={k})",
             self.out / "fig4.png",
+            cis=[r["auc_ci"] for r in rows],
         )
         return result
 
     def fig5(self) -> dict[str, Any]:
         k = self.config.num_shards
         md = self.model_dir("semantic", k)
-        rows = []
-        for strategy in _bar(["adaptive", "average", "major", "semantic"], "fig5", self.progress):
+        rows, scores = [], {}
+        names = ["adaptive", "average", "major", "semantic"]
+        for strategy in _bar(names, "fig5", self.progress):
             weights = replace(self.config.weights, strategy=strategy)
-            scores, _ = self.aggregated(md, "decomposition", weights)
-            rows.append({"weights": strategy, "auc": self._auc(scores)})
+            scores[strategy], _ = self.aggregated(md, "decomposition", weights)
+            rows.append({"weights": strategy, "auc": self._auc(scores[strategy])})
+        cis = self._cis(scores, [("adaptive", s) for s in names[1:]])
+        for row in rows:
+            row["auc_ci"] = cis["methods"][row["weights"]]["ci"]
+            row["adaptive_minus"] = cis["differences"].get(f"adaptive - {row['weights']}")
         result = {"num_shards": k, "partition": "semantic", "level": "decomposition", "rows": rows}
         write_json(self.out / "fig5.json", result)
         plot_bars(
@@ -820,6 +839,7 @@ class Study:
             "AUC",
             f"APA(D) by weight strategy (semantic, K={k})",
             self.out / "fig5.png",
+            cis=[r["auc_ci"] for r in rows],
         )
         return result
 
@@ -829,27 +849,36 @@ class Study:
         n = len(self.splits["train"])
         retrain_md = self.model_dir("random", 1)
         dirs = {k: self.model_dir("semantic", k) for k in self.config.shard_counts}
-        points = []
+        points, scores = [], {}
         for k in _bar(list(self.config.shard_counts), "fig6", self.progress):
             md = dirs[k]
-            scores, _ = self.aggregated(md, "decomposition", self.config.weights)
-            seconds = [m.train_seconds for m in self.manifests(md)]
+            scores[f"K={k}"], _ = self.aggregated(md, "decomposition", self.config.weights)
+            manifests = self.manifests(md)
+            seconds = [m.train_seconds for m in manifests]
             points.append(
                 {
                     "num_shards": k,
                     "shard_size": math.ceil(n / k),
-                    "auc": self._auc(scores),
+                    "auc": self._auc(scores[f"K={k}"]),
                     "unlearning_seconds": float(np.mean(seconds)),
                     "unlearning_seconds_max": float(np.max(seconds)),
+                    "unlearning_steps": float(np.mean([m.steps for m in manifests])),
                 }
             )
         each, _ = self.adapter_predictions(retrain_md)
+        scores["Retraining"] = each[:, 0]
+        cis = self._cis(scores, [(f"K={p['num_shards']}", "Retraining") for p in points])
+        for p in points:
+            p["auc_ci"] = cis["methods"][f"K={p['num_shards']}"]["ci"]
+            p["minus_retraining"] = cis["differences"][f"K={p['num_shards']} - Retraining"]
         result = {
             "train_size": n,
             "points": points,
             "retraining": {
                 "auc": self._auc(each[:, 0]),
+                "auc_ci": cis["methods"]["Retraining"]["ci"],
                 "unlearning_seconds": self.manifests(retrain_md)[0].train_seconds,
+                "unlearning_steps": self.manifests(retrain_md)[0].steps,
             },
             "note": "unlearning_seconds: mean time to train one shard from scratch (what a retrain costs).",
         }
@@ -880,6 +909,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    return "" if ci is None else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
 def table1_markdown(result: dict[str, Any]) -> str:
@@ -950,15 +983,37 @@ def plot_fig3(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_bars(names: Sequence[str], values: Sequence[float], ylabel: str, title: str, path: Path) -> None:
+def _ci_errors(values: Sequence[float], cis: Sequence[Sequence[float]]) -> np.ndarray:
+    """Matplotlib's (2 x n) error extents of 95% CIs around `values` (0 where a CI is undefined)."""
+    low = [
+        v - c[0] if math.isfinite(v) and math.isfinite(c[0]) else 0.0
+        for v, c in zip(values, cis, strict=True)
+    ]
+    high = [
+        c[1] - v if math.isfinite(v) and math.isfinite(c[1]) else 0.0
+        for v, c in zip(values, cis, strict=True)
+    ]
+    return np.array([low, high])
+
+
+def plot_bars(
+    names: Sequence[str],
+    values: Sequence[float],
+    ylabel: str,
+    title: str,
+    path: Path,
+    cis: Sequence[Sequence[float]] | None = None,
+) -> None:
+    """Bars (the first highlighted) with their values, and 95% CIs as error bars when given."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ys = [np.nan if v is None else v for v in values]
-    ax.bar(list(names), ys, color=["#3070b0"] + ["#999999"] * (len(names) - 1))
+    errors = _ci_errors(ys, cis) if cis is not None else None
+    ax.bar(list(names), ys, yerr=errors, capsize=4, color=["#3070b0"] + ["#999999"] * (len(names) - 1))
     for i, v in enumerate(ys):
         if math.isfinite(v):
-            ax.text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=8)
-    _auc_limits(ax, ys)
+            ax.text(i, v, f"{v:.4f}", ha="left", va="bottom", fontsize=8)
+    _auc_limits(ax, ys + ([c for ci in cis for c in ci] if cis is not None else []))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     fig.tight_layout()
@@ -977,7 +1032,11 @@ def plot_fig6(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("unlearning seconds (one shard)")
     twin = ax.twinx()
     aucs = [np.nan if p["auc"] is None else p["auc"] for p in points]
-    twin.plot(x, aucs, "o-", color="#3070b0", label="APA(D) AUC")
+    cis = [p.get("auc_ci", [np.nan, np.nan]) for p in points]
+    twin.errorbar(
+        x, aucs, yerr=_ci_errors(aucs, cis), fmt="o-", capsize=4, color="#3070b0", label="APA(D) AUC"
+    )
+    aucs = aucs + [c for ci in cis for c in ci if math.isfinite(c)]
     ref = result["retraining"]["auc"]
     if ref is not None and math.isfinite(ref):
         twin.axhline(ref, color="k", linestyle="--", linewidth=1, label="Retraining AUC")
@@ -1008,13 +1067,17 @@ def _print_summary(name: str, result: dict[str, Any]) -> None:
     elif name in ("fig4", "fig5"):
         for row in result["rows"]:
             label = row.get("partition") or row.get("weights")
-            print(f"  {label:<10} AUC {_fmt(row['auc'])}")
+            print(f"  {label:<10} AUC {_fmt(row['auc'])} {_ci(row.get('auc_ci'))}")
     elif name == "fig6":
         for p in result["points"]:
             print(
-                f"  K={p['num_shards']:<3} shard size {p['shard_size']:<5} AUC {_fmt(p['auc'])}  "
-                f"unlearning {p['unlearning_seconds']:.1f} s"
+                f"  K={p['num_shards']:<3} shard size {p['shard_size']:<5} AUC {_fmt(p['auc'])} "
+                f"{_ci(p.get('auc_ci'))}  unlearning {p['unlearning_seconds']:.1f} s"
             )
+        r = result["retraining"]
+        print(
+            f"  Retraining        AUC {_fmt(r['auc'])} {_ci(r.get('auc_ci'))}  {r['unlearning_seconds']:.1f} s"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

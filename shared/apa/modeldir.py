@@ -126,6 +126,11 @@ class ShardManifest:
     samples_per_second: float = 0.0
     """Training throughput, validation scoring excluded."""
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps over every epoch run (the unlearning work, independent of the machine's load)."""
+        return sum(e.steps for e in self.metrics)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "sample_pids", tuple(sorted(self.sample_pids)))
         object.__setattr__(self, "metrics", tuple(self.metrics))
