@@ -866,6 +866,7 @@ class Study:
                 }
             )
         each, _ = self.adapter_predictions(retrain_md)
+        retrain = self.manifests(retrain_md)[0]
         scores["Retraining"] = each[:, 0]
         cis = self._cis(scores, [(f"K={p['num_shards']}", "Retraining") for p in points])
         for p in points:
@@ -877,8 +878,8 @@ class Study:
             "retraining": {
                 "auc": self._auc(each[:, 0]),
                 "auc_ci": cis["methods"]["Retraining"]["ci"],
-                "unlearning_seconds": self.manifests(retrain_md)[0].train_seconds,
-                "unlearning_steps": self.manifests(retrain_md)[0].steps,
+                "unlearning_seconds": retrain.train_seconds,
+                "unlearning_steps": retrain.steps,
             },
             "note": "unlearning_seconds: mean time to train one shard from scratch (what a retrain costs).",
         }
