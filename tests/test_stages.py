@@ -202,6 +202,50 @@ def test_two_processes_asking_for_one_stage_build_it_once(tmp_path: Path) -> Non
     assert store_b.reused("memo") == [second_result[0].name]
 
 
+def test_two_stage_processes_train_different_shards_side_by_side(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A second `stages` run on the same store skips the shard the first is training, trains the
+    next one meanwhile, then waits and reuses the first's adapter: every shard is trained once."""
+    import threading
+
+    store = tmp_path / "store"
+    real_train = stages.train_adapter
+    trained: list[tuple[str, str]] = []
+    shard0_started, release = threading.Event(), threading.Event()
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        trained.append((threading.current_thread().name, str(args[-1])))
+        if str(args[-1]).endswith("shard 0"):
+            shard0_started.set()
+            assert release.wait(120)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "train_adapter", gated)
+    rc: dict[str, int] = {}
+
+    def run(name: str) -> None:
+        rc[name] = main([*_args(data_dir, tiny_model_dir, tmp_path / name, store), "--only", "shards"])
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    first.start()
+    assert shard0_started.wait(120)
+    second = threading.Thread(target=run, args=("second",), name="second")
+    second.start()
+    deadline = time.monotonic() + 120
+    while ("second", "shard 1") not in [(t, label[-7:]) for t, label in trained]:
+        assert time.monotonic() < deadline, f"the second run did not take shard 1: {trained}"
+        assert second.is_alive() or ("second", "shard 1") in [(t, lb[-7:]) for t, lb in trained]
+        time.sleep(0.05)
+    assert first.is_alive()  # shard 0 is still being trained by the first run
+    release.set()
+    first.join(120)
+    second.join(120)
+    assert rc == {"first": 0, "second": 0}
+    assert sorted((t, label[-7:]) for t, label in trained) == [("first", "shard 0"), ("second", "shard 1")]
+    assert len(_done_stages(store, "adapter")) == 2
+
+
 def test_existing_model_directories_are_adopted_not_retrained(
     tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
 ) -> None:

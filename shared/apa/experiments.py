@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +54,7 @@ from apa.settings import Settings
 from apa.stages import (
     AdapterStage,
     MissingStageError,
+    StageBusy,
     StageStore,
     adapter_key,
     adapter_stage,
@@ -388,11 +390,14 @@ class Study:
     def stages(self, only: str = "both") -> dict[str, Any]:
         """Every stage Table 1's Retraining, SISA and APA need (issue 11 order: Retraining, then the
         semantic K shards), each adapter's predictions right after it; adapters not in the store
-        and not trainable (`--train false`) are reported as pending."""
+        and not trainable (`--train false`) are reported as pending. A shard that another process
+        is training is skipped and taken up again at the end, so two processes sharing the store
+        train different shards side by side."""
         done: dict[str, list[int]] = {}
         pending: dict[str, list[int]] = {}
         models = [("random", 1), ("semantic", self.config.num_shards)]
         models = {"both": models, "retraining": models[:1], "shards": models[1:]}[only]
+        jobs: list[Callable[[], Any]] = []
         for strategy, k in models:
             name = self.dir_name(strategy, k)
             try:
@@ -403,23 +408,45 @@ class Study:
             by_id = {s.sample_id: s for s in self.splits["train"]}
             done[name], pending[name] = [], []
             for j, ids in enumerate(parts.shards):
-                try:
-                    adapter = self.adapter(
-                        [by_id[i] for i in ids], self.config.train_for(k), f"{name} shard {j}"
-                    )
-                except MissingStageError:
-                    pending[name].append(j)
-                    continue
-                for split in ("valid", "test"):
-                    self.predictions(adapter, split)
-                done[name].append(j)
+                samples, config = [by_id[i] for i in ids], self.config.train_for(k)
+                jobs.append(partial(self._shard_stages, samples, config, name, j, done, pending))
         if only != "retraining":  # two processes may share the store: one of them embeds
             for split in ("valid", "test"):
-                self.embeddings(split)
-                self.predictions(None, split)
+                jobs.append(partial(self.embeddings, split))
+                jobs.append(partial(self.predictions, None, split))
+        busy = []
+        with self.store.skipping_busy():
+            for job in jobs:
+                try:
+                    job()
+                except StageBusy as e:
+                    log.info("%s; taking the next one", e)
+                    busy.append(job)
+        for job in busy:  # waits for the other process, then reuses (or finishes) its stages
+            job()
         result = {"adapters_done": done, "adapters_pending": pending}
         print(json.dumps(result))
         return result
+
+    def _shard_stages(
+        self,
+        samples: list[Sample],
+        config: TrainConfig,
+        name: str,
+        j: int,
+        done: dict[str, list[int]],
+        pending: dict[str, list[int]],
+    ) -> None:
+        """Shard j's adapter and its valid/test predictions (recorded in `done` or `pending`)."""
+        try:
+            adapter = self.adapter(samples, config, f"{name} shard {j}")
+        except MissingStageError:
+            pending[name].append(j)
+            return
+        for split in ("valid", "test"):
+            self.predictions(adapter, split)
+        done[name].append(j)
+        done[name].sort()
 
     def plan(self) -> dict[str, Any]:
         """How many of `stages()`'s stages are done, and an estimate of the time the rest takes."""

@@ -14,7 +14,10 @@ it. The key is what the result depends on, nothing else:
 * `memo`: any other measured array (aggregated passes), keyed by its caller.
 
 Two processes may share a store: a stage is built by one process at a time (a lock file beside
-it), and a process that finds another building it waits, then reuses the result.
+it), and a process that finds another building it waits, then reuses the result. Inside
+`StageStore.skipping_busy()` it does not wait: `run` raises `StageBusy`, so a caller with a list of
+independent stages (`apa experiment stages`: one adapter per shard) can take the next free one and
+come back to the busy one later; two processes then train different shards side by side.
 
 A stage that is stopped keeps its work directory (`<digest>.partial/`): chunked stages (scoring,
 embedding) resume there from the last finished chunk, and a stage that is done is never run again.
@@ -65,15 +68,22 @@ def split_digest(samples: Sequence[Sample]) -> str:
     return sample_digest(f"{s.sample_id}\t{s.label}" for s in samples)
 
 
+class StageBusy(Exception):
+    """Another process is building this stage and the caller asked not to wait for it."""
+
+
 @contextmanager
-def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+def exclusive(lock_path: Path, what: str, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on `lock_path` (created with its folder) for the block: across
-    processes, and across threads that open it separately. Logs when it has to wait for another."""
+    processes, and across threads that open it separately. Logs when it has to wait for another;
+    with `wait` False it raises `StageBusy` instead."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise StageBusy(f"{what}: another process is running it") from None
             log.info("%s: another process is running it; waiting", what)
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield  # closing the file releases the lock
@@ -87,6 +97,8 @@ class StageStore:
     progress: bool = False
     events: list[tuple[str, str, str]] = field(default_factory=list)
     """(kind, digest, "ran" | "reused") of every stage asked for, in order (for reports and tests)."""
+    skip_busy: bool = False
+    """Raise `StageBusy` instead of waiting for a stage another process is building (top level only)."""
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).expanduser()
@@ -103,11 +115,26 @@ class StageStore:
         final = self.path(kind, key)
         if (final / DONE).is_file():
             return self._reused(kind, final, label)
-        # one process per stage: another asking for it waits, then reuses what the first built
-        with exclusive(final.with_name(final.name + ".lock"), f"stage {kind} {label or final.name}"):
+        # one process per stage: another asking for it waits (or, skipping busy stages, raises
+        # StageBusy), then reuses what the first built
+        what = f"stage {kind} {label or final.name}"
+        with exclusive(final.with_name(final.name + ".lock"), what, wait=not self.skip_busy):
             if (final / DONE).is_file():
                 return self._reused(kind, final, label)
-            return self._build(kind, key, build, label, final)
+            skip, self.skip_busy = self.skip_busy, False  # stages built inside this one wait
+            try:
+                return self._build(kind, key, build, label, final)
+            finally:
+                self.skip_busy = skip
+
+    @contextmanager
+    def skipping_busy(self) -> Iterator[None]:
+        """Within the block, `run` raises `StageBusy` for a stage another process is building."""
+        skip, self.skip_busy = self.skip_busy, True
+        try:
+            yield
+        finally:
+            self.skip_busy = skip
 
     def _reused(self, kind: str, final: Path, label: str) -> Path:
         self.events.append((kind, final.name, "reused"))
