@@ -202,6 +202,49 @@ def test_two_processes_asking_for_one_stage_build_it_once(tmp_path: Path) -> Non
     assert store_b.reused("memo") == [second_result[0].name]
 
 
+def test_free_jobs_run_first_and_a_busy_one_is_reused_after_the_other_builds_it(tmp_path: Path) -> None:
+    """`run_free_first`: a job whose stage another process holds is put back, the next runs now,
+    then the busy one waits and reuses the other's result; results keep the jobs' order."""
+    import threading
+
+    store_a, store_b = StageStore(tmp_path / "store"), StageStore(tmp_path / "store")
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def slow(work: Path) -> None:
+        started.set()
+        assert release.wait(30)
+        (work / "v").write_text("a")
+
+    def build(value: str) -> Any:
+        def run(work: Path) -> None:
+            order.append(value)
+            (work / "v").write_text(value)
+
+        return run
+
+    other = threading.Thread(target=lambda: store_a.run("memo", {"k": "x"}, slow))
+    other.start()
+    assert started.wait(30)
+    jobs = {
+        "x": lambda: (store_b.run("memo", {"k": "x"}, build("x")) / "v").read_text(),
+        "y": lambda: (store_b.run("memo", {"k": "y"}, build("y")) / "v").read_text(),
+    }
+    got: list[dict[str, str]] = []
+    mine = threading.Thread(target=lambda: got.append(stages.run_free_first(store_b, jobs)))
+    mine.start()
+    deadline = time.monotonic() + 30
+    while order != ["y"]:
+        assert time.monotonic() < deadline, order
+        time.sleep(0.02)
+    assert mine.is_alive()  # now waiting for x
+    release.set()
+    other.join(30)
+    mine.join(30)
+    assert got == [{"x": "a", "y": "y"}] and list(got[0]) == ["x", "y"]
+    assert order == ["y"] and not store_b.skip_busy
+
+
 def test_two_stage_processes_train_different_shards_side_by_side(
     tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
 ) -> None:

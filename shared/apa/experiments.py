@@ -54,7 +54,6 @@ from apa.settings import Settings
 from apa.stages import (
     AdapterStage,
     MissingStageError,
-    StageBusy,
     StageStore,
     adapter_key,
     adapter_stage,
@@ -67,6 +66,7 @@ from apa.stages import (
     partition_stage,
     prediction_stage,
     predictions_key,
+    run_free_first,
     split_embeddings,
     stage_seconds,
     write_embeddings_cache,
@@ -397,7 +397,7 @@ class Study:
         pending: dict[str, list[int]] = {}
         models = [("random", 1), ("semantic", self.config.num_shards)]
         models = {"both": models, "retraining": models[:1], "shards": models[1:]}[only]
-        jobs: list[Callable[[], Any]] = []
+        jobs: dict[str, Callable[[], Any]] = {}
         for strategy, k in models:
             name = self.dir_name(strategy, k)
             try:
@@ -409,21 +409,14 @@ class Study:
             done[name], pending[name] = [], []
             for j, ids in enumerate(parts.shards):
                 samples, config = [by_id[i] for i in ids], self.config.train_for(k)
-                jobs.append(partial(self._shard_stages, samples, config, name, j, done, pending))
+                jobs[f"{name} shard {j}"] = partial(
+                    self._shard_stages, samples, config, name, j, done, pending
+                )
         if only != "retraining":  # two processes may share the store: one of them embeds
             for split in ("valid", "test"):
-                jobs.append(partial(self.embeddings, split))
-                jobs.append(partial(self.predictions, None, split))
-        busy = []
-        with self.store.skipping_busy():
-            for job in jobs:
-                try:
-                    job()
-                except StageBusy as e:
-                    log.info("%s; taking the next one", e)
-                    busy.append(job)
-        for job in busy:  # waits for the other process, then reuses (or finishes) its stages
-            job()
+                jobs[f"embeddings {split}"] = partial(self.embeddings, split)
+                jobs[f"zero-shot {split}"] = partial(self.predictions, None, split)
+        run_free_first(self.store, jobs)
         result = {"adapters_done": done, "adapters_pending": pending}
         print(json.dumps(result))
         return result

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -53,6 +53,7 @@ from apa.pseudonyms import Pseudonymizer
 from apa.training import EpochRecord, TrainConfig, train_adapter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DONE = "done.json"
 KEY = "key.json"
@@ -163,6 +164,24 @@ class StageStore:
 
     def reused(self, kind: str | None = None) -> list[str]:
         return [d for k, d, what in self.events if what == "reused" and (kind is None or k == kind)]
+
+
+def run_free_first(store: StageStore, jobs: dict[str, Callable[[], T]]) -> dict[str, T]:
+    """Run independent jobs (each asking `store` for stages), taking the free ones first: a job whose
+    stage another process is building is put back (`StageBusy`) and run, waiting, after the others.
+    Two processes given the same jobs thus split them. Results come back in the jobs' order."""
+    results: dict[str, T] = {}
+    busy: list[str] = []
+    with store.skipping_busy():
+        for name, job in jobs.items():
+            try:
+                results[name] = job()
+            except StageBusy as e:
+                log.info("%s; taking the next one", e)
+                busy.append(name)
+    for name in busy:  # waits for the other process, then reuses (or finishes) its stages
+        results[name] = jobs[name]()
+    return {name: results[name] for name in jobs}
 
 
 def chunked(
