@@ -397,7 +397,7 @@ class Study:
         pending: dict[str, list[int]] = {}
         models = [("random", 1), ("semantic", self.config.num_shards)]
         models = {"both": models, "retraining": models[:1], "shards": models[1:]}[only]
-        jobs: dict[str, Callable[[], Any]] = {}
+        shard_jobs: dict[tuple[str, int], Callable[[], bool]] = {}
         for strategy, k in models:
             name = self.dir_name(strategy, k)
             try:
@@ -409,37 +409,31 @@ class Study:
             done[name], pending[name] = [], []
             for j, ids in enumerate(parts.shards):
                 samples, config = [by_id[i] for i in ids], self.config.train_for(k)
-                jobs[f"{name} shard {j}"] = partial(
-                    self._shard_stages, samples, config, name, j, done, pending
-                )
+                shard_jobs[(name, j)] = partial(self._shard_stages, samples, config, f"{name} shard {j}")
+        jobs: dict[str, Callable[[], Any]] = {
+            f"{name} shard {j}": job for (name, j), job in shard_jobs.items()
+        }
         if only != "retraining":  # two processes may share the store: one of them embeds
             for split in ("valid", "test"):
                 jobs[f"embeddings {split}"] = partial(self.embeddings, split)
                 jobs[f"zero-shot {split}"] = partial(self.predictions, None, split)
-        run_free_first(self.store, jobs)
+        trained = run_free_first(self.store, jobs)
+        for name, j in shard_jobs:  # in shard order, whichever order they ran in
+            (done if trained[f"{name} shard {j}"] else pending)[name].append(j)
         result = {"adapters_done": done, "adapters_pending": pending}
         print(json.dumps(result))
         return result
 
-    def _shard_stages(
-        self,
-        samples: list[Sample],
-        config: TrainConfig,
-        name: str,
-        j: int,
-        done: dict[str, list[int]],
-        pending: dict[str, list[int]],
-    ) -> None:
-        """Shard j's adapter and its valid/test predictions (recorded in `done` or `pending`)."""
+    def _shard_stages(self, samples: list[Sample], config: TrainConfig, label: str) -> bool:
+        """A shard's adapter and its valid/test predictions; False when the adapter is not in the
+        store and may not be trained (`--train false`)."""
         try:
-            adapter = self.adapter(samples, config, f"{name} shard {j}")
+            adapter = self.adapter(samples, config, label)
         except MissingStageError:
-            pending[name].append(j)
-            return
+            return False
         for split in ("valid", "test"):
             self.predictions(adapter, split)
-        done[name].append(j)
-        done[name].sort()
+        return True
 
     def plan(self) -> dict[str, Any]:
         """How many of `stages()`'s stages are done, and an estimate of the time the rest takes."""

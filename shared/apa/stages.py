@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,20 +122,20 @@ class StageStore:
         with exclusive(final.with_name(final.name + ".lock"), what, wait=not self.skip_busy):
             if (final / DONE).is_file():
                 return self._reused(kind, final, label)
-            skip, self.skip_busy = self.skip_busy, False  # stages built inside this one wait
-            try:
+            with self._busy_mode(skip=False):  # stages built inside this one wait
                 return self._build(kind, key, build, label, final)
-            finally:
-                self.skip_busy = skip
+
+    def skipping_busy(self) -> AbstractContextManager[None]:
+        """Within the block, `run` raises `StageBusy` for a stage another process is building."""
+        return self._busy_mode(skip=True)
 
     @contextmanager
-    def skipping_busy(self) -> Iterator[None]:
-        """Within the block, `run` raises `StageBusy` for a stage another process is building."""
-        skip, self.skip_busy = self.skip_busy, True
+    def _busy_mode(self, skip: bool) -> Iterator[None]:
+        before, self.skip_busy = self.skip_busy, skip
         try:
             yield
         finally:
-            self.skip_busy = skip
+            self.skip_busy = before
 
     def _reused(self, kind: str, final: Path, label: str) -> Path:
         self.events.append((kind, final.name, "reused"))
