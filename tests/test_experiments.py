@@ -122,6 +122,17 @@ def test_lr_and_early_stopping_reach_every_adapter_config() -> None:
     assert ExperimentConfig.from_preset("paper", lr=3e-4).train.lr == 3e-4
 
 
+def test_retraining_can_take_its_own_learning_rate_while_the_shards_keep_theirs() -> None:
+    config = ExperimentConfig.from_preset("cpu", lr=1e-3, retrain_lr=5e-4, retrain_epochs=3)
+    assert config.train_for(1).lr == 5e-4 and config.train_for(1).epochs == 3
+    assert all(config.train_for(k).lr == 1e-3 for k in (2, 4, 8))
+    assert config.train_for(4).epochs == config.train.epochs != 3
+    # a different Retraining lr is a different adapter: its stage key must change with it
+    assert (
+        config.train_for(1).to_json() != ExperimentConfig.from_preset("cpu", lr=1e-3).train_for(1).to_json()
+    )
+
+
 def test_missing_data_is_an_error_not_a_crash(tmp_path: Path, capsys: Any) -> None:
     code = experiments.experiment_command(
         "table1", data=str(tmp_path / "nowhere"), out=str(tmp_path / "o"), dataset="bookcrossing"

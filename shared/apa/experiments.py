@@ -111,12 +111,17 @@ class ExperimentConfig:
     seed: int
     retrain_epochs: int | None = None
     """Epoch cap of the K=1 Retraining adapter when it differs from the shards' (None: the same)."""
+    retrain_lr: float | None = None
+    """Learning rate of the K=1 Retraining adapter when it differs from the shards' (None: the same)."""
 
     def train_for(self, k: int) -> TrainConfig:
         """The train config of a K-shard model's adapters."""
+        train = self.train
         if k == 1 and self.retrain_epochs is not None:
-            return replace(self.train, epochs=self.retrain_epochs)
-        return self.train
+            train = replace(train, epochs=self.retrain_epochs)
+        if k == 1 and self.retrain_lr is not None:
+            train = replace(train, lr=self.retrain_lr)
+        return train
 
     @classmethod
     def from_preset(
@@ -133,6 +138,7 @@ class ExperimentConfig:
         patience: int | None = None,
         retrain_epochs: int | None = None,
         lr: float | None = None,
+        retrain_lr: float | None = None,
         early_stopping: bool = True,
     ) -> ExperimentConfig:
         if preset not in PRESETS:
@@ -179,6 +185,7 @@ class ExperimentConfig:
             timing_samples=min(TIMING_SAMPLES[preset], nt),
             seed=seed,
             retrain_epochs=retrain_epochs,
+            retrain_lr=retrain_lr,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -1117,6 +1124,7 @@ def experiment_command(
     retrain_epochs: int | None = None,
     patience: int | None = None,
     lr: float | None = None,
+    retrain_lr: float | None = None,
     early_stopping: bool = True,
     seed: int = 0,
     model: str = "embedded",
@@ -1158,6 +1166,8 @@ def experiment_command(
         retrain_epochs: Epoch cap of the K=1 Retraining adapter, when it differs from the shards'.
         patience: Early-stopping patience (cpu: 2).
         lr: AdamW learning rate of every adapter (default: the preset's; cpu: 5e-4, paper: 1e-4).
+        retrain_lr: Learning rate of the K=1 Retraining adapter, when it differs from the shards'
+            (a shard sees K times fewer samples per epoch and may need a larger step).
         early_stopping: Select each adapter's epoch on validation AUC (false: train every epoch and
             keep the last, i.e. fit the shard; for a membership-inference stress test).
         seed: Seed of sampling, partitions, LoRA init and data order.
@@ -1196,6 +1206,7 @@ def experiment_command(
             patience=patience,
             retrain_epochs=retrain_epochs,
             lr=lr,
+            retrain_lr=retrain_lr,
             early_stopping=early_stopping,
         )
         sizes = {"train": config.train_size, "valid": config.valid_size, "test": config.test_size}

@@ -280,6 +280,7 @@ def run_analysis(study: Study, draws: int = 2000) -> dict[str, Any]:
         "num_shards": k,
         "train_config": study.config.train.to_json(),
         "retrain_epochs": study.config.retrain_epochs,
+        "retrain_lr": study.config.retrain_lr,
         "paper": PAPER,
         "label_rate": {name: float(np.mean([x.label for x in s])) for name, s in study.splits.items()},
     }
