@@ -118,6 +118,25 @@ def test_a_stage_failing_mid_way_resumes_without_redoing_finished_stages(
     assert summary["stages_ran"] == 0 and summary["stages_reused"] > 0
 
 
+def test_without_training_the_missing_shards_are_reported_pending_and_none_is_trained(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    out, store = tmp_path / "out", tmp_path / "store"
+    assert main([*_args(data_dir, tiny_model_dir, out, store), "--only", "retraining"]) == 0
+    assert len(_done_stages(store, "adapter")) == 1
+    capsys.readouterr()
+    monkeypatch.setattr(stages, "train_adapter", lambda *a, **k: pytest.fail("trained with --train false"))
+    assert main([*_args(data_dir, tiny_model_dir, out, store), "--train", "false"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('{"adapters_done"')]
+    report = json.loads(lines[-1])
+    done = {name.split("-")[0]: shards for name, shards in report["adapters_done"].items()}
+    pending = {name.split("-")[0]: shards for name, shards in report["adapters_pending"].items()}
+    # the semantic partition itself is not built without training: both its shards are pending
+    assert done == {"retraining": [0]}
+    assert pending == {"retraining": [], "semantic": [0, 1]}
+    assert len(_done_stages(store, "adapter")) == 1
+
+
 def test_a_killed_process_resumes_without_redoing_finished_stages(
     tiny_model_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
