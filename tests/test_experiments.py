@@ -133,6 +133,14 @@ def test_retraining_can_take_its_own_learning_rate_while_the_shards_keep_theirs(
     )
 
 
+def test_an_unknown_served_pass_is_an_error_naming_the_field(tmp_path: Path, capsys: Any) -> None:
+    code = experiments.experiment_command("analysis", data=str(tmp_path / "d"), served=["paper", "bogus"])
+    err = capsys.readouterr().err
+    assert code == 1 and "served" in err and "bogus" in err
+    assert experiments.served_passes(["none"]) == ()
+    assert experiments.served_passes(None)[:2] == ("uniform", "paper")
+
+
 def test_missing_data_is_an_error_not_a_crash(tmp_path: Path, capsys: Any) -> None:
     code = experiments.experiment_command(
         "table1", data=str(tmp_path / "nowhere"), out=str(tmp_path / "o"), dataset="bookcrossing"

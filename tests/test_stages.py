@@ -351,8 +351,19 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     args[args.index("--valid-size") + 1] = "16"
     args[args.index("--test-size") + 1] = "16"
     analysis = [*args[:2], "analysis", *args[3:]]
+    # only the paper's served pass: the other five are left out of the table and named as skipped
+    part_out = tmp_path / "part"
+    partial_run = [*analysis, "--out", str(part_out), "--served", "paper"]
+    assert main(partial_run) == 0
+    part = json.loads((part_out / "analysis.json").read_text())
+    assert "APA(D)" in part["table"]["methods"] and "APA(D) - Retraining" in part["table"]["differences"]
+    assert not {"uniform D", "APA(ND)"} & set(part["table"]["methods"])
+    assert len(part["served_skipped"]) == 5 and "APA(ND)" in part["served_skipped"]
+    assert "Served passes not run" in (part_out / "analysis.md").read_text()
     assert main(analysis) == 0
     result = json.loads((out / "analysis.json").read_text())
+    assert result["served_skipped"] == []
+    assert result["table"]["methods"]["APA(D)"] == part["table"]["methods"]["APA(D)"]
     methods = result["table"]["methods"]
     for name in ("zero-shot", "Retraining", "SISA", "uniform D", "APA(D)", "APA(ND)"):
         low, high = methods[name]["ci"]

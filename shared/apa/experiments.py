@@ -1111,6 +1111,20 @@ def runs_dir(settings: Settings | None = None) -> Path:
     return Path((settings or Settings.from_env()).runs_dir).expanduser()
 
 
+def served_passes(names: list[str] | None) -> tuple[str, ...]:
+    """`--served`'s value as analysis's pass names: None is all of them, `none` is no pass."""
+    from apa.study_analysis import SERVED_PASSES
+
+    if names is None:
+        return SERVED_PASSES
+    if names == ["none"]:
+        return ()
+    unknown = [n for n in names if n not in SERVED_PASSES]
+    if unknown:
+        raise ValueError(f"served: unknown pass {unknown}; expected some of {list(SERVED_PASSES)} or none")
+    return tuple(names)
+
+
 def experiment_command(
     what: What = "all",
     data: str = "data/ml-100k",
@@ -1139,6 +1153,7 @@ def experiment_command(
     mia_part: Literal["all", "reference"] = "all",
     train: bool = True,
     only: Literal["both", "retraining", "shards"] = "both",
+    served: list[str] | None = None,
 ) -> int:
     """Reproduce the paper's study: Table 1 and Fig. 3-6 as JSON + PNG (and table1.md) in OUT.
 
@@ -1189,11 +1204,14 @@ def experiment_command(
             report the rest as pending; for scoring while another process trains).
         only: stages: Retraining's and the K shards' stages (both), or one of them (two processes
             can then share the store: `retraining` leaves the zero-shot and embedding stages to the other).
+        served: analysis: which served (aggregated, model-running) test passes to run, some of uniform,
+            paper, selected, nd, centred, rank, or none (default: all six; each takes minutes on a CPU).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     base_dir = runs_dir()
     try:
+        passes = served_passes(served)
         config = ExperimentConfig.from_preset(
             preset,
             dataset,
@@ -1269,7 +1287,7 @@ def experiment_command(
         if name == "analysis":
             from apa.study_analysis import run_analysis
 
-            result = run_analysis(study)
+            result = run_analysis(study, served_passes=passes)
             outputs = ["analysis.json", "analysis.md", "analysis.png"]
         elif name == "mia":
             from apa.mia import run_mia

@@ -40,6 +40,10 @@ from apa.stages import AdapterStage, MissingStageError, run_free_first
 if TYPE_CHECKING:
     from apa.experiments import Study
 
+SERVED_PASSES = ("uniform", "paper", "selected", "nd", "centred", "rank")
+"""The served test passes of `analysis`, in the order they run: uniform D, APA(D) τ=1000 n=20,
+APA(D) with the valid-selected τ/n, APA(ND), and the centred / rank error variants."""
+
 PAPER = {"Retraining": 0.7428, "SISA": 0.7035, "APA(D)": 0.7259, "APA(ND)": 0.7256}
 """Table 1 of the paper, ML-100K (1024 train / 500 valid / 1000 test, K=4, LLaMA-7B)."""
 TAUS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -267,8 +271,15 @@ def _training(adapter: AdapterStage | None) -> dict[str, Any] | None:
     }
 
 
-def run_analysis(study: Study, draws: int = 2000) -> dict[str, Any]:
-    """Compute everything (see the module docstring) and write analysis.json / analysis.md."""
+def run_analysis(
+    study: Study, draws: int = 2000, served_passes: tuple[str, ...] = SERVED_PASSES
+) -> dict[str, Any]:
+    """Compute everything (see the module docstring) and write analysis.json / analysis.md.
+    `served_passes` (some of SERVED_PASSES) chooses which aggregated test passes run the model, in
+    that order; the others are left out of the table and listed under `served_skipped`."""
+    unknown = sorted(set(served_passes) - set(SERVED_PASSES))
+    if unknown:
+        raise ValueError(f"served: unknown pass {unknown}, expected some of {list(SERVED_PASSES)}")
     k = study.config.num_shards
     seed = study.config.seed
     valid, test = study.splits["valid"], study.splits["test"]
@@ -357,20 +368,29 @@ def run_analysis(study: Study, draws: int = 2000) -> dict[str, Any]:
         paper_w = study.config.weights
         best = result["selection"]["paper"]["best"]
         selected = replace(paper_w, tau=float(best["tau"]), top_n=int(best["top_n"]))
-        served: dict[str, Callable[[], np.ndarray]] = {
-            "uniform D": lambda: study.aggregated(md, "decomposition", WeightConfig(strategy="average"))[0],
-            "APA(D)": lambda: study.aggregated(md, "decomposition", paper_w)[0],
-            f"APA(D) τ={best['tau']:g}, n={best['top_n']} (valid-selected)": lambda: study.aggregated(
-                md, "decomposition", selected
-            )[0],
-            "APA(ND)": lambda: study.aggregated(md, "non_decomposition", paper_w)[0],
+        passes: dict[str, tuple[str, Callable[[], np.ndarray]]] = {
+            "uniform": (
+                "uniform D",
+                lambda: study.aggregated(md, "decomposition", WeightConfig(strategy="average"))[0],
+            ),
+            "paper": ("APA(D)", lambda: study.aggregated(md, "decomposition", paper_w)[0]),
+            "selected": (
+                f"APA(D) τ={best['tau']:g}, n={best['top_n']} (valid-selected)",
+                lambda: study.aggregated(md, "decomposition", selected)[0],
+            ),
+            "nd": ("APA(ND)", lambda: study.aggregated(md, "non_decomposition", paper_w)[0]),
         }
         for kind in ("centred", "rank"):
             alt = result["selection"][kind]["best"]
             w = softmax_weights(neighbour_error(kind, et, ev, yv, pv, alt["top_n"]), alt["tau"])
-            served[f"APA(D) {kind} error τ={alt['tau']:g}, n={alt['top_n']} (variant)"] = partial(
-                study.aggregated_omega, md, "decomposition", w, f"{kind}-{alt['tau']}-{alt['top_n']}"
+            passes[kind] = (
+                f"APA(D) {kind} error τ={alt['tau']:g}, n={alt['top_n']} (variant)",
+                partial(
+                    study.aggregated_omega, md, "decomposition", w, f"{kind}-{alt['tau']}-{alt['top_n']}"
+                ),
             )
+        served = dict(passes[key] for key in served_passes)  # in the order asked for
+        result["served_skipped"] = [label for key, (label, _) in passes.items() if key not in served_passes]
         # one pass over the test split each: a second `analysis` process on the store takes the others
         scores.update(run_free_first(study.store, served))
     diffs = [
@@ -574,6 +594,8 @@ def analysis_markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {_f(m['auc'])} [{_f(m['ci'][0])}, {_f(m['ci'][1])}] | {_f(PAPER.get(name))} |"
         )
+    if r.get("served_skipped"):
+        lines += ["", f"Served passes not run (`--served`): {', '.join(r['served_skipped'])}."]
     lines += ["", "| difference | Δ AUC [95% CI] |", "|---|---|"]
     for name, d in r["table"]["differences"].items():
         lines.append(f"| {name} | {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
