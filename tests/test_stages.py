@@ -536,6 +536,25 @@ def test_validation_halves_by_user_never_share_a_user() -> None:
     assert result["best"]["valid_auc"] == max(c["valid_auc"] for c in result["grid"])
 
 
+def test_the_analysis_neighbours_are_the_serving_librarys_even_for_float32_embeddings() -> None:
+    """Stored embeddings are float32; two pool samples whose cosines differ only past float32's
+    precision tie there, and the stable sort would take the wrong one at n=1."""
+    from apa.aggregation import WeightConfig, aggregation_weights
+    from apa.study_analysis import neighbour_error, softmax_weights
+
+    request = np.array([[1.0, 0.0]], dtype=np.float32)
+    pool = np.array([[1.0, 1e-4], [1.0, 0.0]], dtype=np.float32)  # the second is the true nearest
+    labels = np.array([0.0, 1.0])
+    preds = np.array([[0.9, 0.1], [0.9, 0.1]])
+    err = neighbour_error("paper", request, pool, labels, preds, top_n=1)
+    assert err == pytest.approx(np.array([[0.1, 0.9]]))  # |1 - P_k| of the second sample, not |0 - P_k|
+    config = WeightConfig(strategy="adaptive", tau=1000.0, top_n=1)
+    lib = aggregation_weights(
+        config, request, valid_embeddings=pool, valid_labels=labels, valid_predictions=preds
+    )
+    assert np.allclose(softmax_weights(err, 1000.0), lib)
+
+
 def test_a_leading_word_picks_what_for_apa_experiment() -> None:
     from apa.cli import normalise_args
     from apa.experiments import experiment_command
