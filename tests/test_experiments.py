@@ -137,8 +137,10 @@ def test_an_unknown_served_pass_is_an_error_naming_the_field(tmp_path: Path, cap
     code = experiments.experiment_command("analysis", data=str(tmp_path / "d"), served=["paper", "bogus"])
     err = capsys.readouterr().err
     assert code == 1 and "served" in err and "bogus" in err
-    assert experiments.served_passes(["none"]) == ()
-    assert experiments.served_passes(None)[:2] == ("uniform", "paper")
+    from apa.study_analysis import served_passes
+
+    assert served_passes(["none"]) == ()
+    assert served_passes(None)[:2] == ("uniform", "paper")
 
 
 def test_missing_data_is_an_error_not_a_crash(tmp_path: Path, capsys: Any) -> None:

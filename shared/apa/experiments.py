@@ -1111,20 +1111,6 @@ def runs_dir(settings: Settings | None = None) -> Path:
     return Path((settings or Settings.from_env()).runs_dir).expanduser()
 
 
-def served_passes(names: list[str] | None) -> tuple[str, ...]:
-    """`--served`'s value as analysis's pass names: None is all of them, `none` is no pass."""
-    from apa.study_analysis import SERVED_PASSES
-
-    if names is None:
-        return SERVED_PASSES
-    if names == ["none"]:
-        return ()
-    unknown = [n for n in names if n not in SERVED_PASSES]
-    if unknown:
-        raise ValueError(f"served: unknown pass {unknown}; expected some of {list(SERVED_PASSES)} or none")
-    return tuple(names)
-
-
 def experiment_command(
     what: What = "all",
     data: str = "data/ml-100k",
@@ -1211,7 +1197,9 @@ def experiment_command(
     started = time.perf_counter()
     base_dir = runs_dir()
     try:
-        passes = served_passes(served)
+        from apa.study_analysis import served_passes
+
+        passes = served_passes(served)  # checked before any data is loaded
         config = ExperimentConfig.from_preset(
             preset,
             dataset,
@@ -1287,7 +1275,7 @@ def experiment_command(
         if name == "analysis":
             from apa.study_analysis import run_analysis
 
-            result = run_analysis(study, served_passes=passes)
+            result = run_analysis(study, served=passes)
             outputs = ["analysis.json", "analysis.md", "analysis.png"]
         elif name == "mia":
             from apa.mia import run_mia

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apa.aggregation import WeightConfig, aggregation_weights
+from apa.aggregation import WeightConfig, aggregation_weights, nearest_neighbours
 from apa.metrics import auc
 from apa.stages import AdapterStage, MissingStageError, run_free_first
 
@@ -41,8 +41,22 @@ if TYPE_CHECKING:
     from apa.experiments import Study
 
 SERVED_PASSES = ("uniform", "paper", "selected", "nd", "centred", "rank")
-"""The served test passes of `analysis`, in the order they run: uniform D, APA(D) τ=1000 n=20,
+"""The served test passes of `analysis`, in their default order: uniform D, APA(D) τ=1000 n=20,
 APA(D) with the valid-selected τ/n, APA(ND), and the centred / rank error variants."""
+
+
+def served_passes(names: Sequence[str] | None) -> tuple[str, ...]:
+    """`--served`'s value as pass names: None is all of them, `none` is no pass; an unknown name is a
+    ValueError naming the field."""
+    if names is None:
+        return SERVED_PASSES
+    if list(names) == ["none"]:
+        return ()
+    unknown = [n for n in names if n not in SERVED_PASSES]
+    if unknown:
+        raise ValueError(f"served: unknown pass {unknown}; expected some of {list(SERVED_PASSES)} or none")
+    return tuple(names)
+
 
 PAPER = {"Retraining": 0.7428, "SISA": 0.7035, "APA(D)": 0.7259, "APA(ND)": 0.7256}
 """Table 1 of the paper, ML-100K (1024 train / 500 valid / 1000 test, K=4, LLaMA-7B)."""
@@ -151,11 +165,7 @@ def neighbour_error(
     """(n_requests x K) error of each adapter over each request's n nearest pool samples:
     `paper` mean |y − P_k|; `centred` the same on prior-centred predictions; `rank` 1 − AUC of P_k
     over the neighbours (0.5 where the neighbours hold one class only)."""
-    n = min(top_n, len(pool_labels))
-    requests, pool_emb = np.asarray(requests, np.float64), np.asarray(pool_emb, np.float64)
-    a = requests / np.maximum(np.linalg.norm(requests, axis=1, keepdims=True), 1e-12)
-    b = pool_emb / np.maximum(np.linalg.norm(pool_emb, axis=1, keepdims=True), 1e-12)
-    nearest = np.argsort(-(a @ b.T), axis=1, kind="stable")[:, :n]
+    nearest = nearest_neighbours(requests, pool_emb, top_n)  # the serving library's neighbours
     preds = centred(pool_preds, pool_labels, pool_preds) if kind == "centred" else pool_preds
     if kind in ("paper", "centred"):
         return np.abs(pool_labels[:, None] - preds)[nearest].mean(axis=1)
@@ -272,23 +282,17 @@ def _training(adapter: AdapterStage | None) -> dict[str, Any] | None:
     }
 
 
-def run_analysis(
-    study: Study, draws: int = 2000, served_passes: tuple[str, ...] = SERVED_PASSES
-) -> dict[str, Any]:
+def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None = None) -> dict[str, Any]:
     """Compute everything (see the module docstring) and write analysis.json / analysis.md.
-    `served_passes` (some of SERVED_PASSES) chooses which aggregated test passes run the model, in
-    that order; the others are left out of the table and listed under `served_skipped`."""
-    unknown = sorted(set(served_passes) - set(SERVED_PASSES))
-    if unknown:
-        raise ValueError(f"served: unknown pass {unknown}, expected some of {list(SERVED_PASSES)}")
+    `served` (see `served_passes`) chooses which aggregated test passes run the model, in that
+    order; the others are left out of the table and listed under `served_skipped`."""
+    chosen = served_passes(served)
     k = study.config.num_shards
     seed = study.config.seed
     valid, test = study.splits["valid"], study.splits["test"]
     yv = np.array([s.label for s in valid], dtype=np.float64)
     yt = np.array([s.label for s in test], dtype=np.float64)
-    # float64 as the serving library computes: float32 cosines tie where float64 ones do not, and at
-    # τ=1000 a different neighbour set moves ω by up to 0.66 (measured at 1024/500/1000)
-    ev, et = study.embeddings("valid").astype(np.float64), study.embeddings("test").astype(np.float64)
+    ev, et = study.embeddings("valid"), study.embeddings("test")
     result: dict[str, Any] = {
         "sizes": {name: len(s) for name, s in study.splits.items()},
         "num_shards": k,
@@ -392,10 +396,10 @@ def run_analysis(
                     study.aggregated_omega, md, "decomposition", w, f"{kind}-{alt['tau']}-{alt['top_n']}"
                 ),
             )
-        served = dict(passes[key] for key in served_passes)  # in the order asked for
-        result["served_skipped"] = [label for key, (label, _) in passes.items() if key not in served_passes]
+        jobs = dict(passes[key] for key in chosen)  # in the order asked for
+        result["served_skipped"] = [label for key, (label, _) in passes.items() if key not in chosen]
         # one pass over the test split each: a second `analysis` process on the store takes the others
-        scores.update(run_free_first(study.store, served))
+        scores.update(run_free_first(study.store, jobs))
     diffs = [
         ("APA(D)", "Retraining"),
         ("APA(D)", "SISA"),
@@ -421,9 +425,7 @@ def run_analysis(
 
 def neighbour_users(et: np.ndarray, ev: np.ndarray, users: np.ndarray, top_n: int) -> dict[str, Any]:
     """How many distinct validation users a test sample's n nearest validation neighbours come from."""
-    a = et / np.maximum(np.linalg.norm(et, axis=1, keepdims=True), 1e-12)
-    b = ev / np.maximum(np.linalg.norm(ev, axis=1, keepdims=True), 1e-12)
-    near = np.argsort(-(a @ b.T), axis=1, kind="stable")[:, :top_n]
+    near = nearest_neighbours(et, ev, top_n)
     distinct = np.array([len(set(users[row].tolist())) for row in near])
     top_share = np.array([np.max(np.unique(users[row], return_counts=True)[1]) / len(row) for row in near])
     return {
@@ -448,11 +450,8 @@ def label_prior_diagnostic(
     and how much of the error's spread across adapters the prior mismatch explains (R²)."""
     rng = np.random.default_rng(seed)
     pool, held = halves(len(labels), rng, groups)
-    a = emb[held] / np.linalg.norm(emb[held], axis=1, keepdims=True)
-    b = emb[pool] / np.linalg.norm(emb[pool], axis=1, keepdims=True)
-    sims = a @ b.T
-    near = np.argsort(-sims, axis=1, kind="stable")[:, :top_n]
-    near50 = np.argsort(-sims, axis=1, kind="stable")[:, : min(50, len(pool))]
+    ranked = nearest_neighbours(emb[held], emb[pool], max(top_n, 50))  # one sort, two prefixes
+    near, near50 = ranked[:, :top_n], ranked[:, :50]
     y, p = labels[pool], preds[pool]
     err = np.abs(y[near][:, :, None] - p[near]).mean(axis=1)  # (h x K)
     prior_gap = np.abs(y[near].mean(axis=1)[:, None] - p[near].mean(axis=1))  # (h x K)

@@ -24,6 +24,7 @@ from apa.aggregation.weights import (
     Strategy,
     WeightConfig,
     aggregation_weights,
+    nearest_neighbours,
     neighbour_errors,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "embedding_key",
     "export_merged_adapter",
     "lora_layers",
+    "nearest_neighbours",
     "neighbour_errors",
     "prediction_key",
     "prune_caches",
