@@ -20,7 +20,7 @@ import apa.stages as stages
 from apa.backbone import Backbone, BackboneConfig
 from apa.cli import main
 from apa.data import write_jsonl
-from apa.experiments import ExperimentConfig, Study
+from apa.experiments import ExperimentConfig, Study, stage_models
 from apa.partition import PartitionConfig
 from apa.pseudonyms import Pseudonymizer
 from apa.sharded import build_model
@@ -135,6 +135,52 @@ def test_without_training_the_missing_shards_are_reported_pending_and_none_is_tr
     assert done == {"retraining": [0]}
     assert pending == {"retraining": [], "semantic": [0, 1]}
     assert len(_done_stages(store, "adapter")) == 1
+
+
+def test_stage_models_follow_the_issues_order_and_reject_an_unknown_figure() -> None:
+    config = ExperimentConfig.from_preset("cpu", train_size=64, num_shards=4)
+    assert stage_models(config) == [("random", 1), ("semantic", 4)]
+    assert stage_models(config, ["fig5"]) == [("semantic", 4)]
+    assert stage_models(config, ["fig6", "table1"]) == [
+        ("random", 1),
+        ("semantic", 4),
+        ("random", 4),
+        ("bekm", 4),
+        ("user", 4),
+        ("semantic", 2),
+        ("semantic", 8),
+    ]
+    with pytest.raises(ValueError, match="stages_for"):
+        stage_models(config, ["fig3"])
+
+
+def test_stages_for_table1_and_fig6_build_every_adapter_those_figures_then_use(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    out, store = tmp_path / "out", tmp_path / "store"
+    args = [*_args(data_dir, tiny_model_dir, out, store), "--stages_for", "table1", "--stages_for", "fig6"]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('{"adapters_done"')]
+    done = json.loads(lines[-1])["adapters_done"]
+    # K=2 on 12 samples: Retraining, semantic, random, bekm and user K=2, then Fig. 6's K=4
+    assert [name.split("-N")[0] for name in done] == [
+        "retraining-K1",
+        "semantic-K2",
+        "random-K2",
+        "bekm-K2",
+        "user-K2",
+        "semantic-K4",
+    ]
+    assert [len(shards) for shards in done.values()] == [1, 2, 2, 2, 2, 4]
+    assert len(_done_stages(store, "adapter")) == 13
+    # the figures now train nothing: every adapter they use is in the store
+    monkeypatch.setattr(stages, "train_adapter", lambda *a, **k: pytest.fail("a figure trained an adapter"))
+    for what in ("table1", "fig4", "fig6"):
+        run = [a if a != "stages" else what for a in _args(data_dir, tiny_model_dir, out, store)]
+        assert main([*run, "--train", "false"]) == 0
+    table1 = json.loads((out / "table1.json").read_text())
+    assert [r["method"] for r in table1["rows"]][:4] == ["Retraining", "SISA", "GraphEraser", "RecEraser"]
+    assert [p["num_shards"] for p in json.loads((out / "fig6.json").read_text())["points"]] == [2, 4]
 
 
 def test_a_killed_process_resumes_without_redoing_finished_stages(

@@ -226,6 +226,34 @@ class Method:
     level: Literal["single", "prediction", "decomposition", "non_decomposition"]
 
 
+STAGE_FIGURES: tuple[str, ...] = ("analysis", "table1", "fig4", "fig5", "fig6")
+"""What `--what stages --stages_for ...` can build the adapters of (Fig. 3 uses Table 1's)."""
+
+
+def stage_models(
+    config: ExperimentConfig, figures: Sequence[str] = ("analysis",)
+) -> list[tuple[StrategyName, int]]:
+    """The (partition strategy, K) shard sets whose adapters `figures` need, in the issue's order:
+    Retraining, APA's semantic K shards, SISA's random ones, GraphEraser's (bekm), RecEraser's
+    (user), then Fig. 6's other K. An unknown figure is a ValueError naming the field."""
+    unknown = [f for f in figures if f not in STAGE_FIGURES]
+    if unknown:
+        raise ValueError(f"stages_for: unknown figure {unknown}; expected some of {list(STAGE_FIGURES)}")
+    k = config.num_shards
+    need: set[tuple[StrategyName, int]] = set()
+    for figure in figures:
+        if figure in ("analysis", "fig5"):
+            need |= {("random", 1), ("semantic", k)} if figure == "analysis" else {("semantic", k)}
+        elif figure in ("table1", "fig4"):
+            need |= {("semantic", k), ("random", k), ("bekm", k), ("user", k)}
+            need |= {("random", 1)} if figure == "table1" else set()
+        else:  # fig6
+            need |= {("random", 1)} | {("semantic", c) for c in config.shard_counts}
+    order: list[tuple[StrategyName, int]] = [("random", 1), ("semantic", k), ("random", k), ("bekm", k)]
+    order += [("user", k)] + [("semantic", c) for c in config.shard_counts if c != k]
+    return [model for model in order if model in need]
+
+
 def table1_methods(k: int) -> list[Method]:
     return [
         Method("Retraining", "random", 1, "single"),
@@ -394,16 +422,21 @@ class Study:
         """P(Yes) of one adapter (None: the zero-shot base model) on a split (stage `predictions`)."""
         return prediction_stage(self.store, self.backbone, adapter, self.splits[split], split, self.progress)
 
-    def stages(self, only: str = "both") -> dict[str, Any]:
-        """Every stage Table 1's Retraining, SISA and APA need (issue 11 order: Retraining, then the
-        semantic K shards), each adapter's predictions right after it; adapters not in the store
-        and not trainable (`--train false`) are reported as pending. A shard that another process
-        is training is skipped and taken up again at the end, so two processes sharing the store
-        train different shards side by side."""
+    def stages(self, only: str = "both", figures: Sequence[str] = ("analysis",)) -> dict[str, Any]:
+        """Every adapter stage `figures` need (default: the analysis's Retraining and semantic K
+        shards; `stage_models` gives the order), each adapter's predictions right after it; adapters
+        not in the store and not trainable (`--train false`) are reported as pending. A shard that
+        another process is training is skipped and taken up again at the end, so two processes
+        sharing the store train different shards side by side. `only`: retraining keeps the K=1
+        model, shards every other one."""
         done: dict[str, list[int]] = {}
         pending: dict[str, list[int]] = {}
-        models = [("random", 1), ("semantic", self.config.num_shards)]
-        models = {"both": models, "retraining": models[:1], "shards": models[1:]}[only]
+        models = stage_models(self.config, figures)
+        models = {
+            "both": models,
+            "retraining": [m for m in models if m[1] == 1],
+            "shards": [m for m in models if m[1] > 1],
+        }[only]
         shard_jobs: dict[tuple[str, int], Callable[[], bool]] = {}
         for strategy, k in models:
             name = self.dir_name(strategy, k)
@@ -442,8 +475,8 @@ class Study:
             self.predictions(adapter, split)
         return True
 
-    def plan(self) -> dict[str, Any]:
-        """How many of `stages()`'s stages are done, and an estimate of the time the rest takes."""
+    def plan(self, figures: Sequence[str] = ("analysis",)) -> dict[str, Any]:
+        """How many of `stages(figures=...)`'s stages are done, and an estimate of the time the rest takes."""
         total = finished = 0
         seconds = 0.0
         valid, test = self.splits["valid"], self.splits["test"]
@@ -461,8 +494,8 @@ class Study:
             count("embeddings", embeddings_key(self.backbone, samples), len(samples) / 3.5)
             count("predictions", predictions_key(self.backbone, None, samples), len(samples) / 3.5)
         by_id = {s.sample_id: s for s in self.splits["train"]}
-        for strategy, k in (("random", 1), ("semantic", self.config.num_shards)):
-            pconfig = partition_config(strategy, k, self.config.seed)  # type: ignore[arg-type]
+        for strategy, k in stage_models(self.config, figures):
+            pconfig = partition_config(strategy, k, self.config.seed)
             pkey = partition_key(self.backbone, self.splits["train"], pconfig)
             if not count("partition", pkey, len(by_id) / 3.5 if k > 1 else 0.0):
                 seconds += 2 * k * (len(valid) + len(test)) / 3.5
@@ -1140,6 +1173,7 @@ def experiment_command(
     train: bool = True,
     only: Literal["both", "retraining", "shards"] = "both",
     served: list[str] | None = None,
+    stages_for: list[str] | None = None,
 ) -> int:
     """Reproduce the paper's study: Table 1 and Fig. 3-6 as JSON + PNG (and table1.md) in OUT.
 
@@ -1192,6 +1226,9 @@ def experiment_command(
             can then share the store: `retraining` leaves the zero-shot and embedding stages to the other).
         served: analysis: which served (aggregated, model-running) test passes to run, some of uniform,
             paper, selected, nd, centred, rank, or none (default: all six; each takes minutes on a CPU).
+        stages_for: stages: build the adapters (and their predictions) of these figures, some of
+            analysis, table1, fig4, fig5, fig6 (default: analysis, i.e. Retraining and the semantic K
+            shards); table1 and fig4 add SISA's, GraphEraser's and RecEraser's shards, fig6 the other K.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
@@ -1215,6 +1252,8 @@ def experiment_command(
             retrain_lr=retrain_lr,
             early_stopping=early_stopping,
         )
+        figures_staged = tuple(stages_for or ("analysis",))
+        stage_models(config, figures_staged)  # an unknown figure is an error before any work
         sizes = {"train": config.train_size, "valid": config.valid_size, "test": config.test_size}
         stage_store = StageStore(Path(store) if store else base_dir / "store", progress=True)
         splits = data_stage(
@@ -1258,7 +1297,7 @@ def experiment_command(
             f"quick preset: estimated {estimate['total_seconds'] / 60:.0f} min on 2 CPU cores (embedded model)"
         )
     if what in ("stages", "analysis", "mia", "embedding"):
-        plan = study.plan()
+        plan = study.plan(figures_staged if what == "stages" else ("analysis",))
         print(
             f"plan: {plan['done']} of {plan['stages']} stages done; about {plan['seconds_left'] / 60:.0f} min "
             "left at 1.1 trained / 3.5 scored samples per second"
@@ -1300,7 +1339,7 @@ def experiment_command(
             outputs = ["embedding.json", "embedding.md"]
             print((out_dir / "embedding.md").read_text())
         elif name == "stages":
-            result = study.stages(only)
+            result = study.stages(only, figures_staged)
             outputs = []
         else:
             result = getattr(study, name)()
