@@ -181,6 +181,24 @@ def test_stages_for_table1_and_fig6_build_every_adapter_those_figures_then_use(
     table1 = json.loads((out / "table1.json").read_text())
     assert [r["method"] for r in table1["rows"]][:4] == ["Retraining", "SISA", "GraphEraser", "RecEraser"]
     assert [p["num_shards"] for p in json.loads((out / "fig6.json").read_text())["points"]] == [2, 4]
+    assert {"table1", "fig4", "fig6"} <= set(json.loads((out / "results.json").read_text())["figures"])
+
+    # a second process on the same OUT writes its figure while this one runs: both entries stay
+    real_fig5 = Study.fig5
+
+    def fig5_beside_another_process(self: Study) -> Any:
+        result = real_fig5(self)
+        summary = json.loads((out / "results.json").read_text())
+        summary["figures"]["fig3"] = {"outputs": ["fig3.json"], "by": "another process"}
+        (out / "results.json").write_text(json.dumps(summary))
+        return result
+
+    monkeypatch.setattr(Study, "fig5", fig5_beside_another_process)
+    run = [a if a != "stages" else "fig5" for a in _args(data_dir, tiny_model_dir, out, store)]
+    assert main([*run, "--train", "false"]) == 0
+    figures = json.loads((out / "results.json").read_text())["figures"]
+    assert {"table1", "fig4", "fig6", "fig5"} <= set(figures)
+    assert figures["fig3"]["by"] == "another process"
 
 
 def test_a_killed_process_resumes_without_redoing_finished_stages(

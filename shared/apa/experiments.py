@@ -1303,10 +1303,7 @@ def experiment_command(
             "left at 1.1 trained / 3.5 scored samples per second"
         )
     summary_path = out_dir / "results.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    figures: dict[str, Any] = (
-        dict(previous.get("figures", {})) if previous.get("config") == _clean(config.to_json()) else {}
-    )
+    figures: dict[str, Any] = {}
     names = list(FIGURES) if what == "all" else [what]
     for name in names:
         print(f"== {name} ==")
@@ -1346,6 +1343,11 @@ def experiment_command(
             _print_summary(name, result)
             outputs = [f"{name}.json", f"{name}.png"] + (["table1.md"] if name == "table1" else [])
         figures[name] = {"outputs": outputs, "seconds": time.perf_counter() - t0, "finished_at": _now()}
+    # read at the end, not the start: a second process on the same OUT (another figure) may have
+    # written its entries in the meantime, and they are kept
+    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if previous.get("config") == _clean(config.to_json()):
+        figures = {**previous.get("figures", {}), **figures}
     summary = {
         "config": config.to_json(),
         "data": str(data),
