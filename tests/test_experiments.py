@@ -36,9 +36,11 @@ def test_experiment_all_writes_every_table_and_figure(
     sizes = ["--num-shards", "2", "--train-size", "20", "--valid-size", "12", "--test-size", "16"]
     assert main(["experiment", "--what", "all", *args, *sizes]) == 0
 
-    for name in ["table1.json", "table1.md", "results.json"] + [
-        f"{f}.{ext}" for f in ("table1", "fig3", "fig4", "fig5", "fig6") for ext in ("json", "png")
-    ]:
+    for name in (
+        ["table1.json", "table1.md", "results.json"]
+        + [f"{f}.{ext}" for f in ("table1", "fig3", "fig4", "fig5", "fig6") for ext in ("json", "png")]
+        + [f"{f}.md" for f in ("fig4", "fig5", "fig6")]
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -52,6 +54,18 @@ def test_experiment_all_writes_every_table_and_figure(
         if row["method"] != "Retraining":
             assert row["num_shards"] == 2 and 0.0 <= row["before_aggregation_auc"] <= 1.0
     assert "| Δ |" in (out / "table1.md").read_text()
+    # every Table 1 AUC and Δ carries a paired bootstrap 95% CI on the same test samples
+    for row in table["rows"]:
+        low, high = row["auc_ci"]
+        assert low <= row["auc"] <= high
+        if row["method"] == "Retraining":
+            assert row["delta_ci"] is None
+        else:
+            assert row["delta_ci"][0] <= row["delta"] <= row["delta_ci"][1]
+    apa_minus_sisa = table["differences"]["APA(D) - SISA"]
+    assert apa_minus_sisa["diff"] == pytest.approx(table["rows"][4]["auc"] - table["rows"][1]["auc"])
+    table_md = (out / "table1.md").read_text()
+    assert "| 95% CI |" in table_md and "| Δ 95% CI |" in table_md and "APA(D) - SISA: " in table_md
 
     fig3 = json.loads((out / "fig3.json").read_text())
     assert set(fig3["inference"]) == {"Retraining", "SISA", "APA(D)", "APA(ND)"}
@@ -63,6 +77,10 @@ def test_experiment_all_writes_every_table_and_figure(
     assert [r["weights"] for r in fig5["rows"]] == ["adaptive", "average", "major", "semantic"]
     fig6 = json.loads((out / "fig6.json").read_text())
     assert [p["num_shards"] for p in fig6["points"]] == [2, 4]
+    # each figure also as a markdown table, one row per bar / point (Fig. 6: plus Retraining)
+    for name, rows in (("fig4", fig4["rows"]), ("fig5", fig5["rows"]), ("fig6", [None, *fig6["points"]])):
+        table_rows = [line for line in (out / f"{name}.md").read_text().splitlines() if line.startswith("| ")]
+        assert len(table_rows) == 1 + len(rows), name  # the header and one row each
     assert [p["shard_size"] for p in fig6["points"]] == [10, 5]
     # every figure's AUC carries a paired bootstrap 95% CI on the same test samples
     for row in [*fig4["rows"], *fig5["rows"], *fig6["points"], fig6["retraining"]]:

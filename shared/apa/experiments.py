@@ -712,6 +712,7 @@ class Study:
         methods = table1_methods(k)
         dirs = {(m.strategy, m.num_shards): self.model_dir(m.strategy, m.num_shards) for m in methods}
         rows: list[dict[str, Any]] = []
+        scored: dict[str, np.ndarray] = {}
         for method in _bar(methods, "table1", self.progress):
             md = dirs[(method.strategy, method.num_shards)]
             each, each_seconds = self.adapter_predictions(md)
@@ -722,6 +723,7 @@ class Study:
                 scores, seconds = each.mean(axis=1), each_seconds  # SISA: mean of the K adapters
             else:
                 scores, seconds = self.aggregated(md, method.level, self.config.weights)
+            scored[method.name] = scores
             rows.append(
                 {
                     "method": method.name,
@@ -736,8 +738,12 @@ class Study:
                 }
             )
         reference = rows[0]["auc"]
+        diffs = [(m.name, methods[0].name) for m in methods[1:]] + [("APA(D)", "SISA"), ("APA(ND)", "SISA")]
+        cis = self._cis(scored, diffs)
         for row in rows:
             row["delta"] = row["auc"] - reference
+            row["auc_ci"] = cis["methods"][row["method"]]["ci"]
+            row["delta_ci"] = cis["differences"].get(f"{row['method']} - {methods[0].name}", {}).get("ci")
         result = {
             "dataset": self.config.dataset,
             "num_shards": k,
@@ -745,6 +751,7 @@ class Study:
             "retraining_auc": reference,
             "weights": asdict(self.config.weights),
             "rows": rows,
+            "differences": cis["differences"],
         }
         write_json(self.out / "table1.json", result)
         (self.out / "table1.md").write_text(table1_markdown(result))
@@ -862,6 +869,7 @@ class Study:
             "rows": rows,
         }
         write_json(self.out / "fig4.json", result)
+        (self.out / "fig4.md").write_text(figure_markdown("fig4", result))
         plot_bars(
             [r["partition"] for r in rows],
             [r["auc"] for r in rows],
@@ -887,6 +895,7 @@ class Study:
             row["adaptive_minus"] = cis["differences"].get(f"adaptive - {row['weights']}")
         result = {"num_shards": k, "partition": "semantic", "level": "decomposition", "rows": rows}
         write_json(self.out / "fig5.json", result)
+        (self.out / "fig5.md").write_text(figure_markdown("fig5", result))
         plot_bars(
             [r["weights"] for r in rows],
             [r["auc"] for r in rows],
@@ -938,6 +947,7 @@ class Study:
             "note": "unlearning_seconds: mean time to train one shard from scratch (what a retrain costs).",
         }
         write_json(self.out / "fig6.json", result)
+        (self.out / "fig6.md").write_text(figure_markdown("fig6", result))
         plot_fig6(result, self.out / "fig6.png")
         return result
 
@@ -963,11 +973,12 @@ def _timed_per_request(
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
-    return f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
+    return f"{value:+.{-digits}f}" if digits < 0 else f"{value:.{digits}f}"  # digits < 0: signed
 
 
-def _ci(ci: Sequence[float] | None) -> str:
-    return "" if ci is None else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+def _ci(ci: Sequence[float] | None, signed: bool = False) -> str:
+    digits = -4 if signed else 4
+    return "" if ci is None else f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
 
 
 def table1_markdown(result: dict[str, Any]) -> str:
@@ -977,11 +988,68 @@ def table1_markdown(result: dict[str, Any]) -> str:
     bef = "| Bef. Agg. | " + " | ".join(_fmt(r["before_aggregation_auc"]) for r in rows) + " |"
     auc_row = "| AUC | " + " | ".join(_fmt(r["auc"]) for r in rows) + " |"
     delta = "| Δ | " + " | ".join("-" if i == 0 else f"{r['delta']:+.4f}" for i, r in enumerate(rows)) + " |"
+    lines = [head, sep, bef, auc_row, delta]
+    if all("auc_ci" in r for r in rows):  # results written before the CIs were added have none
+        lines.insert(4, "| 95% CI | " + " | ".join(_ci(r["auc_ci"]) for r in rows) + " |")
+        lines.append(
+            "| Δ 95% CI | " + " | ".join(_ci(r.get("delta_ci"), signed=True) or "-" for r in rows) + " |"
+        )
     note = (
         f"\nK = {result['num_shards']}, {result['test_samples']} test samples; "
-        "Δ = AUC - Retraining's AUC; Bef. Agg. = mean AUC of the sub-models.\n"
+        "Δ = AUC - Retraining's AUC; Bef. Agg. = mean AUC of the sub-models; CIs: paired bootstrap "
+        "95% on the same test samples.\n"
     )
-    return "\n".join([head, sep, bef, auc_row, delta]) + "\n" + note
+    for name, d in result.get("differences", {}).items():
+        if not name.endswith(f"- {rows[0]['method']}"):
+            note += f"{name}: {_fmt(d['diff'], -4)} {_ci(d['ci'], signed=True)}\n"
+    return "\n".join(lines) + "\n" + note
+
+
+def figure_markdown(name: str, result: dict[str, Any]) -> str:
+    """Fig. 4, 5 or 6 as a markdown table: each AUC with its paired bootstrap 95% CI, and the
+    difference the figure is about (− semantic, adaptive −, − Retraining) with its CI."""
+
+    def diff(d: dict[str, Any] | None) -> str:
+        return "-" if d is None else f"{_fmt(d['diff'], -4)} {_ci(d['ci'], signed=True)}"
+
+    if name == "fig4":
+        lines = ["| partition | APA(D) AUC [95% CI] | − semantic [95% CI] | Bef. Agg. |", "|---|---|---|---|"]
+        for r in result["rows"]:
+            lines.append(
+                f"| {r['partition']} | {_fmt(r['auc'])} {_ci(r['auc_ci'])} | {diff(r['minus_semantic'])} "
+                f"| {_fmt(r['before_aggregation_auc'])} |"
+            )
+        title = f"Fig. 4: APA(D) by partition strategy, K={result['num_shards']}"
+    elif name == "fig5":
+        lines = ["| weights | APA(D) AUC [95% CI] | adaptive − this [95% CI] |", "|---|---|---|"]
+        for r in result["rows"]:
+            lines.append(
+                f"| {r['weights']} | {_fmt(r['auc'])} {_ci(r['auc_ci'])} | {diff(r['adaptive_minus'])} |"
+            )
+        title = (
+            f"Fig. 5: APA(D) by weight strategy, {result['partition']} partition, K={result['num_shards']}"
+        )
+    elif name == "fig6":
+        lines = [
+            "| K | shard size | APA(D) AUC [95% CI] | − Retraining [95% CI] | unlearning steps (mean shard) "
+            "| unlearning s (mean / slowest shard) |",
+            "|---|---|---|---|---|---|",
+        ]
+        r = result["retraining"]
+        lines.append(
+            f"| 1 (Retraining) | {result['train_size']} | {_fmt(r['auc'])} {_ci(r['auc_ci'])} | - "
+            f"| {r['unlearning_steps']:.0f} | {r['unlearning_seconds']:.1f} |"
+        )
+        for p in result["points"]:
+            lines.append(
+                f"| {p['num_shards']} | {p['shard_size']} | {_fmt(p['auc'])} {_ci(p['auc_ci'])} "
+                f"| {diff(p['minus_retraining'])} | {p['unlearning_steps']:.0f} "
+                f"| {p['unlearning_seconds']:.1f} / {p['unlearning_seconds_max']:.1f} |"
+            )
+        title = f"Fig. 6: shard size against APA(D)'s AUC and the unlearning cost, N={result['train_size']}"
+    else:
+        raise ValueError(f"no markdown for {name!r}")
+    return f"{title}\n\n" + "\n".join(lines) + "\n"
 
 
 def plot_table1(result: dict[str, Any], path: Path) -> None:
@@ -1119,20 +1187,8 @@ def _print_summary(name: str, result: dict[str, Any]) -> None:
                 f"  {method:<11} batch 1: {t['batch1_ms_per_sample']:8.1f} ms/sample   "
                 f"batched: {t['batched_ms_per_sample']:8.1f} ms/sample"
             )
-    elif name in ("fig4", "fig5"):
-        for row in result["rows"]:
-            label = row.get("partition") or row.get("weights")
-            print(f"  {label:<10} AUC {_fmt(row['auc'])} {_ci(row.get('auc_ci'))}")
-    elif name == "fig6":
-        for p in result["points"]:
-            print(
-                f"  K={p['num_shards']:<3} shard size {p['shard_size']:<5} AUC {_fmt(p['auc'])} "
-                f"{_ci(p.get('auc_ci'))}  unlearning {p['unlearning_seconds']:.1f} s"
-            )
-        r = result["retraining"]
-        print(
-            f"  Retraining        AUC {_fmt(r['auc'])} {_ci(r.get('auc_ci'))}  {r['unlearning_seconds']:.1f} s"
-        )
+    elif name in ("fig4", "fig5", "fig6"):
+        print(figure_markdown(name, result))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1341,7 +1397,7 @@ def experiment_command(
         else:
             result = getattr(study, name)()
             _print_summary(name, result)
-            outputs = [f"{name}.json", f"{name}.png"] + (["table1.md"] if name == "table1" else [])
+            outputs = [f"{name}.json", f"{name}.png"] + ([f"{name}.md"] if name != "fig3" else [])
         figures[name] = {"outputs": outputs, "seconds": time.perf_counter() - t0, "finished_at": _now()}
     # read at the end, not the start: a second process on the same OUT (another figure) may have
     # written its entries in the meantime, and they are kept
