@@ -240,17 +240,23 @@ def stage_models(
     if unknown:
         raise ValueError(f"stages_for: unknown figure {unknown}; expected some of {list(STAGE_FIGURES)}")
     k = config.num_shards
-    need: set[tuple[StrategyName, int]] = set()
-    for figure in figures:
-        if figure in ("analysis", "fig5"):
-            need |= {("random", 1), ("semantic", k)} if figure == "analysis" else {("semantic", k)}
-        elif figure in ("table1", "fig4"):
-            need |= {("semantic", k), ("random", k), ("bekm", k), ("user", k)}
-            need |= {("random", 1)} if figure == "table1" else set()
-        else:  # fig6
-            need |= {("random", 1)} | {("semantic", c) for c in config.shard_counts}
-    order: list[tuple[StrategyName, int]] = [("random", 1), ("semantic", k), ("random", k), ("bekm", k)]
-    order += [("user", k)] + [("semantic", c) for c in config.shard_counts if c != k]
+    others: list[tuple[StrategyName, int]] = [("semantic", c) for c in config.shard_counts if c != k]
+    order: list[tuple[StrategyName, int]] = [
+        ("random", 1),
+        ("semantic", k),
+        ("random", k),
+        ("bekm", k),
+        ("user", k),
+    ]
+    order += others
+    need_by: dict[str, set[tuple[StrategyName, int]]] = {
+        "analysis": set(order[:2]),
+        "table1": set(order[:5]),
+        "fig4": set(order[1:5]),
+        "fig5": {order[1]},
+        "fig6": {*order[:2], *others},
+    }
+    need: set[tuple[StrategyName, int]] = set().union(*(need_by[f] for f in figures))
     return [model for model in order if model in need]
 
 
