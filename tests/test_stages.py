@@ -173,6 +173,14 @@ def test_stages_for_table1_and_fig6_build_every_adapter_those_figures_then_use(
     ]
     assert [len(shards) for shards in done.values()] == [1, 2, 2, 2, 2, 4]
     assert len(_done_stages(store, "adapter")) == 13
+    # zero-shot valid/test, and valid/test of the K=1 and K=2 adapters; Fig. 6's K=4 serves only
+    # APA(D) (one merged pass), so its 4 adapters are scored on valid (for ω) and not on test
+    assert len(_done_stages(store, "predictions")) == 2 + 2 * 9 + 4
+    # the plan counts exactly these stages: all done, nothing left
+    assert main([*args, "--train", "false"]) == 0
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: "))
+    # embeddings and zero-shot on valid/test 4, partitions 6 (K=1 too), adapters 13, their predictions 22
+    assert plan.startswith("plan: 45 of 45 stages done; about 0 min left")
     # the figures now train nothing: every adapter they use is in the store
     monkeypatch.setattr(stages, "train_adapter", lambda *a, **k: pytest.fail("a figure trained an adapter"))
     for what in ("table1", "fig4", "fig6"):

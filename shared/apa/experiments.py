@@ -455,7 +455,9 @@ class Study:
             done[name], pending[name] = [], []
             for j, ids in enumerate(parts.shards):
                 samples, config = [by_id[i] for i in ids], self.config.train_for(k)
-                shard_jobs[(name, j)] = partial(self._shard_stages, samples, config, f"{name} shard {j}")
+                shard_jobs[(name, j)] = partial(
+                    self._shard_stages, samples, config, f"{name} shard {j}", self.scored_splits(k)
+                )
         jobs: dict[str, Callable[[], Any]] = {
             f"{name} shard {j}": job for (name, j), job in shard_jobs.items()
         }
@@ -470,14 +472,26 @@ class Study:
         print(json.dumps(result))
         return result
 
-    def _shard_stages(self, samples: list[Sample], config: TrainConfig, label: str) -> bool:
-        """A shard's adapter and its valid/test predictions; False when the adapter is not in the
+    def scored_splits(self, k: int) -> tuple[str, ...]:
+        """The splits a K-shard set's adapters are scored on as stages: valid (APA's ω) and test
+        (their own AUC, SISA's average, the analysis). Fig. 6's other K serve only APA(D), which
+        scores the test samples once through the merged adapter, so they get no per-adapter test pass."""
+        return ("valid", "test") if k in (1, self.config.num_shards) else ("valid",)
+
+    def _shard_stages(
+        self,
+        samples: list[Sample],
+        config: TrainConfig,
+        label: str,
+        splits: Sequence[str] = ("valid", "test"),
+    ) -> bool:
+        """A shard's adapter and its predictions on `splits`; False when the adapter is not in the
         store and may not be trained (`--train false`)."""
         try:
             adapter = self.adapter(samples, config, label)
         except MissingStageError:
             return False
-        for split in ("valid", "test"):
+        for split in splits:
             self.predictions(adapter, split)
         return True
 
@@ -503,10 +517,11 @@ class Study:
         for strategy, k in stage_models(self.config, figures):
             pconfig = partition_config(strategy, k, self.config.seed)
             pkey = partition_key(self.backbone, self.splits["train"], pconfig)
+            scored = [self.splits[split] for split in self.scored_splits(k)]
             if not count("partition", pkey, len(by_id) / 3.5 if k > 1 else 0.0):
-                seconds += 2 * k * (len(valid) + len(test)) / 3.5
+                seconds += k * sum(len(split) for split in scored) / 3.5
                 seconds += len(by_id) * self.config.train_for(k).epochs / 1.1
-                total += 3 * k
+                total += k * (1 + len(scored))
                 continue
             parts = Partition.from_json(
                 json.loads((self.store.path("partition", pkey) / "partition.json").read_text())
@@ -517,11 +532,11 @@ class Study:
                 key = adapter_key(self.backbone, samples, valid, train_config)
                 if count("adapter", key, len(samples) * train_config.epochs / 1.1):
                     adapter = AdapterStage.from_dir(self.store.path("adapter", key))
-                    for split in (valid, test):
+                    for split in scored:
                         count("predictions", predictions_key(self.backbone, adapter, split), len(split) / 3.5)
                 else:
-                    total += 2
-                    seconds += (len(valid) + len(test)) / 3.5
+                    total += len(scored)
+                    seconds += sum(len(split) for split in scored) / 3.5
         return {"stages": total, "done": finished, "seconds_left": seconds}
 
     # -- model directories ------------------------------------------------------------------------
