@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import apa.experiments as experiments
 import apa.stages as stages
 from apa.backbone import Backbone, BackboneConfig
 from apa.cli import main
@@ -378,6 +380,48 @@ def test_two_stage_processes_train_different_shards_side_by_side(
     assert rc == {"first": 0, "second": 0}
     assert sorted((t, label[-7:]) for t, label in trained) == [("first", "shard 0"), ("second", "shard 1")]
     assert len(_done_stages(store, "adapter")) == 2
+
+
+def test_two_processes_assembling_one_model_directory_take_turns(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """`table1` and `fig4` in two processes on one OUT both assemble random K=2: the second must not
+    find (and delete) a half-built directory (at 256 training samples it failed: model.json missing)."""
+    from apa.data import load_splits
+
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_model_dir)))
+    config = ExperimentConfig.from_preset("quick", num_shards=2, train_size=12, valid_size=8, test_size=8)
+    splits, store = load_splits(data_dir), StageStore(tmp_path / "store")
+    first, second = (
+        Study(backbone, splits, config, tmp_path / "out", progress=False, store=store) for _ in "ab"
+    )
+    first.adapters("random", 2)  # in the store: assembling is all that is left
+    real_create = experiments.ModelDir.create
+    created = threading.Event()
+
+    def slow_create(*args: Any, **kwargs: Any) -> Any:
+        md = real_create(*args, **kwargs)
+        created.set()
+        time.sleep(1.0)  # the other one looks now, while the adapters are not in yet
+        return md
+
+    monkeypatch.setattr(experiments.ModelDir, "create", staticmethod(slow_create))
+    results: dict[str, Any] = {}
+
+    def assemble(name: str, study: Study) -> None:
+        try:
+            results[name] = study.manifests(study.model_dir("random", 2))
+        except Exception as err:  # noqa: BLE001 - the race's symptom, reported below
+            results[name] = err
+
+    a = threading.Thread(target=assemble, args=("first", first))
+    a.start()
+    created.wait(30)
+    assemble("second", second)
+    a.join(60)
+    for name in ("first", "second"):
+        assert not isinstance(results[name], Exception), f"{name}: {results[name]!r}"
+    assert [m.adapter_sha256 for m in results["first"]] == [m.adapter_sha256 for m in results["second"]]
 
 
 def test_existing_model_directories_are_adopted_not_retrained(

@@ -61,6 +61,7 @@ from apa.stages import (
     assembled,
     data_stage,
     embeddings_key,
+    exclusive,
     partition_config,
     partition_key,
     partition_stage,
@@ -563,22 +564,24 @@ class Study:
         adapters = self.adapters(strategy, k)
         parts = self.partition(strategy, k)
         pconfig = partition_config(strategy, k, self.config.seed)
-        if not assembled(root, adapters, parts):
-            shutil.rmtree(root, ignore_errors=True)
-            info = ModelInfo(
-                base_model=self.backbone.model_id,
-                base_model_digest=self.backbone.model_digest,
-                backbone_config=self.backbone.config,
-                partition_config=pconfig,
-                train_config=self.config.train_for(k),
-                num_shards=k,
-                pseudonym_key_id=self.pseudonymizer.key_id,
-            )
-            md = ModelDir.create(root, info, self.splits, parts)
-            for j, adapter in enumerate(adapters):
-                adapter.save_into(md, j, self.backbone, self.pseudonymizer)
-        md = ModelDir(root)
-        self.seed_caches(md, adapters)
+        # two processes (say, table1 and fig4) may assemble the same directory: one at a time
+        with exclusive(self.out / ".locks" / f"{name}.lock", f"model directory {name}"):
+            if not assembled(root, adapters, parts):
+                shutil.rmtree(root, ignore_errors=True)
+                info = ModelInfo(
+                    base_model=self.backbone.model_id,
+                    base_model_digest=self.backbone.model_digest,
+                    backbone_config=self.backbone.config,
+                    partition_config=pconfig,
+                    train_config=self.config.train_for(k),
+                    num_shards=k,
+                    pseudonym_key_id=self.pseudonymizer.key_id,
+                )
+                md = ModelDir.create(root, info, self.splits, parts)
+                for j, adapter in enumerate(adapters):
+                    adapter.save_into(md, j, self.backbone, self.pseudonymizer)
+            md = ModelDir(root)
+            self.seed_caches(md, adapters)
         manifests = self.manifests(md)
         self.built[name] = {
             "strategy": strategy if k > 1 else "all-data",
