@@ -1005,6 +1005,11 @@ def _ci(ci: Sequence[float] | None, signed: bool = False) -> str:
     return "" if ci is None else f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
 
 
+def _diff(d: dict[str, Any] | None) -> str:
+    """A paired difference {diff, ci} as "+0.0123 [-0.0045, +0.0290]" ("-" when there is none)."""
+    return "-" if d is None else f"{_fmt(d['diff'], -4)} {_ci(d['ci'], signed=True)}"
+
+
 def table1_markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     head = "| " + " | ".join([result["dataset"], *(r["method"] for r in rows)]) + " |"
@@ -1025,7 +1030,7 @@ def table1_markdown(result: dict[str, Any]) -> str:
     )
     for name, d in result.get("differences", {}).items():
         if not name.endswith(f"- {rows[0]['method']}"):
-            note += f"{name}: {_fmt(d['diff'], -4)} {_ci(d['ci'], signed=True)}\n"
+            note += f"{name}: {_diff(d)}\n"
     return "\n".join(lines) + "\n" + note
 
 
@@ -1033,14 +1038,11 @@ def figure_markdown(name: str, result: dict[str, Any]) -> str:
     """Fig. 4, 5 or 6 as a markdown table: each AUC with its paired bootstrap 95% CI, and the
     difference the figure is about (− semantic, adaptive −, − Retraining) with its CI."""
 
-    def diff(d: dict[str, Any] | None) -> str:
-        return "-" if d is None else f"{_fmt(d['diff'], -4)} {_ci(d['ci'], signed=True)}"
-
     if name == "fig4":
         lines = ["| partition | APA(D) AUC [95% CI] | − semantic [95% CI] | Bef. Agg. |", "|---|---|---|---|"]
         for r in result["rows"]:
             lines.append(
-                f"| {r['partition']} | {_fmt(r['auc'])} {_ci(r['auc_ci'])} | {diff(r['minus_semantic'])} "
+                f"| {r['partition']} | {_fmt(r['auc'])} {_ci(r['auc_ci'])} | {_diff(r['minus_semantic'])} "
                 f"| {_fmt(r['before_aggregation_auc'])} |"
             )
         title = f"Fig. 4: APA(D) by partition strategy, K={result['num_shards']}"
@@ -1048,7 +1050,7 @@ def figure_markdown(name: str, result: dict[str, Any]) -> str:
         lines = ["| weights | APA(D) AUC [95% CI] | adaptive − this [95% CI] |", "|---|---|---|"]
         for r in result["rows"]:
             lines.append(
-                f"| {r['weights']} | {_fmt(r['auc'])} {_ci(r['auc_ci'])} | {diff(r['adaptive_minus'])} |"
+                f"| {r['weights']} | {_fmt(r['auc'])} {_ci(r['auc_ci'])} | {_diff(r['adaptive_minus'])} |"
             )
         title = (
             f"Fig. 5: APA(D) by weight strategy, {result['partition']} partition, K={result['num_shards']}"
@@ -1067,7 +1069,7 @@ def figure_markdown(name: str, result: dict[str, Any]) -> str:
         for p in result["points"]:
             lines.append(
                 f"| {p['num_shards']} | {p['shard_size']} | {_fmt(p['auc'])} {_ci(p['auc_ci'])} "
-                f"| {diff(p['minus_retraining'])} | {p['unlearning_steps']:.0f} "
+                f"| {_diff(p['minus_retraining'])} | {p['unlearning_steps']:.0f} "
                 f"| {p['unlearning_seconds']:.1f} / {p['unlearning_seconds_max']:.1f} |"
             )
         title = f"Fig. 6: shard size against APA(D)'s AUC and the unlearning cost, N={result['train_size']}"
@@ -1255,7 +1257,7 @@ def experiment_command(
     served: list[str] | None = None,
     stages_for: list[str] | None = None,
 ) -> int:
-    """Reproduce the paper's study: Table 1 and Fig. 3-6 as JSON + PNG (and table1.md) in OUT.
+    """Reproduce the paper's study: Table 1 and Fig. 3-6 as JSON + PNG (and markdown tables) in OUT.
 
     Every stage (data, partitions, adapters, per-adapter predictions, embeddings) is content-keyed in
     the store under the run directory (`APA_RUNS_DIR`): running the same command again, or with
