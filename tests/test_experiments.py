@@ -166,3 +166,19 @@ def test_missing_data_is_an_error_not_a_crash(tmp_path: Path, capsys: Any) -> No
         "table1", data=str(tmp_path / "nowhere"), out=str(tmp_path / "o"), dataset="bookcrossing"
     )
     assert code == 1 and "error" in capsys.readouterr().err
+
+
+def test_table1_markdown_marks_an_undefined_auc_and_delta_as_missing() -> None:
+    """A method whose AUC is undefined (one-class test split, NaN) shows "-", never "nan"."""
+    row = {"before_aggregation_auc": 0.61, "auc": 0.70, "delta": 0.0, "auc_ci": [0.66, 0.74]}
+    nan_row = {**row, "method": "SISA", "auc": float("nan"), "delta": float("nan"), "delta_ci": None}
+    result = {
+        "dataset": "movie",
+        "num_shards": 4,
+        "test_samples": 16,
+        "rows": [{**row, "method": "Retraining"}, nan_row, {**row, "method": "APA(D)", "delta": -0.0123}],
+    }
+    table = experiments.table1_markdown(result)
+    assert "nan" not in table.lower()
+    assert "| Δ | - | - | -0.0123 |" in table
+    assert "| AUC | 0.7000 | - | 0.7000 |" in table

@@ -1016,7 +1016,7 @@ def table1_markdown(result: dict[str, Any]) -> str:
     sep = "|" + "---|" * (len(rows) + 1)
     bef = "| Bef. Agg. | " + " | ".join(_fmt(r["before_aggregation_auc"]) for r in rows) + " |"
     auc_row = "| AUC | " + " | ".join(_fmt(r["auc"]) for r in rows) + " |"
-    delta = "| Δ | " + " | ".join("-" if i == 0 else f"{r['delta']:+.4f}" for i, r in enumerate(rows)) + " |"
+    delta = "| Δ | " + " | ".join("-" if i == 0 else _fmt(r["delta"], -4) for i, r in enumerate(rows)) + " |"
     lines = [head, sep, bef, auc_row, delta]
     if all("auc_ci" in r for r in rows):  # results written before the CIs were added have none
         lines.insert(4, "| 95% CI | " + " | ".join(_ci(r["auc_ci"]) for r in rows) + " |")
