@@ -498,6 +498,22 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     )
     assert (out / "analysis.md").read_text().count("|") > 10
     assert (out / "analysis.png").read_bytes()[:4] == b"\x89PNG"
+    # `training` gives the same records and speed-up from the adapter stages alone
+    with monkeypatch.context() as m:
+        m.setattr(stages, "train_adapter", lambda *a, **k: pytest.fail("`training` trained an adapter"))
+        assert main([*args[:2], "training", *args[3:]]) == 0
+        summary = json.loads((out / "training.json").read_text())
+        assert summary["training"] == result["training"] and summary["speedup"] == result["speedup"]
+        assert summary["missing"] == [] and "| shard 1 |" in (out / "training.md").read_text()
+        # on a store without the adapters it names what is missing, and trains nothing
+        empty = [*args[:2], "training", *args[3:]]
+        empty[empty.index(str(store))] = str(tmp_path / "empty-store")
+        assert main(empty) == 0
+        assert json.loads((out / "training.json").read_text())["missing"] == [
+            "Retraining",
+            "shard 0",
+            "shard 1",
+        ]
 
     mia = [*args[:2], "mia", *args[3:], "--erase-users", "2"]
     # a second process may build the from-scratch reference first; the full run then reuses it
@@ -689,3 +705,39 @@ def test_mia_can_erase_users_confined_to_few_shards() -> None:
     # two shards: {1, 2} holds c, d and e (6 samples); {0, 1} holds a, b, d (5)
     assert confined_users(shard_of, user_of, 3, 2) == ([1, 2], ["c", "d", "e"])
     assert confined_users(shard_of, user_of, 3, 3)[1] == ["a", "b", "c", "d", "e"]
+
+
+class _Recorded:
+    """An adapter stage's record, as `_training` reads it."""
+
+    def __init__(self, valid_aucs: list[float], cap: int, patience: int) -> None:
+        best = int(np.argmax(valid_aucs)) + 1
+        metrics = [{"epoch": e, "steps": 4, "loss": 0.5, "valid_auc": v} for e, v in enumerate(valid_aucs, 1)]
+        self.result = {
+            "num_samples": 32,
+            "metrics": metrics,
+            "best_epoch": best,
+            "train_seconds": 10.0 * len(metrics),
+            "samples_per_second": 3.2,
+            "train_config": {"epochs": cap, "patience": patience},
+        }
+        self.sha256 = "0" * 64
+
+
+def test_convergence_means_the_patience_ran_out_not_that_the_cap_was_reached() -> None:
+    from apa.study_analysis import _training, speedup, speedup_lines, training_lines
+
+    stopped = _training(_Recorded([0.5, 0.6, 0.55, 0.58], cap=10, patience=2))  # type: ignore[arg-type]
+    at_cap_done = _training(_Recorded([0.5, 0.6, 0.55], cap=3, patience=1))  # type: ignore[arg-type]
+    at_cap_rising = _training(_Recorded([0.5, 0.6, 0.7], cap=3, patience=1))  # type: ignore[arg-type]
+    assert stopped and at_cap_done and at_cap_rising
+    assert stopped["converged"] and stopped["early_stopped"]
+    assert at_cap_done["converged"] and not at_cap_done["early_stopped"]
+    assert not at_cap_rising["converged"]
+    assert speedup_lines(speedup({"Retraining": stopped, "shards": [at_cap_done]}))[-1].endswith("yes.")
+    assert (
+        "no:" in speedup_lines(speedup({"Retraining": stopped, "shards": [at_cap_done, at_cap_rising]}))[-1]
+    )
+    table = "\n".join(training_lines({"Retraining": stopped, "shards": [at_cap_rising, None]}))
+    assert "| 4 / 10 | 2 | yes | 16 (8) |" in table and "| no (cap) |" in table
+    assert "| shard 1 | - | not trained yet |" in table

@@ -77,7 +77,9 @@ from apa.training import TrainConfig, train_adapter
 log = logging.getLogger(__name__)
 
 Preset = Literal["quick", "cpu", "paper"]
-What = Literal["table1", "fig3", "fig4", "fig5", "fig6", "all", "stages", "analysis", "mia", "embedding"]
+What = Literal[
+    "table1", "fig3", "fig4", "fig5", "fig6", "all", "stages", "analysis", "training", "mia", "embedding"
+]
 FIGURES: tuple[str, ...] = ("table1", "fig3", "fig4", "fig5", "fig6")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -1268,7 +1270,9 @@ def experiment_command(
             with their predictions only), `analysis` (issue 11: Table 1 with paired bootstrap CIs and
             diagnostics) or `mia` (membership inference through the serving path, before and after
             erasure), `embedding` (what an early-exit embedding and per-request ω cost in APA(D)'s
-            test AUC, on the same adapters).
+            test AUC, on the same adapters), `training` (each adapter's epochs, steps and validation
+            AUC and the unlearning speed-up, read from the adapter stages alone: trains and scores
+            nothing).
         data: Directory with train/valid/test.jsonl (from `apa prepare`); without them, raw data of
             `dataset` (ml-100k: recbole's copy when the directory does not exist).
         out: Output directory (default: RUNS_DIR/experiments/<preset>).
@@ -1370,7 +1374,8 @@ def experiment_command(
     for path in adopt or []:
         shards = adopt_model_dir(stage_store, backbone, path)
         print(f"adopted {path}: shards {shards}")
-    study = Study(backbone, splits, config, out_dir, store=stage_store, train=train)
+    # `training` only reads the store: a missing adapter is reported, never trained
+    study = Study(backbone, splits, config, out_dir, store=stage_store, train=train and what != "training")
     if resume:
         print(f"resuming from the store {stage_store.root} (finished stages are reused)")
     if preset == "quick":
@@ -1417,6 +1422,11 @@ def experiment_command(
                 return 1
             outputs = ["embedding.json", "embedding.md"]
             print((out_dir / "embedding.md").read_text())
+        elif name == "training":
+            from apa.study_analysis import run_training_summary
+
+            result = run_training_summary(study)
+            outputs = ["training.json", "training.md"]
         elif name == "stages":
             result = study.stages(only, figures_staged)
             outputs = []

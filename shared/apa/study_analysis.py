@@ -58,6 +58,8 @@ def served_passes(names: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(names)
 
 
+PAPER_SPEEDUP = 3.96
+"""The paper's unlearning speed-up of APA at K=4 (Retraining's time over the affected shard's)."""
 PAPER = {"Retraining": 0.7428, "SISA": 0.7035, "APA(D)": 0.7259, "APA(ND)": 0.7256}
 """Table 1 of the paper, ML-100K (1024 train / 500 valid / 1000 test, K=4, LLaMA-7B)."""
 TAUS = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -270,6 +272,8 @@ def _training(adapter: AdapterStage | None) -> dict[str, Any] | None:
         "patience": r["train_config"]["patience"],
         "best_epoch": r["best_epoch"],
         "early_stopped": len(metrics) < r["train_config"]["epochs"],
+        # patience exhausted: the epochs after the best one did not improve on it (even at the cap)
+        "converged": len(metrics) - r["best_epoch"] >= r["train_config"]["patience"],
         "steps": int(sum(m["steps"] for m in metrics)),
         "steps_to_best": int(sum(m["steps"] for m in metrics if m["epoch"] <= r["best_epoch"])),
         "valid_auc_per_epoch": [m["valid_auc"] for m in metrics],
@@ -535,6 +539,9 @@ def speedup(training: dict[str, Any]) -> dict[str, Any] | None:
         "retraining_seconds": full["train_seconds"],
         "retraining_epochs_run": full["epochs_run"],
         "retraining_early_stopped": full["early_stopped"],
+        "retraining_converged": full.get("converged"),
+        "shards_converged": [s.get("converged") for s in shards],
+        "shards_measured": len(shards),
         "shard_seconds": secs,
         "shards_early_stopped": [s["early_stopped"] for s in shards],
         "speedup_vs_mean_shard": full["train_seconds"] / float(np.mean(secs)),
@@ -581,6 +588,93 @@ def plot_analysis(r: dict[str, Any], path: Any) -> None:
 # -- markdown ---------------------------------------------------------------------------------------
 
 
+def training_lines(training: dict[str, Any]) -> list[str]:
+    """Each adapter's training record as a markdown table (Retraining first, then the shards)."""
+    lines = [
+        "",
+        "| adapter | samples | epochs run / cap | best epoch | converged | steps (to best) | valid AUC per epoch | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [("Retraining (K=1)", training["Retraining"])] + [
+        (f"shard {j}", t) for j, t in enumerate(training["shards"])
+    ]
+    for name, t in rows:
+        if t is None:
+            lines.append(f"| {name} | - | not trained yet | | | | | |")
+            continue
+        per = ", ".join(_f(v) for v in t["valid_auc_per_epoch"])
+        converged = {True: "yes", False: "no (cap)", None: "-"}[t.get("converged")]
+        lines.append(
+            f"| {name} | {t['num_samples']} | {t['epochs_run']} / {t['epoch_cap']} | {t['best_epoch']} | "
+            f"{converged} | {t['steps']} ({t['steps_to_best']}) | {per} | {t['train_seconds']:.0f} |"
+        )
+    return lines
+
+
+def speedup_lines(s: dict[str, Any] | None) -> list[str]:
+    """The unlearning speed-up as two sentences (wall time, optimizer steps) and whether both sides
+    were trained to convergence."""
+    if not s:
+        return []
+    both = s.get("retraining_converged") and all(s.get("shards_converged") or [False])
+    return [
+        "",
+        f"Unlearning speed-up: K=1 {s['retraining_seconds']:.0f} s vs shards "
+        f"{', '.join(f'{x:.0f}' for x in s['shard_seconds'])} s: {s['speedup_vs_mean_shard']:.2f}x vs the mean "
+        f"shard, {s['speedup_vs_slowest_shard']:.2f}x vs the slowest (wall time, validation scoring "
+        f"included); optimisation only (samples seen / throughput): {s['fit_speedup_vs_mean_shard']:.2f}x "
+        "vs the mean shard.",
+        f"In optimizer steps (batch 8 both sides, independent of the machine's load): K=1 "
+        f"{s['retraining_steps']} vs shards {', '.join(str(x) for x in s['shard_steps'])}: "
+        f"{s['steps_speedup_vs_mean_shard']:.2f}x vs the mean shard, "
+        f"{s['steps_speedup_vs_slowest_shard']:.2f}x vs the slowest.",
+        "Both sides trained to convergence (patience exhausted): "
+        + ("yes." if both else "no: an adapter reached its epoch cap before its patience ran out, or is missing."),
+    ]
+
+
+def run_training_summary(study: Study) -> dict[str, Any]:
+    """Retraining's and the K semantic shards' training records and the unlearning speed-up, read
+    from the adapter stages alone: nothing is trained or scored, so it answers in seconds while the
+    predictions of a long run are still to come (adapters not in the store yet show as missing).
+    Writes training.json / training.md."""
+    from apa.experiments import write_json
+
+    k = study.config.num_shards
+    retrain, _ = _adapters(study, "random", 1)
+    shards, _ = _adapters(study, "semantic", k)
+    training = {"Retraining": _training(retrain[0]), "shards": [_training(a) for a in shards]}
+    result = {
+        "sizes": {name: len(s) for name, s in study.splits.items()},
+        "num_shards": k,
+        "train_config": study.config.train.to_json(),
+        "retrain_epochs": study.config.retrain_epochs,
+        "retrain_lr": study.config.retrain_lr,
+        "training": training,
+        "missing": [
+            name
+            for name, t in [("Retraining", training["Retraining"])]
+            + [(f"shard {j}", t) for j, t in enumerate(training["shards"])]
+            if t is None
+        ],
+        "speedup": speedup(training),
+        "paper_speedup": PAPER_SPEEDUP,
+    }
+    write_json(study.out / "training.json", result)
+    text = training_markdown(result)
+    (study.out / "training.md").write_text(text)
+    print(text)
+    return result
+
+
+def training_markdown(r: dict[str, Any]) -> str:
+    lines = [f"Sizes {r['sizes']}, K={r['num_shards']}; paper's speed-up at K=4: {r['paper_speedup']}x."]
+    lines += training_lines(r["training"]) + speedup_lines(r["speedup"])
+    if r["missing"]:
+        lines += ["", f"Not in the store yet: {', '.join(r['missing'])}."]
+    return "\n".join(lines) + "\n"
+
+
 def _f(x: Any, d: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{d}f}"
 
@@ -611,23 +705,7 @@ def analysis_markdown(r: dict[str, Any]) -> str:
             f"| {s['shard']} | {s['size']} | {_f(s['yes_rate'])} | {s['users']} | {_f(s.get('test_auc'))} | "
             f"{_f(s.get('valid_auc'))} | {_f(s.get('mean_p_yes_valid'))} |"
         )
-    lines += [
-        "",
-        "| adapter | samples | epochs run / cap | best epoch | steps (to best) | valid AUC per epoch | train s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    rows = [("Retraining (K=1)", r["training"]["Retraining"])] + [
-        (f"shard {j}", t) for j, t in enumerate(r["training"]["shards"])
-    ]
-    for name, t in rows:
-        if t is None:
-            lines.append(f"| {name} | - | not trained yet | | | | |")
-            continue
-        per = ", ".join(_f(v) for v in t["valid_auc_per_epoch"])
-        lines.append(
-            f"| {name} | {t['num_samples']} | {t['epochs_run']} / {t['epoch_cap']} | {t['best_epoch']} | "
-            f"{t['steps']} ({t['steps_to_best']}) | {per} | {t['train_seconds']:.0f} |"
-        )
+    lines += training_lines(r["training"])
     if "oracle_auc" in r:
         lines += [
             "",
@@ -688,20 +766,7 @@ def analysis_markdown(r: dict[str, Any]) -> str:
             lines.append(
                 f"| {p['pool_size']} | {_f(p['auc_mean'])} ({_f(p['auc_sd'])}) | {_f(p['mean_max_weight'])} |"
             )
-    if r.get("speedup"):
-        s = r["speedup"]
-        lines += [
-            "",
-            f"Unlearning speed-up: K=1 {s['retraining_seconds']:.0f} s vs shards "
-            f"{', '.join(f'{x:.0f}' for x in s['shard_seconds'])} s: {s['speedup_vs_mean_shard']:.2f}x vs the mean "
-            f"shard, {s['speedup_vs_slowest_shard']:.2f}x vs the slowest (wall time, validation scoring "
-            f"included); optimisation only (samples seen / throughput): {s['fit_speedup_vs_mean_shard']:.2f}x "
-            "vs the mean shard.",
-            f"In optimizer steps (batch 8 both sides, independent of the machine's load): K=1 "
-            f"{s['retraining_steps']} vs shards {', '.join(str(x) for x in s['shard_steps'])}: "
-            f"{s['steps_speedup_vs_mean_shard']:.2f}x vs the mean shard, "
-            f"{s['steps_speedup_vs_slowest_shard']:.2f}x vs the slowest.",
-        ]
+    lines += speedup_lines(r.get("speedup"))
     return "\n".join(lines) + "\n"
 
 
@@ -718,6 +783,10 @@ __all__ = [
     "plot_analysis",
     "pool_size_effect",
     "run_analysis",
+    "run_training_summary",
     "select_tau_n",
     "speedup",
+    "speedup_lines",
+    "training_lines",
+    "training_markdown",
 ]
