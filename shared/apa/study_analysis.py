@@ -629,7 +629,11 @@ def speedup_lines(s: dict[str, Any] | None) -> list[str]:
         f"{s['steps_speedup_vs_mean_shard']:.2f}x vs the mean shard, "
         f"{s['steps_speedup_vs_slowest_shard']:.2f}x vs the slowest.",
         "Both sides trained to convergence (patience exhausted): "
-        + ("yes." if both else "no: an adapter reached its epoch cap before its patience ran out, or is missing."),
+        + (
+            "yes."
+            if both
+            else "no: an adapter reached its epoch cap before its patience ran out, or is missing."
+        ),
     ]
 
 
