@@ -152,8 +152,27 @@ def test_stage_models_follow_the_issues_order_and_reject_an_unknown_figure() -> 
         ("semantic", 2),
         ("semantic", 8),
     ]
+    assert stage_models(config, ["training"]) == stage_models(config)
     with pytest.raises(ValueError, match="stages_for"):
         stage_models(config, ["fig3"])
+
+
+def test_stages_for_training_trains_the_analysiss_adapters_and_scores_nothing(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, capsys: Any
+) -> None:
+    out, store = tmp_path / "out", tmp_path / "store"
+    args = [*_args(data_dir, tiny_model_dir, out, store), "--stages_for", "training"]
+    assert main(args) == 0
+    # Retraining and the 2 semantic shards, and no prediction or valid/test embedding stage
+    assert len(_done_stages(store, "adapter")) == 3
+    assert _done_stages(store, "predictions") == {} and len(_done_stages(store, "embeddings")) == 1
+    capsys.readouterr()
+    assert main([*args, "--train", "false"]) == 0
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: "))
+    assert plan.startswith("plan: 5 of 5 stages done")  # 2 partitions, 3 adapters
+    training = [a if a != "stages" else "training" for a in _args(data_dir, tiny_model_dir, out, store)]
+    assert main(training) == 0
+    assert json.loads((out / "training.json").read_text())["missing"] == []
 
 
 def test_stages_for_table1_and_fig6_build_every_adapter_those_figures_then_use(

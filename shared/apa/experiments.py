@@ -229,8 +229,14 @@ class Method:
     level: Literal["single", "prediction", "decomposition", "non_decomposition"]
 
 
-STAGE_FIGURES: tuple[str, ...] = ("analysis", "table1", "fig4", "fig5", "fig6")
-"""What `--what stages --stages_for ...` can build the adapters of (Fig. 3 uses Table 1's)."""
+STAGE_FIGURES: tuple[str, ...] = ("analysis", "table1", "fig4", "fig5", "fig6", "training")
+"""What `--what stages --stages_for ...` can build the adapters of (Fig. 3 uses Table 1's;
+`training`: the analysis's adapters without their predictions, all `apa experiment training` reads)."""
+
+
+def stages_score(figures: Sequence[str]) -> bool:
+    """Whether the stages of `figures` include the adapters' predictions (only `training` needs none)."""
+    return any(f != "training" for f in figures)
 
 
 def stage_models(
@@ -258,6 +264,7 @@ def stage_models(
         "fig4": set(order[1:5]),
         "fig5": {order[1]},
         "fig6": {*order[:2], *others},
+        "training": set(order[:2]),
     }
     need: set[tuple[StrategyName, int]] = set().union(*(need_by[f] for f in figures))
     return [model for model in order if model in need]
@@ -447,6 +454,7 @@ class Study:
             "shards": [m for m in models if m[1] > 1],
         }[only]
         shard_jobs: dict[tuple[str, int], Callable[[], bool]] = {}
+        scoring = stages_score(figures)
         for strategy, k in models:
             name = self.dir_name(strategy, k)
             try:
@@ -459,12 +467,16 @@ class Study:
             for j, ids in enumerate(parts.shards):
                 samples, config = [by_id[i] for i in ids], self.config.train_for(k)
                 shard_jobs[(name, j)] = partial(
-                    self._shard_stages, samples, config, f"{name} shard {j}", self.scored_splits(k)
+                    self._shard_stages,
+                    samples,
+                    config,
+                    f"{name} shard {j}",
+                    self.scored_splits(k) if scoring else (),
                 )
         jobs: dict[str, Callable[[], Any]] = {
             f"{name} shard {j}": job for (name, j), job in shard_jobs.items()
         }
-        if only != "retraining":  # two processes may share the store: one of them embeds
+        if only != "retraining" and scoring:  # two processes may share the store: one of them embeds
             for split in ("valid", "test"):
                 jobs[f"embeddings {split}"] = partial(self.embeddings, split)
                 jobs[f"zero-shot {split}"] = partial(self.predictions, None, split)
@@ -513,14 +525,15 @@ class Study:
             seconds += cost
             return False
 
-        for samples in (valid, test):
+        scoring = stages_score(figures)
+        for samples in (valid, test) if scoring else ():
             count("embeddings", embeddings_key(self.backbone, samples), len(samples) / 3.5)
             count("predictions", predictions_key(self.backbone, None, samples), len(samples) / 3.5)
         by_id = {s.sample_id: s for s in self.splits["train"]}
         for strategy, k in stage_models(self.config, figures):
             pconfig = partition_config(strategy, k, self.config.seed)
             pkey = partition_key(self.backbone, self.splits["train"], pconfig)
-            scored = [self.splits[split] for split in self.scored_splits(k)]
+            scored = [self.splits[split] for split in self.scored_splits(k)] if scoring else []
             if not count("partition", pkey, len(by_id) / 3.5 if k > 1 else 0.0):
                 seconds += k * sum(len(split) for split in scored) / 3.5
                 seconds += len(by_id) * self.config.train_for(k).epochs / 1.1
@@ -1314,7 +1327,8 @@ def experiment_command(
             paper, selected, nd, centred, rank, or none (default: all six; each takes minutes on a CPU).
         stages_for: stages: build the adapters (and their predictions) of these figures, some of
             analysis, table1, fig4, fig5, fig6 (default: analysis, i.e. Retraining and the semantic K
-            shards); table1 and fig4 add SISA's, GraphEraser's and RecEraser's shards, fig6 the other K.
+            shards); table1 and fig4 add SISA's, GraphEraser's and RecEraser's shards, fig6 the other K;
+            training: the analysis's adapters only, without predictions (what `training` reads).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
