@@ -647,7 +647,10 @@ def run_training_summary(study: Study) -> dict[str, Any]:
     k = study.config.num_shards
     retrain, _ = _adapters(study, "random", 1)
     shards, _ = _adapters(study, "semantic", k)
-    training = {"Retraining": _training(retrain[0]), "shards": [_training(a) for a in shards]}
+    full, parts = _training(retrain[0]), [_training(a) for a in shards]
+    training: dict[str, Any] = {"Retraining": full, "shards": parts}
+    missing = ["Retraining"] if full is None else []
+    missing += [f"shard {j}" for j, t in enumerate(parts) if t is None]
     result = {
         "sizes": {name: len(s) for name, s in study.splits.items()},
         "num_shards": k,
@@ -655,12 +658,7 @@ def run_training_summary(study: Study) -> dict[str, Any]:
         "retrain_epochs": study.config.retrain_epochs,
         "retrain_lr": study.config.retrain_lr,
         "training": training,
-        "missing": [
-            name
-            for name, t in [("Retraining", training["Retraining"])]
-            + [(f"shard {j}", t) for j, t in enumerate(training["shards"])]
-            if t is None
-        ],
+        "missing": missing,
         "speedup": speedup(training),
         "paper_speedup": PAPER_SPEEDUP,
     }
