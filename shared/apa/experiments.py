@@ -511,7 +511,12 @@ class Study:
         return True
 
     def plan(self, figures: Sequence[str] = ("analysis",)) -> dict[str, Any]:
-        """How many of `stages(figures=...)`'s stages are done, and an estimate of the time the rest takes."""
+        """How many of `stages(figures=...)`'s stages are done, and an estimate of the time the rest
+        takes at this machine's speeds (`apa.study_rates`): samples trained (epoch cap x shard) and
+        prompts scored, the validation scoring of each training epoch included."""
+        from apa.study_rates import study_rates
+
+        rates = study_rates(self.store.root, self.backbone.config.bf16_autocast)
         total = finished = 0
         seconds = 0.0
         valid, test = self.splits["valid"], self.splits["test"]
@@ -525,35 +530,44 @@ class Study:
             seconds += cost
             return False
 
+        def train_cost(n: int, config: TrainConfig) -> float:
+            eval_size = (
+                len(valid) if config.valid_eval_size is None else min(len(valid), config.valid_eval_size)
+            )
+            return config.epochs * (n / rates.train_per_s + eval_size / rates.score_per_s)
+
         scoring = stages_score(figures)
         for samples in (valid, test) if scoring else ():
-            count("embeddings", embeddings_key(self.backbone, samples), len(samples) / 3.5)
-            count("predictions", predictions_key(self.backbone, None, samples), len(samples) / 3.5)
+            count("embeddings", embeddings_key(self.backbone, samples), len(samples) / rates.score_per_s)
+            count(
+                "predictions", predictions_key(self.backbone, None, samples), len(samples) / rates.score_per_s
+            )
         by_id = {s.sample_id: s for s in self.splits["train"]}
         for strategy, k in stage_models(self.config, figures):
             pconfig = partition_config(strategy, k, self.config.seed)
             pkey = partition_key(self.backbone, self.splits["train"], pconfig)
             scored = [self.splits[split] for split in self.scored_splits(k)] if scoring else []
-            if not count("partition", pkey, len(by_id) / 3.5 if k > 1 else 0.0):
-                seconds += k * sum(len(split) for split in scored) / 3.5
-                seconds += len(by_id) * self.config.train_for(k).epochs / 1.1
+            train_config = self.config.train_for(k)
+            if not count("partition", pkey, len(by_id) / rates.score_per_s if k > 1 else 0.0):
+                seconds += k * sum(len(split) for split in scored) / rates.score_per_s
+                seconds += k * train_cost(math.ceil(len(by_id) / k), train_config)
                 total += k * (1 + len(scored))
                 continue
             parts = Partition.from_json(
                 json.loads((self.store.path("partition", pkey) / "partition.json").read_text())
             )
-            train_config = self.config.train_for(k)
             for ids in parts.shards:
                 samples = [by_id[i] for i in ids]
                 key = adapter_key(self.backbone, samples, valid, train_config)
-                if count("adapter", key, len(samples) * train_config.epochs / 1.1):
+                if count("adapter", key, train_cost(len(samples), train_config)):
                     adapter = AdapterStage.from_dir(self.store.path("adapter", key))
                     for split in scored:
-                        count("predictions", predictions_key(self.backbone, adapter, split), len(split) / 3.5)
+                        cost = len(split) / rates.score_per_s
+                        count("predictions", predictions_key(self.backbone, adapter, split), cost)
                 else:
                     total += len(scored)
-                    seconds += sum(len(split) for split in scored) / 3.5
-        return {"stages": total, "done": finished, "seconds_left": seconds}
+                    seconds += sum(len(split) for split in scored) / rates.score_per_s
+        return {"stages": total, "done": finished, "seconds_left": seconds, "rates": rates.describe()}
 
     # -- model directories ------------------------------------------------------------------------
 
@@ -1393,15 +1407,18 @@ def experiment_command(
     if resume:
         print(f"resuming from the store {stage_store.root} (finished stages are reused)")
     if preset == "quick":
-        estimate = quick_budget(config)
-        print(
-            f"quick preset: estimated {estimate['total_seconds'] / 60:.0f} min on 2 CPU cores (embedded model)"
-        )
+        from apa.study_rates import study_rates
+
+        rates = study_rates(stage_store.root, backbone.config.bf16_autocast)
+        estimate = quick_budget(config, rates.score_per_s, rates.train_per_s)
+        print(f"quick preset: estimated {estimate['total_seconds'] / 60:.0f} min at {rates.describe()}")
     if what in ("stages", "analysis", "mia", "embedding"):
         plan = study.plan(figures_staged if what == "stages" else ("analysis",))
+        left = plan["seconds_left"] / 60
         print(
-            f"plan: {plan['done']} of {plan['stages']} stages done; about {plan['seconds_left'] / 60:.0f} min "
-            "left at 1.1 trained / 3.5 scored samples per second"
+            f"plan: {plan['done']} of {plan['stages']} stages done; about "
+            f"{f'{left / 60:.1f} h' if left >= 120 else f'{left:.0f} min'} left at {plan['rates']}"
+            + ("; every adapter counted at its epoch cap (early stopping ends sooner)" if left else "")
         )
     summary_path = out_dir / "results.json"
     figures: dict[str, Any] = {}

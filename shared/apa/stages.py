@@ -50,6 +50,7 @@ from apa.data.samples import sample_digest
 from apa.modeldir import ModelDir, ModelDirError, ShardManifest
 from apa.partition import Partition, PartitionConfig, StrategyName, partition
 from apa.pseudonyms import Pseudonymizer
+from apa.study_rates import runner
 from apa.training import EpochRecord, TrainConfig, train_adapter
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,13 @@ class StageStore:
         log.info("stage %s %s: running", kind, label or final.name)
         started = time.perf_counter()
         build(work)
-        info = {"kind": kind, "label": label, "seconds": time.perf_counter() - started, "pid": os.getpid()}
+        info = {
+            "kind": kind,
+            "label": label,
+            "seconds": time.perf_counter() - started,
+            "pid": os.getpid(),
+            **runner(),  # host and threads: whose speed `seconds` measures (`apa.study_rates`)
+        }
         (work / DONE).write_text(json.dumps(info, indent=2))
         if final.exists():
             shutil.rmtree(final)

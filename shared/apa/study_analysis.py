@@ -260,6 +260,17 @@ def _adapters(study: Study, strategy: str, k: int) -> tuple[list[AdapterStage | 
     return out, [list(ids) for ids in parts.shards]
 
 
+def _analysis_adapters(
+    study: Study,
+) -> tuple[AdapterStage | None, list[AdapterStage | None], list[list[str]], dict[str, Any]]:
+    """Retraining's adapter, the K semantic shards' adapters (None where not in the store), the
+    shards' sample ids, and the training records of both sides (`_training`)."""
+    retrain, _ = _adapters(study, "random", 1)
+    shards, shard_ids = _adapters(study, "semantic", study.config.num_shards)
+    training = {"Retraining": _training(retrain[0]), "shards": [_training(a) for a in shards]}
+    return retrain[0], shards, shard_ids, training
+
+
 def _training(adapter: AdapterStage | None) -> dict[str, Any] | None:
     if adapter is None:
         return None
@@ -309,12 +320,10 @@ def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None =
     scores: dict[str, np.ndarray] = {"zero-shot": study.predictions(None, "test")}
     result["zero_shot_valid_auc"] = auc(yv, study.predictions(None, "valid"))
 
-    retrain, _ = _adapters(study, "random", 1)
-    shards, shard_ids = _adapters(study, "semantic", k)
-    result["training"] = {"Retraining": _training(retrain[0]), "shards": [_training(a) for a in shards]}
-    if retrain[0] is not None:
-        scores["Retraining"] = study.predictions(retrain[0], "test")
-        result["retraining_valid_auc"] = auc(yv, study.predictions(retrain[0], "valid"))
+    retrain, shards, shard_ids, result["training"] = _analysis_adapters(study)
+    if retrain is not None:
+        scores["Retraining"] = study.predictions(retrain, "test")
+        result["retraining_valid_auc"] = auc(yv, study.predictions(retrain, "valid"))
     by_id = {s.sample_id: s for s in study.splits["train"]}
     result["shards"] = [
         {
@@ -336,7 +345,7 @@ def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None =
             result["shards"][j]["valid_auc"] = auc(yv, pv[:, col])
             result["shards"][j]["mean_p_yes_valid"] = float(pv[:, col].mean())
     complete = len(ready) == k
-    result["complete"] = complete and retrain[0] is not None
+    result["complete"] = complete and retrain is not None
     if pt is not None and pv is not None:
         label = "SISA" if complete else f"SISA (shards {ready} only)"
         scores[label] = pt.mean(axis=1)
@@ -644,12 +653,9 @@ def run_training_summary(study: Study) -> dict[str, Any]:
     from apa.experiments import write_json
 
     k = study.config.num_shards
-    retrain, _ = _adapters(study, "random", 1)
-    shards, _ = _adapters(study, "semantic", k)
-    full, parts = _training(retrain[0]), [_training(a) for a in shards]
-    training: dict[str, Any] = {"Retraining": full, "shards": parts}
-    missing = ["Retraining"] if full is None else []
-    missing += [f"shard {j}" for j, t in enumerate(parts) if t is None]
+    *_, training = _analysis_adapters(study)
+    missing = ["Retraining"] if training["Retraining"] is None else []
+    missing += [f"shard {j}" for j, t in enumerate(training["shards"]) if t is None]
     result = {
         "sizes": {name: len(s) for name, s in study.splits.items()},
         "num_shards": k,

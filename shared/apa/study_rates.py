@@ -1,0 +1,123 @@
+"""How fast this machine trains and scores, for the study's time estimate (`Study.plan`).
+
+The store's own finished stages measure it best. Every stage records the host and the number of
+torch threads it ran with (`StageStore`); a trained adapter records its optimisation throughput
+(validation scoring excluded), and a prediction or embedding stage its seconds and its samples.
+Only stages of this host and this thread count are read (an adopted adapter did not train here),
+and the median of each kind is used, so one stage resumed half-way does not skew it.
+
+With none of them, the estimate falls back to speeds measured on 2 CPU cores with the embedded
+model (docs/RESULTS.md): with native bf16 (`apa.backbone.native_bf16`), 1.1 trained and 3.5
+scored samples per second; without it (fp32, AVX2), 0.49 and 1.5. One thread measured 0.67 of
+two's speed on the AVX2 machine, and that factor is applied to a single-thread process.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import numpy as np
+
+DEFAULT_RATES: dict[bool, tuple[float, float]] = {True: (1.1, 3.5), False: (0.49, 1.5)}
+"""(trained, scored) samples per second on 2 threads, by whether the CPU has native bf16."""
+ONE_THREAD = 0.67
+"""A single-thread process's speed as a fraction of a 2-thread one's (measured, fp32 AVX2)."""
+SCORED_KINDS: tuple[tuple[str, str, str], ...] = (
+    ("predictions", "predictions.npz", "p"),
+    ("embeddings", "embeddings.npz", "embeddings"),
+)
+"""Stage kinds that score (or embed) prompts: (kind, file, array whose length is the samples)."""
+
+
+@dataclass(frozen=True)
+class StudyRates:
+    """The speeds a time estimate assumes."""
+
+    train_per_s: float
+    """LoRA training samples per second (optimisation only)."""
+    score_per_s: float
+    """Prompts scored or embedded per second."""
+    source: str
+    """Where the speeds come from, in words."""
+
+    def describe(self) -> str:
+        return f"{self.train_per_s:.2f} trained / {self.score_per_s:.2f} scored samples per second ({self.source})"
+
+
+def runner() -> dict[str, Any]:
+    """What a stage's speed depends on besides the work: the host and the torch threads."""
+    import torch
+
+    return {"host": socket.gethostname(), "threads": torch.get_num_threads()}
+
+
+def _same_runner(done: Path, here: dict[str, Any]) -> float | None:
+    """The stage's seconds when it ran on `here` (host and threads), else None."""
+    try:
+        info = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("host") != here["host"] or info.get("threads") != here["threads"]:
+        return None
+    seconds = float(info.get("seconds", 0.0))
+    return seconds if seconds > 0 else None
+
+
+def _train_rates(root: Path, here: dict[str, Any]) -> Iterable[float]:
+    for done in sorted(root.glob("adapter/*/done.json")):
+        if _same_runner(done, here) is None:
+            continue
+        try:
+            result = json.loads((done.parent / "result.json").read_text())
+        except (OSError, ValueError):
+            continue
+        rate = float(result.get("samples_per_second", 0.0))
+        if result.get("source", "trained") == "trained" and rate > 0:
+            yield rate
+
+
+def _score_rates(root: Path, here: dict[str, Any]) -> Iterable[float]:
+    for kind, name, array in SCORED_KINDS:
+        for done in sorted(root.glob(f"{kind}/*/done.json")):
+            seconds = _same_runner(done, here)
+            if seconds is None:
+                continue
+            try:
+                with np.load(done.parent / name, allow_pickle=False) as data:
+                    n = len(data[array])
+            except (OSError, ValueError, KeyError):
+                continue
+            if n:
+                yield n / seconds
+
+
+def study_rates(store_root: Path, native_bf16: bool, here: dict[str, Any] | None = None) -> StudyRates:
+    """The speeds measured by the store's stages that ran here (`runner`), each kind falling back
+    to the default for this CPU (`DEFAULT_RATES`, scaled by `ONE_THREAD` for one thread)."""
+    here = here or runner()
+    train, score = list(_train_rates(store_root, here)), list(_score_rates(store_root, here))
+    factor = ONE_THREAD if here["threads"] <= 1 else 1.0
+    default_train, default_score = (rate * factor for rate in DEFAULT_RATES[native_bf16])
+    default = (
+        f"defaults for a CPU {'with' if native_bf16 else 'without'} native bf16, {here['threads']} thread(s)"
+    )
+    if train and score:
+        source = f"measured by {len(train)} adapter and {len(score)} scoring stages run here"
+    elif train or score:
+        source = f"measured by {len(train) or len(score)} {'adapter' if train else 'scoring'} stages run here; {default}"
+    else:
+        source = default
+    return StudyRates(
+        median(train) if train else default_train,
+        median(score) if score else default_score,
+        source,
+    )
+
+
+__all__ = ["DEFAULT_RATES", "ONE_THREAD", "StudyRates", "runner", "study_rates"]

@@ -1,0 +1,126 @@
+"""The study's time estimate runs at this machine's speeds: measured by the store's own stages that
+ran here (same host, same threads), else the defaults for this CPU; the plan counts the validation
+scoring of every training epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import apa.study_rates as study_rates_module
+from apa.backbone import Backbone, BackboneConfig
+from apa.data import write_jsonl
+from apa.experiments import ExperimentConfig, Study
+from apa.stages import StageStore, stage_seconds
+from apa.study_rates import DEFAULT_RATES, ONE_THREAD, runner, study_rates
+from model_fixtures import make_samples
+
+HERE = {"host": "trainer-1", "threads": 2}
+
+
+def _stage(root: Path, kind: str, name: str, seconds: float, ran: dict[str, Any] = HERE) -> Path:
+    stage = root / kind / name
+    stage.mkdir(parents=True)
+    (stage / "done.json").write_text(json.dumps({"kind": kind, "seconds": seconds, **ran}))
+    return stage
+
+
+def _adapter(root: Path, name: str, rate: float, ran: dict[str, Any] = HERE, source: str = "trained") -> None:
+    stage = _stage(root, "adapter", name, 100.0, ran)
+    (stage / "result.json").write_text(json.dumps({"samples_per_second": rate, "source": source}))
+
+
+def _scored(root: Path, kind: str, name: str, n: int, seconds: float, ran: dict[str, Any] = HERE) -> None:
+    stage = _stage(root, kind, name, seconds, ran)
+    if kind == "predictions":
+        np.savez(stage / "predictions.npz", sample_ids=np.array([str(i) for i in range(n)]), p=np.zeros(n))
+    else:
+        np.savez(
+            stage / "embeddings.npz",
+            sample_ids=np.array([str(i) for i in range(n)]),
+            embeddings=np.zeros((n, 4)),
+        )
+
+
+def test_rates_are_measured_by_this_hosts_stages_and_ignore_other_runners(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    _adapter(root, "a", 0.5)
+    _adapter(root, "b", 0.7)
+    _adapter(root, "c", 0.9)  # median of 0.5, 0.7, 0.9
+    _adapter(root, "other-host", 50.0, {"host": "laptop", "threads": 2})
+    _adapter(root, "other-threads", 50.0, {"host": "trainer-1", "threads": 1})
+    _adapter(root, "adopted", 50.0, source="adopted")  # trained elsewhere, adopted here
+    _scored(root, "predictions", "p", 20, 10.0)  # 2.0 / s
+    _scored(root, "embeddings", "e", 30, 10.0)  # 3.0 / s
+    _scored(root, "predictions", "slow-host", 1, 100.0, {"host": "laptop", "threads": 2})
+    _stage(root, "predictions", "no-file", 1.0)  # a done marker without its array: skipped
+    rates = study_rates(root, native_bf16=True, here=HERE)
+    assert rates.train_per_s == pytest.approx(0.7)
+    assert rates.score_per_s == pytest.approx(2.5)
+    assert "measured by 3 adapter and 2 scoring stages" in rates.describe()
+
+
+def test_without_measurements_each_kind_falls_back_to_this_cpus_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    for native in (True, False):
+        rates = study_rates(empty, native_bf16=native, here=HERE)
+        assert (rates.train_per_s, rates.score_per_s) == DEFAULT_RATES[native]
+        assert ("with native bf16" if native else "without native bf16") in rates.source
+    one = study_rates(empty, native_bf16=False, here={**HERE, "threads": 1})
+    assert one.train_per_s == pytest.approx(DEFAULT_RATES[False][0] * ONE_THREAD)
+    # scoring measured, training not yet: each kind on its own
+    _scored(tmp_path / "store", "predictions", "p", 12, 4.0)
+    mixed = study_rates(tmp_path / "store", native_bf16=False, here=HERE)
+    assert (mixed.train_per_s, mixed.score_per_s) == (DEFAULT_RATES[False][0], pytest.approx(3.0))
+    assert "measured by 1 scoring stages" in mixed.source and "defaults" in mixed.source
+
+
+def test_a_finished_stage_records_its_runner_and_its_speed_is_read_back(tmp_path: Path) -> None:
+    store = StageStore(tmp_path / "store")
+
+    def build(work: Path) -> None:
+        np.savez(work / "predictions.npz", sample_ids=np.array(["a", "b", "c"]), p=np.zeros(3))
+
+    path = store.run("predictions", {"what": "three prompts"}, build)
+    done = json.loads((path / "done.json").read_text())
+    assert {done["host"], done["threads"]} == set(runner().values())
+    rates = study_rates(store.root, native_bf16=False)
+    assert rates.score_per_s == pytest.approx(3 / stage_seconds(path))
+    assert rates.train_per_s == DEFAULT_RATES[False][0] * (ONE_THREAD if done["threads"] <= 1 else 1.0)
+
+
+def test_the_plan_runs_at_the_rates_and_counts_each_epochs_validation_scoring(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from apa.data import load_splits
+
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", make_samples(12, "train", seed=11))
+    write_jsonl(data / "valid.jsonl", make_samples(8, "valid", seed=12))
+    write_jsonl(data / "test.jsonl", make_samples(8, "test", seed=13))
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_model_dir)))
+    splits, store = load_splits(data), StageStore(tmp_path / "store")
+    sizes: dict[str, Any] = {"num_shards": 2, "train_size": 12, "valid_size": 8, "test_size": 8}
+    base = ExperimentConfig.from_preset("cpu", **sizes)
+    assert base.train.epochs >= 2 and base.train.valid_eval_size == 200  # all 8 validation samples
+
+    def seconds(config: ExperimentConfig, rate: float, figures: tuple[str, ...] = ("training",)) -> float:
+        monkeypatch.setattr(study_rates_module, "DEFAULT_RATES", {True: (rate, rate), False: (rate, rate)})
+        monkeypatch.setattr(study_rates_module, "ONE_THREAD", 1.0)
+        study = Study(backbone, splits, config, tmp_path / "out", progress=False, store=store, train=False)
+        plan = study.plan(figures)
+        assert plan["done"] == 0 and f"{rate:.2f} trained / {rate:.2f} scored" in plan["rates"]
+        return float(plan["seconds_left"])
+
+    # twice the speed, half the time
+    assert seconds(base, 2.0) == pytest.approx(seconds(base, 1.0) / 2)
+    assert seconds(base, 1.0, ("analysis",)) > seconds(base, 1.0)  # predictions and embeddings too
+    # every epoch of Retraining and of the 2 shards scores the 8 validation samples
+    quiet = ExperimentConfig.from_preset("cpu", **sizes, early_stopping=False)
+    epochs = base.train.epochs
+    assert base.retrain_epochs is None and quiet.train.valid_eval_size == 0
+    assert seconds(base, 1.0) - seconds(quiet, 1.0) == pytest.approx(epochs * 8 * (1 + 2))
