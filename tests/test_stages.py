@@ -163,6 +163,11 @@ def test_stages_for_training_trains_the_analysiss_adapters_and_scores_nothing(
     out, store = tmp_path / "out", tmp_path / "store"
     args = [*_args(data_dir, tiny_model_dir, out, store), "--stages_for", "training"]
     assert main(args) == 0
+    # the plan at the start and again after each adapter (the partitions come first)
+    plans = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: ")]
+    assert [line.split(" stages done")[0] for line in plans] == [f"plan: {d} of 5" for d in (0, 3, 4, 5)]
+    assert "h left" in plans[0] or "min left" in plans[0]
+    assert plans[-1].startswith("plan: 5 of 5 stages done; about 0 min left")
     # Retraining and the 2 semantic shards, and no prediction or valid/test embedding stage
     assert len(_done_stages(store, "adapter")) == 3
     assert _done_stages(store, "predictions") == {} and len(_done_stages(store, "embeddings")) == 1

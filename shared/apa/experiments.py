@@ -270,6 +270,16 @@ def stage_models(
     return [model for model in order if model in need]
 
 
+def plan_line(plan: dict[str, Any]) -> str:
+    """`Study.plan` in one line: stages done of all, and the time left at the rates it assumed."""
+    left = plan["seconds_left"] / 60
+    return (
+        f"plan: {plan['done']} of {plan['stages']} stages done; about "
+        f"{f'{left / 60:.1f} h' if left >= 120 else f'{left:.0f} min'} left at {plan['rates']}"
+        + ("; every adapter counted at its epoch cap (early stopping ends sooner)" if left else "")
+    )
+
+
 def table1_methods(k: int) -> list[Method]:
     return [
         Method("Retraining", "random", 1, "single"),
@@ -480,7 +490,16 @@ class Study:
             for split in ("valid", "test"):
                 jobs[f"embeddings {split}"] = partial(self.embeddings, split)
                 jobs[f"zero-shot {split}"] = partial(self.predictions, None, split)
-        trained = run_free_first(self.store, jobs)
+
+        def reporting(job: Callable[[], Any]) -> Callable[[], Any]:
+            def run() -> Any:  # the whole plan again after each job: progress and time left
+                value = job()
+                print(plan_line(self.plan(figures)), flush=True)
+                return value
+
+            return run
+
+        trained = run_free_first(self.store, {name: reporting(job) for name, job in jobs.items()})
         for name, j in shard_jobs:  # in shard order, whichever order they ran in
             (done if trained[f"{name} shard {j}"] else pending)[name].append(j)
         result = {"adapters_done": done, "adapters_pending": pending}
@@ -1414,12 +1433,7 @@ def experiment_command(
         print(f"quick preset: estimated {estimate['total_seconds'] / 60:.0f} min at {rates.describe()}")
     if what in ("stages", "analysis", "mia", "embedding"):
         plan = study.plan(figures_staged if what == "stages" else ("analysis",))
-        left = plan["seconds_left"] / 60
-        print(
-            f"plan: {plan['done']} of {plan['stages']} stages done; about "
-            f"{f'{left / 60:.1f} h' if left >= 120 else f'{left:.0f} min'} left at {plan['rates']}"
-            + ("; every adapter counted at its epoch cap (early stopping ends sooner)" if left else "")
-        )
+        print(plan_line(plan), flush=True)
     summary_path = out_dir / "results.json"
     figures: dict[str, Any] = {}
     names = list(FIGURES) if what == "all" else [what]
@@ -1503,6 +1517,7 @@ __all__ = [
     "Study",
     "experiment_command",
     "load_data",
+    "plan_line",
     "quick_budget",
     "table1_methods",
 ]
