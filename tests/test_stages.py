@@ -168,13 +168,15 @@ def test_stages_for_training_trains_the_analysiss_adapters_and_scores_nothing(
     assert [line.split(" stages done")[0] for line in plans] == [f"plan: {d} of 5" for d in (0, 3, 4, 5)]
     assert "h left" in plans[0] or "min left" in plans[0]
     assert plans[-1].startswith("plan: 5 of 5 stages done; about 0 min left")
+    assert not any("epoch cap" in line for line in plans)  # quick: one epoch, no early stopping
     # Retraining and the 2 semantic shards, and no prediction or valid/test embedding stage
     assert len(_done_stages(store, "adapter")) == 3
     assert _done_stages(store, "predictions") == {} and len(_done_stages(store, "embeddings")) == 1
     capsys.readouterr()
     assert main([*args, "--train", "false"]) == 0
-    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: "))
-    assert plan.startswith("plan: 5 of 5 stages done")  # 2 partitions, 3 adapters
+    plans = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: ")]
+    assert len(plans) == 1  # nothing finished: the plan is not repeated
+    assert plans[0].startswith("plan: 5 of 5 stages done")  # 2 partitions, 3 adapters
     training = [a if a != "stages" else "training" for a in _args(data_dir, tiny_model_dir, out, store)]
     assert main(training) == 0
     assert json.loads((out / "training.json").read_text())["missing"] == []

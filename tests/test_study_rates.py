@@ -14,7 +14,7 @@ import pytest
 import apa.study_rates as study_rates_module
 from apa.backbone import Backbone, BackboneConfig
 from apa.data import write_jsonl
-from apa.experiments import ExperimentConfig, Study
+from apa.experiments import ExperimentConfig, Study, plan_line
 from apa.stages import StageStore, stage_seconds
 from apa.study_rates import DEFAULT_RATES, ONE_THREAD, runner, study_rates
 from model_fixtures import make_samples
@@ -114,6 +114,9 @@ def test_the_plan_runs_at_the_rates_and_counts_each_epochs_validation_scoring(
         study = Study(backbone, splits, config, tmp_path / "out", progress=False, store=store, train=False)
         plan = study.plan(figures)
         assert plan["done"] == 0 and f"{rate:.2f} trained / {rate:.2f} scored" in plan["rates"]
+        # with early stopping the time counts every adapter at its cap: the line says it is a bound
+        early = config.train.valid_eval_size != 0
+        assert plan["capped"] is early and ("epoch cap" in plan_line(plan)) is early
         return float(plan["seconds_left"])
 
     # twice the speed, half the time

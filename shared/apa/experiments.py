@@ -276,7 +276,7 @@ def plan_line(plan: dict[str, Any]) -> str:
     return (
         f"plan: {plan['done']} of {plan['stages']} stages done; about "
         f"{f'{left / 60:.1f} h' if left >= 120 else f'{left:.0f} min'} left at {plan['rates']}"
-        + ("; every adapter counted at its epoch cap (early stopping ends sooner)" if left else "")
+        + ("; every adapter counted at its epoch cap (early stopping ends sooner)" if plan["capped"] else "")
     )
 
 
@@ -491,10 +491,16 @@ class Study:
                 jobs[f"embeddings {split}"] = partial(self.embeddings, split)
                 jobs[f"zero-shot {split}"] = partial(self.predictions, None, split)
 
+        shown = self.plan(figures)["done"]
+
         def reporting(job: Callable[[], Any]) -> Callable[[], Any]:
-            def run() -> Any:  # the whole plan again after each job: progress and time left
+            def run() -> Any:  # the whole plan again after each job that finished stages
+                nonlocal shown
                 value = job()
-                print(plan_line(self.plan(figures)), flush=True)
+                plan = self.plan(figures)
+                if plan["done"] != shown:
+                    shown = plan["done"]
+                    print(plan_line(plan), flush=True)
                 return value
 
             return run
@@ -549,7 +555,11 @@ class Study:
             seconds += cost
             return False
 
+        capped = False
+
         def train_cost(n: int, config: TrainConfig) -> float:
+            nonlocal capped
+            capped = capped or (config.valid_eval_size != 0 and config.epochs > 1 and len(valid) > 0)
             eval_size = (
                 len(valid) if config.valid_eval_size is None else min(len(valid), config.valid_eval_size)
             )
@@ -586,7 +596,13 @@ class Study:
                 else:
                     total += len(scored)
                     seconds += sum(len(split) for split in scored) / rates.score_per_s
-        return {"stages": total, "done": finished, "seconds_left": seconds, "rates": rates.describe()}
+        return {
+            "stages": total,
+            "done": finished,
+            "seconds_left": seconds,
+            "rates": rates.describe(),
+            "capped": capped,  # an adapter left to train may stop before its cap
+        }
 
     # -- model directories ------------------------------------------------------------------------
 
