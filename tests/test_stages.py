@@ -162,6 +162,13 @@ def test_stages_for_training_trains_the_analysiss_adapters_and_scores_nothing(
 ) -> None:
     out, store = tmp_path / "out", tmp_path / "store"
     args = [*_args(data_dir, tiny_model_dir, out, store), "--stages_for", "training"]
+    dry = [a if a != "stages" else "plan" for a in args]
+    assert main(dry) == 0  # a dry run: counts what is left, builds nothing
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("plan: ", "left "))]
+    assert (
+        lines[0].startswith("plan: 0 of 5 stages done") and lines[1] == "left to run: 2 partition, 3 adapter"
+    )
+    assert not [p for p in store.iterdir() if p.name != "data"] and not (out / "results.json").exists()
     assert main(args) == 0
     # the plan at the start and again after each adapter (the partitions come first)
     plans = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: ")]
@@ -180,6 +187,9 @@ def test_stages_for_training_trains_the_analysiss_adapters_and_scores_nothing(
     training = [a if a != "stages" else "training" for a in _args(data_dir, tiny_model_dir, out, store)]
     assert main(training) == 0
     assert json.loads((out / "training.json").read_text())["missing"] == []
+    capsys.readouterr()
+    assert main(dry) == 0
+    assert "left to run: nothing" in capsys.readouterr().out
 
 
 def test_stages_for_table1_and_fig6_build_every_adapter_those_figures_then_use(

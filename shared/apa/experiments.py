@@ -78,7 +78,18 @@ log = logging.getLogger(__name__)
 
 Preset = Literal["quick", "cpu", "paper"]
 What = Literal[
-    "table1", "fig3", "fig4", "fig5", "fig6", "all", "stages", "analysis", "training", "mia", "embedding"
+    "table1",
+    "fig3",
+    "fig4",
+    "fig5",
+    "fig6",
+    "all",
+    "stages",
+    "analysis",
+    "training",
+    "mia",
+    "embedding",
+    "plan",
 ]
 FIGURES: tuple[str, ...] = ("table1", "fig3", "fig4", "fig5", "fig6")
 
@@ -546,6 +557,8 @@ class Study:
         seconds = 0.0
         valid, test = self.splits["valid"], self.splits["test"]
 
+        left: dict[str, int] = {}
+
         def count(kind: str, key: dict[str, Any], cost: float) -> bool:
             nonlocal total, finished, seconds
             total += 1
@@ -553,7 +566,15 @@ class Study:
                 finished += 1
                 return True
             seconds += cost
+            left[kind] = left.get(kind, 0) + 1
             return False
+
+        def unknown(kind: str, n: int, cost: float) -> None:  # stages behind an unfinished one
+            nonlocal total, seconds
+            total += n
+            seconds += cost
+            if n:
+                left[kind] = left.get(kind, 0) + n
 
         capped = False
 
@@ -578,9 +599,8 @@ class Study:
             scored = [self.splits[split] for split in self.scored_splits(k)] if scoring else []
             train_config = self.config.train_for(k)
             if not count("partition", pkey, len(by_id) / rates.score_per_s if k > 1 else 0.0):
-                seconds += k * sum(len(split) for split in scored) / rates.score_per_s
-                seconds += k * train_cost(math.ceil(len(by_id) / k), train_config)
-                total += k * (1 + len(scored))
+                unknown("adapter", k, k * train_cost(math.ceil(len(by_id) / k), train_config))
+                unknown("predictions", k * len(scored), k * sum(map(len, scored)) / rates.score_per_s)
                 continue
             parts = Partition.from_json(
                 json.loads((self.store.path("partition", pkey) / "partition.json").read_text())
@@ -594,14 +614,14 @@ class Study:
                         cost = len(split) / rates.score_per_s
                         count("predictions", predictions_key(self.backbone, adapter, split), cost)
                 else:
-                    total += len(scored)
-                    seconds += sum(len(split) for split in scored) / rates.score_per_s
+                    unknown("predictions", len(scored), sum(map(len, scored)) / rates.score_per_s)
         return {
             "stages": total,
             "done": finished,
             "seconds_left": seconds,
             "rates": rates.describe(),
             "capped": capped,  # an adapter left to train may stop before its cap
+            "left": left,  # stages still to run, by kind
         }
 
     # -- model directories ------------------------------------------------------------------------
@@ -1334,7 +1354,8 @@ def experiment_command(
             erasure), `embedding` (what an early-exit embedding and per-request ω cost in APA(D)'s
             test AUC, on the same adapters), `training` (each adapter's epochs, steps and validation
             AUC and the unlearning speed-up, read from the adapter stages alone: trains and scores
-            nothing).
+            nothing), `plan` (a dry run: the stages `--stages_for` needs, how many are done and the
+            time left at this machine's speeds; builds nothing).
         data: Directory with train/valid/test.jsonl (from `apa prepare`); without them, raw data of
             `dataset` (ml-100k: recbole's copy when the directory does not exist).
         out: Output directory (default: RUNS_DIR/experiments/<preset>).
@@ -1374,7 +1395,7 @@ def experiment_command(
             can then share the store: `retraining` leaves the zero-shot and embedding stages to the other).
         served: analysis: which served (aggregated, model-running) test passes to run, some of uniform,
             paper, selected, nd, centred, rank, or none (default: all six; each takes minutes on a CPU).
-        stages_for: stages: build the adapters (and their predictions) of these figures, some of
+        stages_for: stages and plan: build (or count) the adapters (and their predictions) of these figures, some of
             analysis, table1, fig4, fig5, fig6 (default: analysis, i.e. Retraining and the semantic K
             shards); table1 and fig4 add SISA's, GraphEraser's and RecEraser's shards, fig6 the other K;
             training: the analysis's adapters only, without predictions (what `training` reads).
@@ -1447,9 +1468,13 @@ def experiment_command(
         rates = study_rates(stage_store.root, backbone.config.bf16_autocast)
         estimate = quick_budget(config, rates.score_per_s, rates.train_per_s)
         print(f"quick preset: estimated {estimate['total_seconds'] / 60:.0f} min at {rates.describe()}")
-    if what in ("stages", "analysis", "mia", "embedding"):
-        plan = study.plan(figures_staged if what == "stages" else ("analysis",))
+    if what in ("stages", "analysis", "mia", "embedding", "plan"):
+        plan = study.plan(figures_staged if what in ("stages", "plan") else ("analysis",))
         print(plan_line(plan), flush=True)
+        if what == "plan":  # a dry run: what is left and how long it takes, nothing built
+            left = ", ".join(f"{n} {kind}" for kind, n in plan["left"].items())
+            print(f"left to run: {left or 'nothing'}")
+            return 0
     summary_path = out_dir / "results.json"
     figures: dict[str, Any] = {}
     names = list(FIGURES) if what == "all" else [what]
