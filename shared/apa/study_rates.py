@@ -28,11 +28,11 @@ DEFAULT_RATES: dict[bool, tuple[float, float]] = {True: (1.1, 3.5), False: (0.49
 """(trained, scored) samples per second on 2 threads, by whether the CPU has native bf16."""
 ONE_THREAD = 0.67
 """A single-thread process's speed as a fraction of a 2-thread one's (measured, fp32 AVX2)."""
-SCORED_KINDS: tuple[tuple[str, str, str], ...] = (
-    ("predictions", "predictions.npz", "p"),
-    ("embeddings", "embeddings.npz", "embeddings"),
+SCORED_KINDS: tuple[tuple[str, str], ...] = (
+    ("predictions", "predictions.npz"),
+    ("embeddings", "embeddings.npz"),
 )
-"""Stage kinds that score (or embed) prompts: (kind, file, array whose length is the samples)."""
+"""Stage kinds that score (or embed) prompts, and the file whose `sample_ids` counts the prompts."""
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,14 @@ def _train_rates(root: Path, here: dict[str, Any]) -> Iterable[float]:
 
 
 def _score_rates(root: Path, here: dict[str, Any]) -> Iterable[float]:
-    for kind, name, array in SCORED_KINDS:
+    for kind, name in SCORED_KINDS:
         for done in sorted(root.glob(f"{kind}/*/done.json")):
             seconds = _same_runner(done, here)
             if seconds is None:
                 continue
             try:
                 with np.load(done.parent / name, allow_pickle=False) as data:
-                    n = len(data[array])
+                    n = len(data["sample_ids"])  # not the (larger) values
             except (OSError, ValueError, KeyError):
                 continue
             if n:
