@@ -492,7 +492,9 @@ def test_existing_model_directories_are_adopted_not_retrained(
     assert all(m.metrics for m in study.manifests(md))
 
 
-def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
+def test_analysis_and_mia_on_the_tiny_model(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
     data = tmp_path / "data"
     write_jsonl(data / "train.jsonl", make_samples(16, "train", seed=21))
     write_jsonl(data / "valid.jsonl", make_samples(16, "valid", seed=22))
@@ -507,6 +509,8 @@ def test_analysis_and_mia_on_the_tiny_model(tiny_model_dir: Path, tmp_path: Path
     part_out = tmp_path / "part"
     partial_run = [*analysis, "--out", str(part_out), "--served", "paper"]
     assert main(partial_run) == 0
+    # the plan counts stages; the served passes the analysis runs are announced beside it
+    assert "plus up to 1 served test passes (paper)" in capsys.readouterr().out
     part = json.loads((part_out / "analysis.json").read_text())
     assert "APA(D)" in part["table"]["methods"] and "APA(D) - Retraining" in part["table"]["differences"]
     assert not {"uniform D", "APA(ND)"} & set(part["table"]["methods"])

@@ -620,6 +620,7 @@ class Study:
             "done": finished,
             "seconds_left": seconds,
             "rates": rates.describe(),
+            "score_per_s": rates.score_per_s,
             "capped": capped,  # an adapter left to train may stop before its cap
             "left": left,  # stages still to run, by kind
         }
@@ -1471,6 +1472,12 @@ def experiment_command(
     if what in ("stages", "analysis", "mia", "embedding", "plan"):
         plan = study.plan(figures_staged if what in ("stages", "plan") else ("analysis",))
         print(plan_line(plan), flush=True)
+        if what == "analysis" and passes:  # served passes are memo stages the plan does not count
+            each = len(splits["test"]) / plan["score_per_s"] / 60
+            print(
+                f"plus up to {len(passes)} served test passes ({', '.join(passes)}), about {each:.0f} min "
+                "each (one already run is reused)"
+            )
         if what == "plan":  # a dry run: what is left and how long it takes, nothing built
             left = ", ".join(f"{n} {kind}" for kind, n in plan["left"].items())
             print(f"left to run: {left or 'nothing'}")
