@@ -5,6 +5,7 @@ scoring of every training epoch."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,10 @@ def test_the_plan_runs_at_the_rates_and_counts_each_epochs_validation_scoring(
     epochs = base.train.epochs
     assert base.retrain_epochs is None and quiet.train.valid_eval_size == 0
     assert seconds(base, 1.0) - seconds(quiet, 1.0) == pytest.approx(epochs * 8 * (1 + 2))
+    # once every adapter is trained nothing is left, and the line no longer calls itself a bound
+    trainer = Study(
+        backbone, splits, replace(base, train=replace(base.train, epochs=2)), tmp_path / "o", store=store
+    )
+    trainer.stages(figures=("training",))
+    done = trainer.plan(("training",))
+    assert done["seconds_left"] == 0 and not done["capped"] and "epoch cap" not in plan_line(done)

@@ -576,11 +576,12 @@ class Study:
             if n:
                 left[kind] = left.get(kind, 0) + n
 
-        capped = False
+        capped = False  # an adapter left to train may stop before its cap (the time is a bound)
+
+        def stops_early(config: TrainConfig) -> bool:
+            return config.valid_eval_size != 0 and config.epochs > 1 and len(valid) > 0
 
         def train_cost(n: int, config: TrainConfig) -> float:
-            nonlocal capped
-            capped = capped or (config.valid_eval_size != 0 and config.epochs > 1 and len(valid) > 0)
             eval_size = (
                 len(valid) if config.valid_eval_size is None else min(len(valid), config.valid_eval_size)
             )
@@ -599,6 +600,7 @@ class Study:
             scored = [self.splits[split] for split in self.scored_splits(k)] if scoring else []
             train_config = self.config.train_for(k)
             if not count("partition", pkey, len(by_id) / rates.score_per_s if k > 1 else 0.0):
+                capped = capped or stops_early(train_config)
                 unknown("adapter", k, k * train_cost(math.ceil(len(by_id) / k), train_config))
                 unknown("predictions", k * len(scored), k * sum(map(len, scored)) / rates.score_per_s)
                 continue
@@ -614,6 +616,7 @@ class Study:
                         cost = len(split) / rates.score_per_s
                         count("predictions", predictions_key(self.backbone, adapter, split), cost)
                 else:
+                    capped = capped or stops_early(train_config)
                     unknown("predictions", len(scored), sum(map(len, scored)) / rates.score_per_s)
         return {
             "stages": total,
@@ -621,7 +624,7 @@ class Study:
             "seconds_left": seconds,
             "rates": rates.describe(),
             "score_per_s": rates.score_per_s,
-            "capped": capped,  # an adapter left to train may stop before its cap
+            "capped": capped,
             "left": left,  # stages still to run, by kind
         }
 
