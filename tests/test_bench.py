@@ -136,3 +136,24 @@ def test_bench_backbone_reports_bf16_and_logit_variants(tiny_model_dir: Path, tm
     assert report["score_samples"] == 12
     assert set(report["training"]) == {"fp32_answer_logits", "bf16_answer_logits", "bf16_full_logits"}
     assert report["training"]["fp32_answer_logits"]["speedup_vs_fp32"] == 1.0
+
+
+def test_bench_prefix_times_both_layouts_and_shows_they_compute_the_same(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "test.jsonl", make_samples(10, "test", seed=1))
+    write_jsonl(data / "train.jsonl", make_samples(24, "train", seed=2))
+    out = tmp_path / "bench"
+    args = ["--model", str(tiny_model_dir), "--out", str(out), "--data", str(data), "--num-requests", "10"]
+    assert main(["bench", "prefix", *args, "--train-size", "16"]) == 0
+    report = json.loads((out / "prefix.json").read_text())
+    assert report["train_steps"] == 2 and report["score_samples"] == 10
+    for part in ("training", "scoring"):
+        assert set(report[part]) >= {"full_rows", "shared_prefix", "speedup"}
+    # LoRA dropout is off: both layouts take the same three steps and score the same P(Yes)
+    assert report["training"]["max_abs_loss_difference"] < 1e-4
+    assert report["scoring"]["max_abs_p_yes_difference"] < 1e-5
+    assert len(report["training"]["prefix_tokens"]) == 3 and min(report["training"]["prefix_tokens"]) > 10
+    assert "shared prefix" in capsys.readouterr().out

@@ -51,6 +51,76 @@ def test_answer_loss_equals_full_logits_cross_entropy_on_answer_tokens(tiny_llam
     assert fast.item() == pytest.approx(full.item(), rel=1e-5)
 
 
+def _lora_model(tiny_llama, seed: int = 5):
+    """(peft model, backbone) over the tiny Llama, LoRA on q/v with random A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny_llama
+    bb = tiny_backbone(model, tok)  # freezes the base weights; the LoRA layers come after
+    peft = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a non-zero B, so the prefix's LoRA inputs get gradients as well
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return peft, bb
+
+
+def test_shared_prefix_batch_gives_the_plain_loss_and_gradients(tiny_llama):
+    """The prompts' common tokens run once (batch 1, with gradients through their keys and values):
+    loss and every LoRA gradient equal those of the left-padded full rows."""
+    peft, bb = _lora_model(tiny_llama)
+    tok = bb.tokenizer
+    samples = make_samples(5, seed=3)
+    assert len({s.output for s in samples}) == 2  # Yes and No answers (different token spans)
+    plain, shared = answer_batch(bb, samples), answer_batch(bb, samples, shared_prefix=True)
+    prompt_tokens = min(len(tok(s.prompt)["input_ids"]) for s in samples)
+    assert "prefix_ids" not in plain and shared["prefix_ids"].shape[1] > prompt_tokens // 3
+    assert torch.equal(plain["labels"], shared["labels"])
+    grads = []
+    for batch in (plain, shared):
+        peft.zero_grad(set_to_none=True)
+        loss = answer_loss(bb, peft, batch, bf16=False)
+        loss.backward()
+        grads.append(
+            (loss.item(), {n: p.grad.clone() for n, p in peft.named_parameters() if p.requires_grad})
+        )
+    (loss_plain, g_plain), (loss_shared, g_shared) = grads
+    assert loss_shared == pytest.approx(loss_plain, rel=1e-5)
+    assert g_plain.keys() == g_shared.keys() and len(g_plain) > 0
+    layer0 = [n for n in g_plain if ".layers.0." in n and "lora_A" in n]
+    assert layer0 and all(g_plain[n].abs().sum() > 0 for n in layer0)  # the prefix's tokens matter
+    for name in g_plain:
+        torch.testing.assert_close(g_shared[name], g_plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_that_cannot_share_a_prefix_uses_the_plain_layout(tiny_llama):
+    model, tok = tiny_llama
+    bb = tiny_backbone(model, tok)
+    assert "prefix_ids" not in answer_batch(bb, make_samples(1), shared_prefix=True)  # one row
+    short = tiny_backbone(model, tok, max_length=24)  # prompts would be cut from the left
+    batch = answer_batch(short, make_samples(3), shared_prefix=True)
+    assert "prefix_ids" not in batch and batch["input_ids"].shape[1] == 24
+
+
+def test_training_with_a_shared_prefix_matches_plain_training(tiny_llama):
+    """Without dropout the two layouts train the same adapter (up to float summation order)."""
+    model, tok = tiny_llama
+    bb = tiny_backbone(model, tok)
+    train, valid = make_samples(16, seed=1), make_samples(12, "valid", seed=2)
+    config = replace(FAST, epochs=2, lr=1e-2)
+    plain = train_adapter(bb, train, valid, replace(config, shared_prefix=False))
+    shared = train_adapter(bb, train, valid, config)
+    for a, b in zip(plain.metrics, shared.metrics, strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-4)
+        assert a.valid_auc == pytest.approx(b.valid_auc, abs=1e-6)
+    for name, value in plain.adapter_state.items():
+        torch.testing.assert_close(shared.adapter_state[name], value, rtol=1e-3, atol=1e-5)
+    assert TrainConfig.from_json({"lr": 1e-3}).shared_prefix is False  # recorded before the field
+
+
 def test_training_learns_and_owns_its_model(tiny_llama):
     """Training wraps its own fork: the backbone's modules, weights, config and the global RNG are
     exactly as they were, and peft never warns about wrapping a model twice."""

@@ -628,6 +628,109 @@ def bench_backbone(
     return {"scoring": scoring, "training": training, "score_samples": len(prompts), "adapter": model_dir}
 
 
+def bench_prefix(
+    backbone: Backbone,
+    test: Sequence[Sample],
+    train: Sequence[Sample],
+    train_steps: int = 3,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """What running the prompts' shared prefix once buys (`apa.shared_prefix`): LoRA training
+    steps and scoring, full rows against shared prefix, interleaved batch by batch in one run (so
+    load on the machine hits both alike), in the backbone's precision. LoRA dropout is off, so
+    the two trainings take the same steps: |Δloss| and |ΔP(Yes)| show they compute the same."""
+    from peft import get_peft_model
+
+    from apa.training import _num_layers, answer_batch, answer_loss
+
+    config = replace(TrainConfig.preset("cpu"), lora_dropout=0.0)
+    layouts = ("full_rows", "shared_prefix")
+    models, optimizers = {}, {}
+    for name in layouts:
+        with seeded(0, backbone.device), quiet_peft():
+            models[name] = get_peft_model(
+                backbone.fork_model(), lora_config(config, _num_layers(backbone.model))
+            )
+        optimizers[name] = torch.optim.AdamW(
+            [p for p in models[name].parameters() if p.requires_grad], lr=config.lr
+        )
+        models[name].train()
+    seconds = dict.fromkeys(layouts, 0.0)
+    losses: dict[str, list[float]] = {name: [] for name in layouts}
+    prefix_tokens: list[int] = []
+    for step in range(train_steps + 1):  # step 0 warms up, untimed
+        chunk = [train[(step * batch_size + i) % len(train)] for i in range(batch_size)]
+        for name in layouts:
+            started = time.perf_counter()
+            batch = answer_batch(backbone, chunk, shared_prefix=name == "shared_prefix")
+            loss = answer_loss(backbone, models[name], batch)
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            if step:
+                seconds[name] += time.perf_counter() - started
+            losses[name].append(float(loss.detach()))
+            if "prefix_ids" in batch:
+                prefix_tokens.append(int(batch["prefix_ids"].shape[1]))
+    training: dict[str, Any] = {
+        name: {"samples_per_second": train_steps * batch_size / seconds[name]} for name in layouts
+    }
+    training["speedup"] = seconds["full_rows"] / seconds["shared_prefix"]
+    gaps = np.abs(np.array(losses["full_rows"]) - np.array(losses["shared_prefix"]))
+    training["max_abs_loss_difference"] = float(gaps.max())
+    training["prefix_tokens"] = prefix_tokens
+    del optimizers
+    model = models["full_rows"]
+    model.eval()
+    prompts = [s.prompt for s in test]
+    scores = {name: np.zeros(len(prompts)) for name in layouts}
+    timed = dict.fromkeys(layouts, 0.0)
+    backbone.score(prompts[:batch_size], model=model)  # warm-up
+    for start in range(0, len(prompts), batch_size):
+        part = prompts[start : start + batch_size]
+        for name in layouts:
+            began = time.perf_counter()
+            if name == "full_rows":
+                p = backbone.score(part, model=model, batch_size=len(part))
+            else:
+                p, _ = score_shared_prefix(backbone, model, part, chunk_size=len(part))
+            timed[name] += time.perf_counter() - began
+            scores[name][start : start + len(part)] = p
+    scoring: dict[str, Any] = {name: {"samples_per_second": len(prompts) / timed[name]} for name in layouts}
+    scoring["speedup"] = timed["full_rows"] / timed["shared_prefix"]
+    scoring["max_abs_p_yes_difference"] = float(np.max(np.abs(scores["full_rows"] - scores["shared_prefix"])))
+    token_counts = [len(x) for x in backbone.tokenizer(prompts)["input_ids"]]
+    return {
+        "training": training,
+        "scoring": scoring,
+        "train_steps": train_steps,
+        "batch_size": batch_size,
+        "score_samples": len(prompts),
+        "mean_prompt_tokens": float(np.mean(token_counts)),
+        "bf16_autocast": backbone.config.bf16_autocast,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def print_prefix(report: dict[str, Any]) -> None:
+    """The prefix bench's lines: samples/s per layout, the speed-ups and the exactness checks."""
+    tokens = report["training"]["prefix_tokens"]
+    print(
+        f"prompts: {report['mean_prompt_tokens']:.0f} tokens on average, "
+        f"{min(tokens) if tokens else 0}-{max(tokens) if tokens else 0} of them shared per batch of {report['batch_size']}"
+    )
+    for part in ("training", "scoring"):
+        row = report[part]
+        print(
+            f"{part:<8} full rows {row['full_rows']['samples_per_second']:.2f} samples/s, "
+            f"shared prefix {row['shared_prefix']['samples_per_second']:.2f} samples/s: {row['speedup']:.2f}x"
+        )
+    print(
+        f"same computation: max |dloss| {report['training']['max_abs_loss_difference']:.2e} over "
+        f"{report['train_steps'] + 1} steps, max |dP(Yes)| {report['scoring']['max_abs_p_yes_difference']:.2e}"
+    )
+
+
 def replace_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
     return TrainConfig.from_json({**config.to_json(), "epochs": epochs})
 
@@ -637,7 +740,7 @@ def replace_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
 
 
 def bench_command(
-    what: Literal["inference", "train", "backbone", "erasure", "serve"],
+    what: Literal["inference", "train", "backbone", "prefix", "erasure", "serve"],
     model: str = "embedded",
     out: str = "runs/bench",
     data: str = "data/ml-100k",
@@ -659,20 +762,22 @@ def bench_command(
 ) -> int:
     """Benchmark APA: inference throughput and latency, training, the backbone, erasure or the inference service.
 
-    `inference` (throughput, latency), `train` (one shard vs everything) or `backbone` (what bf16
-    autocast and answer-only logits buy: speed and AUC).
+    `inference` (throughput, latency), `train` (one shard vs everything), `backbone` (what bf16
+    autocast and answer-only logits buy: speed and AUC) or `prefix` (what running the prompts'
+    shared template tokens once buys in training and scoring).
 
     Args:
-        what: inference, train, backbone, erasure or serve (the inference service over HTTP).
+        what: inference, train, backbone, prefix, erasure or serve (the inference service over HTTP).
         model: Backbone: embedded, a local model directory, a .gguf file or a hub id.
         out: Directory for inference.json / inference.png or train.json.
         data: Prepared data directory (test prompts for inference, training samples for train);
             synthetic TALLRec-shaped samples when it holds none.
         num_shards: K values, e.g. 4 or [4,8,16] (inference default [4,8,16]; train default 4).
         batch_sizes: inference batch sizes, e.g. [1,16] (default).
-        num_requests: inference: requests served per repeat.
+        num_requests: inference: requests served per repeat; backbone, prefix: test prompts scored.
         repeats: inference: passes over the requests (after one warm-up batch).
-        train_size: train: samples in the full training set (K=1).
+        train_size: train: samples in the full training set (K=1); prefix: training steps timed
+            (batches of 8) is train_size / 8.
         epochs: train: epochs for both runs.
         seed: Seed of the random adapters, weights, partition and training.
         model_dir: backbone: score with shard 0's adapter of this model directory (AUC with a
@@ -774,6 +879,14 @@ def bench_command(
                 f"train {name:<20} {row['samples_per_second']:.2f} samples/s ({row['speedup_vs_fp32']:.2f}x fp32)"
             )
         print(f"results in {out_dir / 'backbone.json'}")
+    elif what == "prefix":
+        test, source = bench_samples(data, "test", num_requests, seed)
+        train, _ = bench_samples(data, "train", max(train_size, 16), seed)
+        steps = max(1, train_size // 8)
+        report = {**header, "prompts": source, **bench_prefix(backbone, test, train, train_steps=steps)}
+        write_json(out_dir / "prefix.json", report)
+        print_prefix(report)
+        print(f"results in {out_dir / 'prefix.json'}")
     else:
         samples, source = bench_samples(data, "train", train_size, seed)
         report = {**header, "samples": source, "train_size": train_size, "epochs": epochs}

@@ -50,6 +50,7 @@ from apa.data.samples import sample_digest
 from apa.modeldir import ModelDir, ModelDirError, ShardManifest
 from apa.partition import Partition, PartitionConfig, StrategyName, partition
 from apa.pseudonyms import Pseudonymizer
+from apa.shared_prefix import score_shared_prefix
 from apa.study_rates import runner
 from apa.training import EpochRecord, TrainConfig, train_adapter
 
@@ -545,7 +546,7 @@ def prediction_stage(
             p = chunked(
                 work,
                 len(prompts),
-                lambda a, b: backbone.score(prompts[a:b]),
+                lambda a, b: score_shared_prefix(backbone, backbone.model, prompts[a:b])[0],
                 desc=f"score {label} {name}",
                 progress=progress,
             )

@@ -16,7 +16,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -27,6 +27,13 @@ from torch import nn
 from apa.backbone import Backbone, last_hidden_state, native_bf16, unwrap_causal_lm, with_positions
 from apa.data import Sample
 from apa.metrics import auc
+from apa.shared_prefix import (
+    common_prefix_length,
+    prefix_keys_values,
+    score_shared_prefix,
+    suffix_batch,
+    suffix_hidden,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,10 @@ class TrainConfig:
     """LoRA only on the top N transformer layers (None: all layers); a speed/quality trade-off."""
     group_by_length: bool = False
     """Form each step's batch from samples of similar length (less padding); batch order stays random."""
+    shared_prefix: bool = True
+    """Run a micro-batch's common prompt tokens (the template, ~70 of ~220) once, and score validation
+    the same way: the same loss and gradients without dropout; LoRA dropout masks on those tokens
+    are then shared by the micro-batch's rows."""
 
     def __post_init__(self) -> None:
         for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "micro_batch_size"):
@@ -96,6 +107,7 @@ class TrainConfig:
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs.setdefault("shared_prefix", False)  # recorded before the field existed: trained without it
         if "target_modules" in kwargs:
             kwargs["target_modules"] = tuple(kwargs["target_modules"])
         return cls(**kwargs)
@@ -104,28 +116,58 @@ class TrainConfig:
 # -- the loss on the answer tokens -------------------------------------------------------------
 
 
-def answer_batch(backbone: Backbone, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-    """Left-padded prompt+answer+EOS ids, with `labels` (-100 except the answer tokens) aligned to
-    the last `labels.shape[1]` positions. Every row ends at the last position (left padding), so
-    the answer sits at the end of every row and logits are needed only there."""
+def _answer_rows(
+    backbone: Backbone, samples: Sequence[Sample]
+) -> tuple[list[list[int]], list[list[int]], bool]:
+    """(prompt ids, answer ids + EOS, whether any prompt was cut) per sample; a prompt loses its
+    first tokens when prompt + answer exceed the backbone's max_length."""
     tok = backbone.tokenizer
-    rows: list[list[int]] = []
+    prompts: list[list[int]] = []
     answers: list[list[int]] = []
+    cut = False
     for sample in samples:
-        prompt_ids = tok(sample.prompt, add_special_tokens=True)["input_ids"]
-        answer_ids = tok(sample.output, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        prompt_ids = list(tok(sample.prompt, add_special_tokens=True)["input_ids"])
+        answer_ids = list(tok(sample.output, add_special_tokens=False)["input_ids"]) + [int(tok.eos_token_id)]
         keep = backbone.config.max_length - len(answer_ids)
-        rows.append(list(prompt_ids[-keep:]) + answer_ids)
+        cut = cut or len(prompt_ids) > keep
+        prompts.append(prompt_ids[-keep:])
         answers.append(answer_ids)
-    width = max(len(r) for r in rows)
+    return prompts, answers, cut
+
+
+def answer_batch(
+    backbone: Backbone, samples: Sequence[Sample], shared_prefix: bool = False
+) -> dict[str, torch.Tensor]:
+    """The prompt+answer+EOS ids of `samples` with `labels` (span columns: -100 except the answer
+    tokens, right-aligned). Every row's answer ends its row, so logits are needed only there.
+
+    Plain layout: left-padded rows; the answer sits at the end of every row. With `shared_prefix`
+    (and at least two rows sharing a token, none cut): `prefix_ids` (1, P) holds the prompts' common
+    tokens, `input_ids` the right-padded rest (`apa.shared_prefix.suffix_batch`), and
+    `answer_positions` (rows, span) the suffix positions whose hidden states predict the labels."""
+    prompts, answers, cut = _answer_rows(backbone, samples)
     span = max(len(a) for a in answers)
-    input_ids = torch.full((len(rows), width), int(tok.pad_token_id), dtype=torch.long)
+    labels = torch.full((len(prompts), span), -100, dtype=torch.long)
+    for i, ans in enumerate(answers):
+        labels[i, span - len(ans) :] = torch.tensor(ans)
+    shared = common_prefix_length(prompts) if shared_prefix and len(prompts) > 1 and not cut else 0
+    if shared > 0:
+        rows = [p[shared:] + a for p, a in zip(prompts, answers, strict=True)]
+        batch = suffix_batch(rows, shared, int(backbone.tokenizer.pad_token_id), backbone.device)
+        lengths = batch.pop("lengths")
+        # the hidden state at position t predicts token t + 1: the answer's span ends each row
+        positions = lengths[:, None] - span - 1 + torch.arange(span, device=lengths.device)[None]
+        batch["answer_positions"] = positions.clamp(min=0)  # clamped ones carry label -100
+        batch["prefix_ids"] = torch.tensor([prompts[0][:shared]], device=backbone.device)
+        batch["labels"] = labels.to(backbone.device)
+        return batch
+    rows = [p + a for p, a in zip(prompts, answers, strict=True)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), int(backbone.tokenizer.pad_token_id), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), span), -100, dtype=torch.long)
-    for i, (row, ans) in enumerate(zip(rows, answers, strict=True)):
+    for i, row in enumerate(rows):
         input_ids[i, width - len(row) :] = torch.tensor(row)
         mask[i, width - len(row) :] = 1
-        labels[i, span - len(ans) :] = torch.tensor(ans)
     return backbone.to_device(
         with_positions({"input_ids": input_ids, "attention_mask": mask, "labels": labels})
     )
@@ -136,10 +178,21 @@ def answer_loss(
 ) -> torch.Tensor:
     """Eq. 4: mean negative log-likelihood of the answer tokens. The LM head runs only on the
     positions that predict answer tokens (full-vocabulary logits everywhere cost 1.6x a step).
-    `bf16`: autocast override (default: the backbone's setting)."""
+    A shared-prefix batch runs its prefix once, with gradients. `bf16`: autocast override (default:
+    the backbone's setting)."""
     labels = batch["labels"]
     span = labels.shape[1]
-    hidden = last_hidden_state(model, batch, lambda: backbone.autocast(bf16))[:, -span - 1 : -1]
+
+    def autocast() -> AbstractContextManager[Any]:
+        return backbone.autocast(bf16)
+
+    if "prefix_ids" in batch:
+        kv = prefix_keys_values(model, batch["prefix_ids"][0].tolist(), backbone.device, autocast)
+        hidden = suffix_hidden(model, kv, batch, autocast)
+        at = batch["answer_positions"]
+        hidden = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
+    else:
+        hidden = last_hidden_state(model, batch, autocast)[:, -span - 1 : -1]
     head = unwrap_causal_lm(model).get_output_embeddings()
     logits = head(hidden.float())
     return nn.functional.cross_entropy(
@@ -268,7 +321,7 @@ def train_adapter(
                 optimizer.zero_grad(set_to_none=True)
                 for micro in range(0, len(step_ids), config.micro_batch_size):
                     chunk = [train[i] for i in step_ids[micro : micro + config.micro_batch_size]]
-                    batch = answer_batch(backbone, chunk)
+                    batch = answer_batch(backbone, chunk, config.shared_prefix)
                     loss = answer_loss(backbone, peft_model, batch, config.bf16_autocast)
                     (loss * len(chunk) / len(step_ids)).backward()
                     losses.append(float(loss.detach()))
@@ -278,9 +331,7 @@ def train_adapter(
             peft_model.eval()
             valid_auc: float | None = None
             if valid_pool:
-                scores = backbone.score(
-                    [s.prompt for s in valid_pool], model=peft_model, bf16=config.bf16_autocast
-                )
+                scores = validation_scores(backbone, peft_model, [s.prompt for s in valid_pool], config)
                 valid_auc = auc([s.label for s in valid_pool], scores)
             record = EpochRecord(
                 epoch,
@@ -302,6 +353,15 @@ def train_adapter(
         result.samples_per_second = seen / max(fit_seconds, 1e-9)
     result.train_seconds = time.perf_counter() - started
     return result
+
+
+def validation_scores(
+    backbone: Backbone, model: nn.Module, prompts: Sequence[str], config: TrainConfig
+) -> np.ndarray:
+    """P(Yes) of the validation prompts under the adapter being trained (early stopping)."""
+    if config.shared_prefix:
+        return score_shared_prefix(backbone, model, prompts, bf16=config.bf16_autocast)[0]
+    return backbone.score(prompts, model=model, bf16=config.bf16_autocast)
 
 
 def _json_safe(value: Any) -> Any:

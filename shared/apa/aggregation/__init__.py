@@ -4,8 +4,8 @@
 `semantic`; `mixture` applies ω inside peft's LoRA layers for a whole batch at once
 (`decomposition`, `non_decomposition`) or averages predictions (`prediction`, SISA), and exports a
 static merged adapter; `caches` keeps validation embeddings and per-adapter predictions (and
-prunes erased samples from them); `prefix` scores one ranking request's candidates with their
-shared prefix tokens computed once; `scorer` puts them together for serving.
+prunes erased samples from them); `scorer` puts them together for serving, running the prompts'
+shared prefix tokens once where one ω serves them all (`apa.shared_prefix`).
 """
 
 from apa.aggregation.caches import (
@@ -17,7 +17,6 @@ from apa.aggregation.caches import (
     valid_predictions,
 )
 from apa.aggregation.mixture import LEVELS, Level, MixtureLoRA, export_merged_adapter, lora_layers
-from apa.aggregation.prefix import common_prefix_length, score_shared_prefix
 from apa.aggregation.scorer import AggregatedScorer, EmbeddingView
 from apa.aggregation.weights import (
     AllShardsExcludedError,
@@ -27,6 +26,7 @@ from apa.aggregation.weights import (
     nearest_neighbours,
     neighbour_errors,
 )
+from apa.shared_prefix import common_prefix_length, score_shared_prefix
 
 __all__ = [
     "LEVELS",

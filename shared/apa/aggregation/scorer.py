@@ -38,13 +38,13 @@ from apa.aggregation.caches import (
     valid_predictions,
 )
 from apa.aggregation.mixture import Level, MixtureLoRA
-from apa.aggregation.prefix import score_shared_prefix
 from apa.aggregation.weights import AllShardsExcludedError, WeightConfig, aggregation_weights
 from apa.artifacts import AdapterRef, AdapterSource, ArtifactError, LoadedAdapter
 from apa.backbone import Backbone
 from apa.data import Sample
 from apa.prompts import request_prefix
 from apa.pseudonyms import Pseudonymizer
+from apa.shared_prefix import score_shared_prefix
 
 log = logging.getLogger(__name__)
 
@@ -542,17 +542,18 @@ class AggregatedScorer:
     def adapter_predictions(
         self, prompts: Sequence[str], shards: Collection[int] | None = None, batch_size: int | None = None
     ) -> np.ndarray:
-        """(n x K) P_k(Yes) of each adapter alone (one pass per shard); NaN for shards not asked/serving."""
+        """(n x K) P_k(Yes) of each adapter alone (one pass per shard); NaN for shards not asked/serving.
+        The prompts' shared prefix tokens (the template) run once per adapter (`score_shared_prefix`)."""
         prompts = list(prompts)
         with self._lock:
             self._check_open()
             wanted = self.loaded_shards if shards is None else sorted(shards)
             out = np.full((len(prompts), self.num_shards), np.nan)
             for k in wanted:
-                if k in self._names:
+                if k in self._names and prompts:
                     with self._mix().only(self._names[k]):
-                        out[:, k] = self.backbone.score(
-                            prompts, model=self.peft_model, batch_size=batch_size or self.batch_size
+                        out[:, k], _ = score_shared_prefix(
+                            self.backbone, self.peft_model, prompts, chunk_size=batch_size or self.batch_size
                         )
             return out
 

@@ -1,0 +1,177 @@
+"""Prompts that begin with the same tokens run those tokens once.
+
+Every TALLRec prompt starts with the same alpaca preamble and instruction (about 70 of its ~220
+tokens), and the candidates of one `/recommend` request share their history as well (most of the
+prompt). Whenever ONE model (the base model, one adapter, or a mixture with the same ω on every
+row) runs a batch of such prompts, the keys and values of the shared tokens are the same on every
+row: they are computed once (batch 1) and each row runs only its own suffix tokens against them.
+
+The shared part is the longest common prefix of the prompts' *token ids* (not of their text), so
+the result is the same computation as running each full prompt, up to float summation order: no
+tokenizer boundary question arises. Prompts that the backbone would truncate, or a single prompt,
+run the plain way.
+
+Users: `score_shared_prefix` (a request's candidates; an adapter's predictions on a sample set;
+validation scoring during training) and `apa.training.answer_loss`, where the prefix runs once per
+micro-batch *with* gradients (they flow back through the shared keys and values, summed over rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import DynamicCache
+
+from apa.backbone import Backbone, unwrap_causal_lm
+
+RowsContext = Callable[[int], AbstractContextManager[Any]]
+"""`context(rows)`: what to run a forward of `rows` sequences in (e.g. a mixture's `apply` with
+that many ω rows); the default runs the model as it is."""
+
+Autocast = Callable[[], AbstractContextManager[Any]]
+"""A factory of the autocast context a forward runs in (e.g. `backbone.autocast`)."""
+
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per decoder layer, the (1, heads, shared, head_dim) keys and values of the shared tokens."""
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of the sequences, leaving each at least one token."""
+    if not sequences:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences[1:]):
+        n += 1
+    return max(n, 0)
+
+
+def prefix_keys_values(
+    model: Any, prefix: Sequence[int], device: torch.device, autocast: Autocast
+) -> KeysValues:
+    """Run the shared tokens once (batch 1) and keep every layer's keys and values. Under grad mode
+    they stay in the autograd graph, so a loss on the suffixes trains the prefix's LoRA inputs too."""
+    decoder = unwrap_causal_lm(model).get_decoder()
+    ids = torch.tensor([list(prefix)], device=device)
+    with autocast():
+        out = decoder(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            position_ids=torch.arange(ids.shape[1], device=device)[None],
+            use_cache=True,
+        )
+    return [(layer.keys, layer.values) for layer in out.cache.layers]
+
+
+def suffix_batch(
+    suffixes: Sequence[Sequence[int]], shared: int, pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Right-padded suffix rows after `shared` prefix tokens: `input_ids` (rows, width), the
+    `attention_mask` over prefix + suffix (rows, shared + width), `position_ids` counted on from the
+    prefix, and each row's suffix `lengths`. Right padding: a real token never sees the pads after it."""
+    rows = len(suffixes)
+    lengths = [len(s) for s in suffixes]
+    width = max(lengths)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
+    for row, suffix in enumerate(suffixes):
+        input_ids[row, : lengths[row]] = torch.tensor(list(suffix), dtype=torch.long)
+        mask[row, shared : shared + lengths[row]] = 1
+    positions = torch.arange(shared, shared + width)[None].expand(rows, -1)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": positions.to(device),
+        "lengths": torch.tensor(lengths, dtype=torch.long, device=device),
+    }
+
+
+def suffix_hidden(
+    model: Any, kv: KeysValues, batch: dict[str, torch.Tensor], autocast: Autocast
+) -> torch.Tensor:
+    """Final (normed) hidden states (rows, width, d) of a `suffix_batch` attending to the prefix's
+    keys and values (shared by every row: expanded, not copied)."""
+    decoder = unwrap_causal_lm(model).get_decoder()
+    rows = batch["input_ids"].shape[0]
+    cache = DynamicCache(
+        ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv],
+        config=decoder.config,
+    )
+    with autocast():
+        out = decoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            cache=cache,
+            use_cache=True,
+        )
+    return out.last_hidden_state  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def score_shared_prefix(
+    backbone: Backbone,
+    model: Any,
+    prompts: Sequence[str],
+    *,
+    context: RowsContext | None = None,
+    chunk_size: int | None = None,
+    bf16: bool | None = None,
+) -> tuple[np.ndarray, int]:
+    """(P(Yes) of each prompt, tokens shared): the shared token prefix runs once (batch 1), then
+    each chunk of prompts runs its own suffix tokens with the prefix's keys and values. `bf16`
+    overrides the backbone's autocast setting.
+
+    Equal to `backbone.score(prompts, model)` up to float summation order (tested). Falls back to it
+    (shared = 0) for fewer than two prompts, prompts the backbone would truncate, or no shared token.
+    """
+    prompts = list(prompts)
+    run_in = context or (lambda _rows: nullcontext())
+    size = chunk_size or backbone.config.batch_size
+    ids = [list(x) for x in backbone.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    shared = common_prefix_length(ids) if len(prompts) > 1 else 0
+    if shared < 1 or max(len(x) for x in ids) > backbone.config.max_length:
+        out = np.zeros(len(prompts))
+        for idx in backbone.batches(prompts, size):
+            with run_in(len(idx)):
+                out[idx] = backbone.score(
+                    [prompts[i] for i in idx], model=model, batch_size=len(idx), bf16=bf16
+                )
+        return out, 0
+
+    def autocast() -> AbstractContextManager[Any]:
+        return backbone.autocast(bf16)
+
+    device = backbone.device
+    with run_in(1):
+        kv = prefix_keys_values(model, ids[0][:shared], device, autocast)
+    pad = int(backbone.tokenizer.pad_token_id)
+    out = np.zeros(len(prompts))
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # similar suffix lengths together
+    for start in range(0, len(order), size):
+        idx = order[start : start + size]
+        batch = suffix_batch([ids[i][shared:] for i in idx], shared, pad, device)
+        with run_in(len(idx)):
+            hidden = suffix_hidden(model, kv, batch, autocast)
+        last = hidden[torch.arange(len(idx), device=device), batch["lengths"] - 1]
+        logits = backbone.answer_logits(model, last)
+        out[idx] = torch.softmax(logits, dim=-1)[:, 0].double().cpu().numpy()
+    return out, shared
+
+
+__all__ = [
+    "Autocast",
+    "KeysValues",
+    "RowsContext",
+    "common_prefix_length",
+    "prefix_keys_values",
+    "score_shared_prefix",
+    "suffix_batch",
+    "suffix_hidden",
+]
