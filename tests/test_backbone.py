@@ -133,3 +133,21 @@ def test_an_early_exit_embedding_runs_only_the_first_layers_and_equals_that_hidd
         tiny_backbone(model, tok, embed_layer=layers).embed(prompts)
     with pytest.raises(ValueError, match="embed_layer"):
         BackboneConfig(embed_layer=-2)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("embed_layer", [-1, 1])
+def test_embeddings_with_the_shared_prefix_run_once_equal_each_prompt_alone(tiny_llama, pooling, embed_layer):
+    from apa.shared_prefix import embed_shared_prefix
+
+    model, tok = tiny_llama
+    bb = tiny_backbone(model, tok, batch_size=3, pooling=pooling, embed_layer=embed_layer)
+    prompts = [s.prompt for s in make_samples(7, seed=4)]
+    shared = embed_shared_prefix(bb, prompts)
+    assert shared is not None and shared.shape == (7, model.config.hidden_size)
+    alone = np.concatenate([bb.embed([p]) for p in prompts])  # one prompt: full rows
+    np.testing.assert_allclose(shared, alone, atol=1e-5)
+    np.testing.assert_allclose(bb.embed(prompts), shared, atol=1e-6)  # embed takes that path
+    np.testing.assert_allclose(bb.embed_full_rows(prompts), shared, atol=1e-5)
+    assert embed_shared_prefix(bb, prompts[:1]) is None
+    assert embed_shared_prefix(tiny_backbone(model, tok, max_length=16), prompts) is None  # truncated

@@ -150,8 +150,9 @@ def test_bench_prefix_times_both_layouts_and_shows_they_compute_the_same(
     assert main(["bench", "prefix", *args, "--train-size", "16"]) == 0
     report = json.loads((out / "prefix.json").read_text())
     assert report["train_steps"] == 2 and report["score_samples"] == 10
-    for part in ("training", "scoring"):
+    for part in ("training", "scoring", "embedding"):
         assert set(report[part]) >= {"full_rows", "shared_prefix", "speedup"}
+    assert report["embedding"]["max_abs_difference"] < 1e-4
     # LoRA dropout is off: both layouts take the same three steps and score the same P(Yes)
     assert report["training"]["max_abs_loss_difference"] < 1e-4
     assert report["scoring"]["max_abs_p_yes_difference"] < 1e-5

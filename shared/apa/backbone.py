@@ -321,7 +321,19 @@ class Backbone:
     ) -> np.ndarray:
         """Base-model hidden state of each prompt at `config.embed_layer` (an early exit when it is
         not the last), pooled per `config.pooling`, fp32 (`self.model` never carries adapters:
-        training and scorers wrap forks of it)."""
+        training and scorers wrap forks of it). The prompts' shared prefix tokens run once
+        (`apa.shared_prefix.embed_shared_prefix`); full rows where nothing is shared."""
+        from apa.shared_prefix import embed_shared_prefix  # it builds on this module
+
+        shared = embed_shared_prefix(self, prompts, batch_size, progress)
+        return shared if shared is not None else self.embed_full_rows(prompts, batch_size, progress)
+
+    @torch.no_grad()
+    def embed_full_rows(
+        self, prompts: Sequence[str], batch_size: int | None = None, progress: bool = False
+    ) -> np.ndarray:
+        """`embed` with every prompt run in full (left-padded batches): the reference the
+        shared-prefix path equals, and what it falls back to."""
         rows: list[np.ndarray] = [np.zeros(0)] * len(prompts)
         for idx in _progress(list(self.batches(prompts, batch_size)), progress, "embed"):
             batch = self.encode([prompts[i] for i in idx])

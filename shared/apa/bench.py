@@ -636,7 +636,7 @@ def bench_prefix(
     batch_size: int = 8,
 ) -> dict[str, Any]:
     """What running the prompts' shared prefix once buys (`apa.shared_prefix`): LoRA training
-    steps and scoring, full rows against shared prefix, interleaved batch by batch in one run (so
+    steps, scoring and ω's embeddings, full rows against shared prefix, interleaved batch by batch in one run (so
     load on the machine hits both alike), in the backbone's precision. LoRA dropout is off, so
     the two trainings take the same steps: |Δloss| and |ΔP(Yes)| show they compute the same."""
     from peft import get_peft_model
@@ -699,10 +699,25 @@ def bench_prefix(
     scoring: dict[str, Any] = {name: {"samples_per_second": len(prompts) / timed[name]} for name in layouts}
     scoring["speedup"] = timed["full_rows"] / timed["shared_prefix"]
     scoring["max_abs_p_yes_difference"] = float(np.max(np.abs(scores["full_rows"] - scores["shared_prefix"])))
+    timed = dict.fromkeys(layouts, 0.0)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in layouts}
+    for start in range(0, len(prompts), batch_size):
+        part = prompts[start : start + batch_size]
+        for name in layouts:
+            began = time.perf_counter()
+            embed = backbone.embed_full_rows if name == "full_rows" else backbone.embed
+            parts[name].append(embed(part, batch_size=len(part)))
+            timed[name] += time.perf_counter() - began
+    vectors = {name: np.concatenate(parts[name]) for name in layouts}
+    embedding: dict[str, Any] = {name: {"samples_per_second": len(prompts) / timed[name]} for name in layouts}
+    embedding["speedup"] = timed["full_rows"] / timed["shared_prefix"]
+    embedding["max_abs_difference"] = float(np.max(np.abs(vectors["full_rows"] - vectors["shared_prefix"])))
+    embedding["embed_layer"] = backbone.config.embed_layer
     token_counts = [len(x) for x in backbone.tokenizer(prompts)["input_ids"]]
     return {
         "training": training,
         "scoring": scoring,
+        "embedding": embedding,
         "train_steps": train_steps,
         "batch_size": batch_size,
         "score_samples": len(prompts),
@@ -719,15 +734,16 @@ def print_prefix(report: dict[str, Any]) -> None:
         f"prompts: {report['mean_prompt_tokens']:.0f} tokens on average, "
         f"{min(tokens) if tokens else 0}-{max(tokens) if tokens else 0} of them shared per batch of {report['batch_size']}"
     )
-    for part in ("training", "scoring"):
+    for part in ("training", "scoring", "embedding"):
         row = report[part]
         print(
-            f"{part:<8} full rows {row['full_rows']['samples_per_second']:.2f} samples/s, "
+            f"{part:<9} full rows {row['full_rows']['samples_per_second']:.2f} samples/s, "
             f"shared prefix {row['shared_prefix']['samples_per_second']:.2f} samples/s: {row['speedup']:.2f}x"
         )
     print(
         f"same computation: max |dloss| {report['training']['max_abs_loss_difference']:.2e} over "
-        f"{report['train_steps'] + 1} steps, max |dP(Yes)| {report['scoring']['max_abs_p_yes_difference']:.2e}"
+        f"{report['train_steps'] + 1} steps, max |dP(Yes)| {report['scoring']['max_abs_p_yes_difference']:.2e}, "
+        f"max |d embedding| {report['embedding']['max_abs_difference']:.2e}"
     )
 
 

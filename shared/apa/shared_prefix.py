@@ -12,13 +12,14 @@ tokenizer boundary question arises. Prompts that the backbone would truncate, or
 run the plain way.
 
 Users: `score_shared_prefix` (a request's candidates; an adapter's predictions on a sample set;
-validation scoring during training) and `apa.training.answer_loss`, where the prefix runs once per
-micro-batch *with* gradients (they flow back through the shared keys and values, summed over rows).
+validation scoring during training), `embed_shared_prefix` (`Backbone.embed`: ω's embeddings) and
+`apa.training.answer_loss`, where the prefix runs once per micro-batch *with* gradients (they flow
+back through the shared keys and values, summed over rows).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from apa.backbone import Backbone, unwrap_causal_lm
+from apa.backbone import Backbone, truncated_decoder, unwrap_causal_lm
 
 RowsContext = Callable[[int], AbstractContextManager[Any]]
 """`context(rows)`: what to run a forward of `rows` sequences in (e.g. a mixture's `apply` with
@@ -51,12 +52,19 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def prefix_keys_values(
-    model: Any, prefix: Sequence[int], device: torch.device, autocast: Autocast
-) -> KeysValues:
-    """Run the shared tokens once (batch 1) and keep every layer's keys and values. Under grad mode
-    they stay in the autograd graph, so a loss on the suffixes trains the prefix's LoRA inputs too."""
+def _decoder(model: Any, layers: int) -> Any:
     decoder = unwrap_causal_lm(model).get_decoder()
+    return decoder if layers < 0 else truncated_decoder(decoder, layers)
+
+
+def run_prefix(
+    model: Any, prefix: Sequence[int], device: torch.device, autocast: Autocast, layers: int = -1
+) -> tuple[KeysValues, torch.Tensor]:
+    """Run the shared tokens once (batch 1): every layer's keys and values, and the (1, shared, d)
+    hidden states (`layers` >= 1: an early exit after that many layers, as `hidden_state`). Under
+    grad mode they stay in the autograd graph, so a loss on the suffixes trains the prefix's LoRA
+    inputs too."""
+    decoder = _decoder(model, layers)
     ids = torch.tensor([list(prefix)], device=device)
     with autocast():
         out = decoder(
@@ -65,7 +73,8 @@ def prefix_keys_values(
             position_ids=torch.arange(ids.shape[1], device=device)[None],
             use_cache=True,
         )
-    return [(layer.keys, layer.values) for layer in out.cache.layers]
+    kv = [(layer.keys, layer.values) for layer in out.cache.layers[: len(decoder.layers)]]
+    return kv, out.last_hidden_state
 
 
 def suffix_batch(
@@ -93,11 +102,11 @@ def suffix_batch(
 
 
 def suffix_hidden(
-    model: Any, kv: KeysValues, batch: dict[str, torch.Tensor], autocast: Autocast
+    model: Any, kv: KeysValues, batch: dict[str, torch.Tensor], autocast: Autocast, layers: int = -1
 ) -> torch.Tensor:
     """Final (normed) hidden states (rows, width, d) of a `suffix_batch` attending to the prefix's
-    keys and values (shared by every row: expanded, not copied)."""
-    decoder = unwrap_causal_lm(model).get_decoder()
+    keys and values (shared by every row: expanded, not copied); `layers` as in `run_prefix`."""
+    decoder = _decoder(model, layers)
     rows = batch["input_ids"].shape[0]
     cache = DynamicCache(
         ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv],
@@ -150,7 +159,7 @@ def score_shared_prefix(
 
     device = backbone.device
     with run_in(1):
-        kv = prefix_keys_values(model, ids[0][:shared], device, autocast)
+        kv, _ = run_prefix(model, ids[0][:shared], device, autocast)
     pad = int(backbone.tokenizer.pad_token_id)
     out = np.zeros(len(prompts))
     order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # similar suffix lengths together
@@ -165,12 +174,56 @@ def score_shared_prefix(
     return out, shared
 
 
+@torch.no_grad()
+def embed_shared_prefix(
+    backbone: Backbone, prompts: Sequence[str], batch_size: int | None = None, progress: bool = False
+) -> np.ndarray | None:
+    """`backbone.embed` with the prompts' shared prefix run once: each prompt's base-model hidden
+    state at `config.embed_layer`, pooled per `config.pooling` (the last token, or the mean over
+    prefix and suffix tokens), fp32. None where nothing can be shared (fewer than two prompts, a
+    prompt the backbone would truncate, no shared token, or an exit after zero layers): the caller
+    then embeds full rows. Equal to full rows up to float summation order (tested)."""
+    prompts = list(prompts)
+    layers = backbone.config.embed_layer
+    if len(prompts) < 2 or layers == 0:
+        return None
+    ids = [list(x) for x in backbone.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    shared = common_prefix_length(ids)
+    if shared < 1 or max(len(x) for x in ids) > backbone.config.max_length:
+        return None
+    device = backbone.device
+    kv, prefix_hidden = run_prefix(backbone.model, ids[0][:shared], device, backbone.autocast, layers)
+    prefix_sum = prefix_hidden[0].float().sum(0)
+    pad = int(backbone.tokenizer.pad_token_id)
+    out = np.zeros((len(prompts), int(prefix_hidden.shape[-1])), dtype=np.float32)
+    size = batch_size or backbone.config.batch_size
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+    starts: Iterable[int] = range(0, len(order), size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="embed", unit="batch")
+    for start in starts:
+        idx = order[start : start + size]
+        batch = suffix_batch([ids[i][shared:] for i in idx], shared, pad, device)
+        hidden = suffix_hidden(backbone.model, kv, batch, backbone.autocast, layers).float()
+        for row, i in enumerate(idx):
+            n = int(batch["lengths"][row])
+            if backbone.config.pooling == "last":
+                pooled = hidden[row, n - 1]
+            else:
+                pooled = (prefix_sum + hidden[row, :n].sum(0)) / (shared + n)
+            out[i] = pooled.cpu().numpy()
+    return out
+
+
 __all__ = [
     "Autocast",
     "KeysValues",
     "RowsContext",
     "common_prefix_length",
-    "prefix_keys_values",
+    "embed_shared_prefix",
+    "run_prefix",
     "score_shared_prefix",
     "suffix_batch",
     "suffix_hidden",

@@ -29,7 +29,7 @@ from apa.data import Sample
 from apa.metrics import auc
 from apa.shared_prefix import (
     common_prefix_length,
-    prefix_keys_values,
+    run_prefix,
     score_shared_prefix,
     suffix_batch,
     suffix_hidden,
@@ -187,7 +187,7 @@ def answer_loss(
         return backbone.autocast(bf16)
 
     if "prefix_ids" in batch:
-        kv = prefix_keys_values(model, batch["prefix_ids"][0].tolist(), backbone.device, autocast)
+        kv, _ = run_prefix(model, batch["prefix_ids"][0].tolist(), backbone.device, autocast)
         hidden = suffix_hidden(model, kv, batch, autocast)
         at = batch["answer_positions"]
         hidden = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
