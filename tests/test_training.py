@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from apa.training import TrainConfig, answer_batch, answer_loss, train_adapter
-from model_fixtures import make_samples, tiny_backbone
+from apa.training import TrainConfig, answer_batch, answer_loss, seeded, train_adapter
+from model_fixtures import loadable_tiny_backbone, make_samples, tiny_backbone
 
 FAST = TrainConfig(
     lr=3e-2, epochs=3, batch_size=4, micro_batch_size=4, patience=3, bf16_autocast=False, lora_dropout=0.0
@@ -94,6 +94,40 @@ def test_shared_prefix_batch_gives_the_plain_loss_and_gradients(tiny_llama):
     assert layer0 and all(g_plain[n].abs().sum() > 0 for n in layer0)  # the prefix's tokens matter
     for name in g_plain:
         torch.testing.assert_close(g_shared[name], g_plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefix_gradients_are_bit_for_bit_the_same_on_one_or_two_threads():
+    """A retrain must not depend on the worker's thread count: with odd micro-batch sizes a
+    contiguous gather into the head made the last bits differ between 1 and 2 threads."""
+    from peft import get_peft_model
+
+    from apa.training import _num_layers, lora_config
+
+    bb = loadable_tiny_backbone()
+    with seeded(0, bb.device):
+        peft = get_peft_model(
+            bb.fork_model(), lora_config(TrainConfig(lora_dropout=0.0), _num_layers(bb.model))
+        )
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    threads = torch.get_num_threads()
+    try:
+        for size in (2, 3, 5):
+            batch = answer_batch(bb, make_samples(size, seed=size, user_prefix="x-47"), shared_prefix=True)
+            assert "prefix_ids" in batch
+            grads = []
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                peft.zero_grad(set_to_none=True)
+                answer_loss(bb, peft, batch, bf16=False).backward()
+                grads.append({n: p.grad.clone() for n, p in peft.named_parameters() if p.grad is not None})
+            assert grads[0].keys() == grads[1].keys()
+            assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0]), size
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_batch_that_cannot_share_a_prefix_uses_the_plain_layout(tiny_llama):

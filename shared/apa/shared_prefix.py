@@ -78,21 +78,27 @@ def run_prefix(
 
 
 def suffix_batch(
-    suffixes: Sequence[Sequence[int]], shared: int, pad_id: int, device: torch.device
+    suffixes: Sequence[Sequence[int]], shared: int, pad_id: int, device: torch.device, left_pad: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Right-padded suffix rows after `shared` prefix tokens: `input_ids` (rows, width), the
+    """Padded suffix rows after `shared` prefix tokens: `input_ids` (rows, width), the
     `attention_mask` over prefix + suffix (rows, shared + width), `position_ids` counted on from the
-    prefix, and each row's suffix `lengths`. Right padding: a real token never sees the pads after it."""
+    prefix, and each row's suffix `lengths`. Right padding by default (a real token never sees the
+    pads after it); `left_pad` puts the pads between prefix and suffix (masked), so that every row
+    ends at the last position, as in a left-padded batch of full rows."""
     rows = len(suffixes)
     lengths = [len(s) for s in suffixes]
     width = max(lengths)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     mask = torch.zeros((rows, shared + width), dtype=torch.long)
     mask[:, :shared] = 1
+    positions = torch.arange(shared, shared + width).repeat(rows, 1)
     for row, suffix in enumerate(suffixes):
-        input_ids[row, : lengths[row]] = torch.tensor(list(suffix), dtype=torch.long)
-        mask[row, shared : shared + lengths[row]] = 1
-    positions = torch.arange(shared, shared + width)[None].expand(rows, -1)
+        n = lengths[row]
+        start = width - n if left_pad else 0
+        input_ids[row, start : start + n] = torch.tensor(list(suffix), dtype=torch.long)
+        mask[row, shared + start : shared + start + n] = 1
+        if left_pad:
+            positions[row] = (positions[row] - start).clamp(min=shared)
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": mask.to(device),

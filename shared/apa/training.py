@@ -141,10 +141,10 @@ def answer_batch(
     """The prompt+answer+EOS ids of `samples` with `labels` (span columns: -100 except the answer
     tokens, right-aligned). Every row's answer ends its row, so logits are needed only there.
 
-    Plain layout: left-padded rows; the answer sits at the end of every row. With `shared_prefix`
-    (and at least two rows sharing a token, none cut): `prefix_ids` (1, P) holds the prompts' common
-    tokens, `input_ids` the right-padded rest (`apa.shared_prefix.suffix_batch`), and
-    `answer_positions` (rows, span) the suffix positions whose hidden states predict the labels."""
+    Plain layout: left-padded rows. With `shared_prefix` (and at least two rows sharing a token,
+    none cut): `prefix_ids` (1, P) holds the prompts' common tokens and `input_ids` the rest, padded
+    between prefix and suffix (`apa.shared_prefix.suffix_batch`). Either way the answer ends every
+    row at the last position."""
     prompts, answers, cut = _answer_rows(backbone, samples)
     span = max(len(a) for a in answers)
     labels = torch.full((len(prompts), span), -100, dtype=torch.long)
@@ -153,11 +153,10 @@ def answer_batch(
     shared = common_prefix_length(prompts) if shared_prefix and len(prompts) > 1 and not cut else 0
     if shared > 0:
         rows = [p[shared:] + a for p, a in zip(prompts, answers, strict=True)]
-        batch = suffix_batch(rows, shared, int(backbone.tokenizer.pad_token_id), backbone.device)
-        lengths = batch.pop("lengths")
-        # the hidden state at position t predicts token t + 1: the answer's span ends each row
-        positions = lengths[:, None] - span - 1 + torch.arange(span, device=lengths.device)[None]
-        batch["answer_positions"] = positions.clamp(min=0)  # clamped ones carry label -100
+        batch = suffix_batch(
+            rows, shared, int(backbone.tokenizer.pad_token_id), backbone.device, left_pad=True
+        )
+        del batch["lengths"]
         batch["prefix_ids"] = torch.tensor([prompts[0][:shared]], device=backbone.device)
         batch["labels"] = labels.to(backbone.device)
         return batch
@@ -189,10 +188,11 @@ def answer_loss(
     if "prefix_ids" in batch:
         kv, _ = run_prefix(model, batch["prefix_ids"][0].tolist(), backbone.device, autocast)
         hidden = suffix_hidden(model, kv, batch, autocast)
-        at = batch["answer_positions"]
-        hidden = hidden.gather(1, at[:, :, None].expand(-1, -1, hidden.shape[-1]))
     else:
-        hidden = last_hidden_state(model, batch, autocast)[:, -span - 1 : -1]
+        hidden = last_hidden_state(model, batch, autocast)
+    # every row ends at the last position in both layouts: the same strided slice into the head
+    # (a retrain is then bit for bit the same on 1 or 2 threads, as with full rows; tested)
+    hidden = hidden[:, -span - 1 : -1]
     head = unwrap_causal_lm(model).get_output_embeddings()
     logits = head(hidden.float())
     return nn.functional.cross_entropy(
