@@ -8,8 +8,10 @@ and the median of each kind is used, so one stage resumed half-way does not skew
 
 With none of them, the estimate falls back to speeds measured on 2 CPU cores with the embedded
 model (docs/RESULTS.md): with native bf16 (`apa.backbone.native_bf16`), 1.1 trained and 3.5
-scored samples per second; without it (fp32, AVX2), 0.49 and 1.5. One thread measured 0.67 of
-two's speed on the AVX2 machine, and that factor is applied to a single-thread process.
+scored samples per second (measured before the shared prompt prefix ran once, so an upper bound
+on the time); without it (fp32, AVX2), 0.75 and 2.4 (with the shared prefix; 0.51 and 1.53
+without it in the same run). One thread measured 0.67 of two's speed on the AVX2 machine, and
+that factor is applied to a single-thread process.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_RATES: dict[bool, tuple[float, float]] = {True: (1.1, 3.5), False: (0.49, 1.5)}
+DEFAULT_RATES: dict[bool, tuple[float, float]] = {True: (1.1, 3.5), False: (0.75, 2.4)}
 """(trained, scored) samples per second on 2 threads, by whether the CPU has native bf16."""
 ONE_THREAD = 0.67
 """A single-thread process's speed as a fraction of a 2-thread one's (measured, fp32 AVX2)."""
