@@ -122,13 +122,27 @@ def test_synthetic_samples_are_valid_tallrec_samples() -> None:
     assert all("### Response:" in s.prompt and s.split == "train" for s in samples)
 
 
-def test_bench_backbone_reports_bf16_and_logit_variants(tiny_model_dir: Path, tmp_path: Path) -> None:
+def _bench_args(model_dir: Path, tmp_path: Path, test: int) -> tuple[Path, list[str]]:
+    """(out, CLI arguments) of a model bench on `test` test and 24 training samples."""
     data = tmp_path / "data"
     data.mkdir()
-    write_jsonl(data / "test.jsonl", make_samples(12, "test", seed=1))
+    write_jsonl(data / "test.jsonl", make_samples(test, "test", seed=1))
     write_jsonl(data / "train.jsonl", make_samples(24, "train", seed=2))
     out = tmp_path / "bench"
-    args = ["--model", str(tiny_model_dir), "--out", str(out), "--data", str(data), "--num-requests", "12"]
+    return out, [
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--num-requests",
+        str(test),
+    ]
+
+
+def test_bench_backbone_reports_bf16_and_logit_variants(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out, args = _bench_args(tiny_model_dir, tmp_path, 12)
     assert main(["bench", "backbone", *args]) == 0
     report = json.loads((out / "backbone.json").read_text())
     assert set(report["scoring"]) >= {"fp32", "bf16_autocast", "speedup_bf16", "max_abs_p_yes_difference"}
@@ -141,12 +155,7 @@ def test_bench_backbone_reports_bf16_and_logit_variants(tiny_model_dir: Path, tm
 def test_bench_prefix_times_both_layouts_and_shows_they_compute_the_same(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl(data / "test.jsonl", make_samples(10, "test", seed=1))
-    write_jsonl(data / "train.jsonl", make_samples(24, "train", seed=2))
-    out = tmp_path / "bench"
-    args = ["--model", str(tiny_model_dir), "--out", str(out), "--data", str(data), "--num-requests", "10"]
+    out, args = _bench_args(tiny_model_dir, tmp_path, 10)
     assert main(["bench", "prefix", *args, "--train-size", "16"]) == 0
     report = json.loads((out / "prefix.json").read_text())
     assert report["train_steps"] == 2 and report["score_samples"] == 10
