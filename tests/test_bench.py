@@ -66,11 +66,13 @@ def test_bench_inference_reports_every_method_k_and_batch_size(tiny_model_dir: P
     assert rec["candidates"] == 50 and rec["target"] == 5.0
     assert {r["method"] for r in rec["results"]} == {
         "full_prompts_per_candidate_omega",
+        "per_candidate_omega_shared_prefix_embedding",
         "full_prompts_per_request_omega",
         "shared_prefix_per_request_omega",
         "shared_prefix_per_request_omega_exit",
     }
     assert 0 < rec["shared_tokens"] < rec["prompt_tokens"] and rec["speedup"] > 0
+    assert rec["speedup_per_candidate"] > 0
     assert report["machine"]["torch_threads"] >= 1
     # the base model is left without LoRA layers (adapters unloaded after the bench)
 
