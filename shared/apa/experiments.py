@@ -1359,7 +1359,8 @@ def experiment_command(
             test AUC, on the same adapters), `training` (each adapter's epochs, steps and validation
             AUC and the unlearning speed-up, read from the adapter stages alone: trains and scores
             nothing), `plan` (a dry run: the stages `--stages_for` needs, how many are done and the
-            time left at this machine's speeds; builds nothing).
+            time left at this machine's speeds; trains and scores nothing, and prepares only the
+            data splits when they are missing).
         data: Directory with train/valid/test.jsonl (from `apa prepare`); without them, raw data of
             `dataset` (ml-100k: recbole's copy when the directory does not exist).
         out: Output directory (default: RUNS_DIR/experiments/<preset>).
