@@ -429,12 +429,18 @@ def base_only(model: Any) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def hidden_state(
-    model: nn.Module, batch: dict[str, torch.Tensor], layer: int = -1, autocast: Any = contextlib.nullcontext
-) -> torch.Tensor:
-    """Hidden states (n, seq, d) of one layer, computed by the decoder alone (the full-vocabulary
-    LM head never runs): -1, the final normed output; l >= 0, the output of the first l decoder
-    layers (before any norm, as `output_hidden_states[l]`), and only those l layers run."""
+def decode(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    layer: int = -1,
+    autocast: Any = contextlib.nullcontext,
+    cache: Any = None,
+    use_cache: bool = False,
+) -> Any:
+    """The decoder's output for `batch` (the full-vocabulary LM head never runs): -1, through the
+    final norm; l >= 0, through the first l decoder layers only (no norm, an early exit). `cache`:
+    keys and values of earlier positions the batch attends to; `use_cache`: return them, with
+    the batch's, as `.cache`."""
     decoder = unwrap_causal_lm(model).get_decoder()
     num_layers = len(decoder.layers)
     if layer >= num_layers:
@@ -442,13 +448,22 @@ def hidden_state(
     if layer >= 0:
         decoder = truncated_decoder(decoder, layer)
     with autocast():
-        out = decoder(
+        return decoder(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             position_ids=batch["position_ids"],
-            use_cache=False,
+            cache=cache,
+            use_cache=use_cache or cache is not None,
         )
-    return out.last_hidden_state  # type: ignore[no-any-return]
+
+
+def hidden_state(
+    model: nn.Module, batch: dict[str, torch.Tensor], layer: int = -1, autocast: Any = contextlib.nullcontext
+) -> torch.Tensor:
+    """Hidden states (n, seq, d) of one layer, computed by the decoder alone (the full-vocabulary
+    LM head never runs): -1, the final normed output; l >= 0, the output of the first l decoder
+    layers (before any norm, as `output_hidden_states[l]`), and only those l layers run."""
+    return decode(model, batch, layer, autocast).last_hidden_state  # type: ignore[no-any-return]
 
 
 _TRUNCATED: dict[tuple[int, int], nn.Module] = {}

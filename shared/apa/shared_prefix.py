@@ -19,7 +19,7 @@ back through the shared keys and values, summed over rows).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from apa.backbone import Backbone, truncated_decoder, unwrap_causal_lm
+from apa.backbone import Backbone, decode, unwrap_causal_lm
 
 RowsContext = Callable[[int], AbstractContextManager[Any]]
 """`context(rows)`: what to run a forward of `rows` sequences in (e.g. a mixture's `apply` with
@@ -52,28 +52,30 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def _decoder(model: Any, layers: int) -> Any:
-    decoder = unwrap_causal_lm(model).get_decoder()
-    return decoder if layers < 0 else truncated_decoder(decoder, layers)
+def shareable(backbone: Backbone, prompts: Sequence[str]) -> tuple[list[list[int]], int]:
+    """(token ids of each prompt, tokens they share): 0 shared for fewer than two prompts, a prompt
+    the backbone would truncate, or no common token; those run as full rows."""
+    ids = [list(x) for x in backbone.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    if len(ids) < 2 or max(len(x) for x in ids) > backbone.config.max_length:
+        return ids, 0
+    return ids, common_prefix_length(ids)
 
 
 def run_prefix(
-    model: Any, prefix: Sequence[int], device: torch.device, autocast: Autocast, layers: int = -1
+    model: Any, prefix_ids: torch.Tensor, autocast: Autocast, layers: int = -1
 ) -> tuple[KeysValues, torch.Tensor]:
-    """Run the shared tokens once (batch 1): every layer's keys and values, and the (1, shared, d)
-    hidden states (`layers` >= 1: an early exit after that many layers, as `hidden_state`). Under
-    grad mode they stay in the autograd graph, so a loss on the suffixes trains the prefix's LoRA
-    inputs too."""
-    decoder = _decoder(model, layers)
-    ids = torch.tensor([list(prefix)], device=device)
-    with autocast():
-        out = decoder(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            position_ids=torch.arange(ids.shape[1], device=device)[None],
-            use_cache=True,
-        )
-    kv = [(layer.keys, layer.values) for layer in out.cache.layers[: len(decoder.layers)]]
+    """Run the shared tokens `prefix_ids` (1, shared) once: every layer's keys and values, and the
+    (1, shared, d) hidden states (`layers` as in `apa.backbone.decode`: -1 all, l >= 1 an early
+    exit). Under grad mode they stay in the autograd graph, so a loss on the suffixes trains the
+    prefix's LoRA inputs too."""
+    positions = torch.arange(prefix_ids.shape[1], device=prefix_ids.device)[None]
+    batch = {
+        "input_ids": prefix_ids,
+        "attention_mask": torch.ones_like(prefix_ids),
+        "position_ids": positions,
+    }
+    out = decode(model, batch, layers, autocast, use_cache=True)
+    kv = [(layer.keys, layer.values) for layer in out.cache.layers[: layers if layers >= 0 else None]]
     return kv, out.last_hidden_state
 
 
@@ -110,23 +112,31 @@ def suffix_batch(
 def suffix_hidden(
     model: Any, kv: KeysValues, batch: dict[str, torch.Tensor], autocast: Autocast, layers: int = -1
 ) -> torch.Tensor:
-    """Final (normed) hidden states (rows, width, d) of a `suffix_batch` attending to the prefix's
-    keys and values (shared by every row: expanded, not copied); `layers` as in `run_prefix`."""
-    decoder = _decoder(model, layers)
+    """Hidden states (rows, width, d) of a `suffix_batch` attending to the prefix's keys and values
+    (shared by every row: expanded, not copied); `layers` as in `run_prefix`."""
     rows = batch["input_ids"].shape[0]
     cache = DynamicCache(
         ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in kv],
-        config=decoder.config,
+        config=unwrap_causal_lm(model).get_decoder().config,
     )
-    with autocast():
-        out = decoder(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            cache=cache,
-            use_cache=True,
-        )
-    return out.last_hidden_state  # type: ignore[no-any-return]
+    return decode(model, batch, layers, autocast, cache).last_hidden_state  # type: ignore[no-any-return]
+
+
+def _suffix_chunks(
+    backbone: Backbone, ids: list[list[int]], shared: int, size: int, progress: str | None = None
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(prompt indices, `suffix_batch`) per chunk of `size`, similar suffix lengths together;
+    a progress bar named `progress` when given."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    starts: Iterable[int] = range(0, len(order), size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch")
+    pad = int(backbone.tokenizer.pad_token_id)
+    for start in starts:
+        idx = order[start : start + size]
+        yield idx, suffix_batch([ids[i][shared:] for i in idx], shared, pad, backbone.device)
 
 
 @torch.no_grad()
@@ -149,9 +159,8 @@ def score_shared_prefix(
     prompts = list(prompts)
     run_in = context or (lambda _rows: nullcontext())
     size = chunk_size or backbone.config.batch_size
-    ids = [list(x) for x in backbone.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-    shared = common_prefix_length(ids) if len(prompts) > 1 else 0
-    if shared < 1 or max(len(x) for x in ids) > backbone.config.max_length:
+    ids, shared = shareable(backbone, prompts)
+    if shared < 1:
         out = np.zeros(len(prompts))
         for idx in backbone.batches(prompts, size):
             with run_in(len(idx)):
@@ -163,18 +172,13 @@ def score_shared_prefix(
     def autocast() -> AbstractContextManager[Any]:
         return backbone.autocast(bf16)
 
-    device = backbone.device
     with run_in(1):
-        kv, _ = run_prefix(model, ids[0][:shared], device, autocast)
-    pad = int(backbone.tokenizer.pad_token_id)
+        kv, _ = run_prefix(model, torch.tensor([ids[0][:shared]], device=backbone.device), autocast)
     out = np.zeros(len(prompts))
-    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))  # similar suffix lengths together
-    for start in range(0, len(order), size):
-        idx = order[start : start + size]
-        batch = suffix_batch([ids[i][shared:] for i in idx], shared, pad, device)
+    for idx, batch in _suffix_chunks(backbone, ids, shared, size):
         with run_in(len(idx)):
             hidden = suffix_hidden(model, kv, batch, autocast)
-        last = hidden[torch.arange(len(idx), device=device), batch["lengths"] - 1]
+        last = hidden[torch.arange(len(idx), device=backbone.device), batch["lengths"] - 1]
         logits = backbone.answer_logits(model, last)
         out[idx] = torch.softmax(logits, dim=-1)[:, 0].double().cpu().numpy()
     return out, shared
@@ -189,29 +193,18 @@ def embed_shared_prefix(
     prefix and suffix tokens), fp32. None where nothing can be shared (fewer than two prompts, a
     prompt the backbone would truncate, no shared token, or an exit after zero layers): the caller
     then embeds full rows. Equal to full rows up to float summation order (tested)."""
-    prompts = list(prompts)
     layers = backbone.config.embed_layer
-    if len(prompts) < 2 or layers == 0:
+    if layers == 0:
         return None
-    ids = [list(x) for x in backbone.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
-    shared = common_prefix_length(ids)
-    if shared < 1 or max(len(x) for x in ids) > backbone.config.max_length:
+    ids, shared = shareable(backbone, prompts)
+    if shared < 1:
         return None
-    device = backbone.device
-    kv, prefix_hidden = run_prefix(backbone.model, ids[0][:shared], device, backbone.autocast, layers)
+    prefix_ids = torch.tensor([ids[0][:shared]], device=backbone.device)
+    kv, prefix_hidden = run_prefix(backbone.model, prefix_ids, backbone.autocast, layers)
     prefix_sum = prefix_hidden[0].float().sum(0)
-    pad = int(backbone.tokenizer.pad_token_id)
-    out = np.zeros((len(prompts), int(prefix_hidden.shape[-1])), dtype=np.float32)
+    out = np.zeros((len(ids), int(prefix_hidden.shape[-1])), dtype=np.float32)
     size = batch_size or backbone.config.batch_size
-    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-    starts: Iterable[int] = range(0, len(order), size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="embed", unit="batch")
-    for start in starts:
-        idx = order[start : start + size]
-        batch = suffix_batch([ids[i][shared:] for i in idx], shared, pad, device)
+    for idx, batch in _suffix_chunks(backbone, ids, shared, size, "embed" if progress else None):
         hidden = suffix_hidden(backbone.model, kv, batch, backbone.autocast, layers).float()
         for row, i in enumerate(idx):
             n = int(batch["lengths"][row])
@@ -231,6 +224,7 @@ __all__ = [
     "embed_shared_prefix",
     "run_prefix",
     "score_shared_prefix",
+    "shareable",
     "suffix_batch",
     "suffix_hidden",
 ]

@@ -186,7 +186,7 @@ def answer_loss(
         return backbone.autocast(bf16)
 
     if "prefix_ids" in batch:
-        kv, _ = run_prefix(model, batch["prefix_ids"][0].tolist(), backbone.device, autocast)
+        kv, _ = run_prefix(model, batch["prefix_ids"], autocast)
         hidden = suffix_hidden(model, kv, batch, autocast)
     else:
         hidden = last_hidden_state(model, batch, autocast)
