@@ -802,7 +802,7 @@ def bench_command(
 
     `inference` (throughput, latency), `train` (one shard vs everything), `backbone` (what bf16
     autocast and answer-only logits buy: speed and AUC) or `prefix` (what running the prompts'
-    shared template tokens once buys in training and scoring).
+    shared template tokens once buys in training, scoring and embedding).
 
     Args:
         what: inference, train, backbone, prefix, erasure or serve (the inference service over HTTP).
