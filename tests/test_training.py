@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import replace
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from apa.training import TrainConfig, answer_batch, answer_loss, seeded, train_adapter
+from apa.training import EpochRecord, TrainConfig, answer_batch, answer_loss, seeded, train_adapter
 from model_fixtures import loadable_tiny_backbone, make_samples, tiny_backbone
 
 FAST = TrainConfig(
@@ -195,16 +196,30 @@ def test_retraining_with_the_same_seed_reproduces_the_adapter_exactly(tiny_llama
     assert not _state_equal(first.adapter_state, other_seed.adapter_state)
 
 
-def test_early_stopping_keeps_the_best_validation_epoch(tiny_llama):
+def test_early_stopping_keeps_the_best_validation_epoch(tiny_llama, caplog):
     model, tok = tiny_llama
     bb = tiny_backbone(model, tok)
     config = TrainConfig(
         **{**FAST.to_json(), "target_modules": ("q_proj",), "epochs": 6, "patience": 1, "lr": 0.5}
     )
-    result = train_adapter(bb, make_samples(16, seed=1), make_samples(16, "valid", seed=2), config)
+    with caplog.at_level(logging.INFO, logger="apa.training"):
+        result = train_adapter(bb, make_samples(16, seed=1), make_samples(16, "valid", seed=2), config)
     aucs = [np.nan if m.valid_auc is None else m.valid_auc for m in result.metrics]
     assert result.best_epoch == int(np.nanargmax(aucs)) + 1
     assert len(result.metrics) <= 6
+    # each epoch logs its AUC and where early stopping stands, in words, not a repr
+    lines = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    assert len(lines) == len(result.metrics)
+    last = result.metrics[-1]
+    assert f"loss {last.loss:.4f}" in lines[-1] and "EpochRecord" not in lines[-1]
+    assert (
+        f"best epoch {result.best_epoch}, " in lines[-1] and "of patience 1 without improvement" in lines[-1]
+    )
+
+
+def test_an_epoch_record_reads_as_words():
+    assert str(EpochRecord(2, 32, 0.25, 0.61234)) == "32 steps, loss 0.2500, valid AUC 0.6123"
+    assert str(EpochRecord(1, 8, 0.5)) == "8 steps, loss 0.5000, valid AUC not evaluated"
 
 
 def test_without_validation_every_epoch_runs_and_the_last_is_kept(tiny_llama):

@@ -215,6 +215,10 @@ class EpochRecord:
     valid_auc: float | None = None
     """Validation AUC after the epoch (None when not evaluated or undefined: one-class validation)."""
 
+    def __str__(self) -> str:
+        auc_text = "not evaluated" if self.valid_auc is None else f"{self.valid_auc:.4f}"
+        return f"{self.steps} steps, loss {self.loss:.4f}, valid AUC {auc_text}"
+
 
 @dataclass
 class TrainResult:
@@ -340,7 +344,6 @@ def train_adapter(
                 None if valid_auc is None or math.isnan(valid_auc) else valid_auc,
             )
             result.metrics.append(record)
-            log.info("%s epoch %d: %s", desc, epoch, record)
             # no validation (or one-class validation): keep the latest epoch
             current = record.valid_auc if record.valid_auc is not None else float(epoch)
             if current > best_auc:
@@ -348,8 +351,17 @@ def train_adapter(
                 result.adapter_state = _lora_state(peft_model)
             else:
                 stale_epochs += 1
-                if stale_epochs >= config.patience:
-                    break
+            log.info(
+                "%s epoch %d: %s; best epoch %d, %d of patience %d without improvement",
+                desc,
+                epoch,
+                record,
+                result.best_epoch,
+                stale_epochs,
+                config.patience,
+            )
+            if stale_epochs and stale_epochs >= config.patience:
+                break
         result.samples_per_second = seen / max(fit_seconds, 1e-9)
     result.train_seconds = time.perf_counter() - started
     return result
