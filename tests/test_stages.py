@@ -505,7 +505,7 @@ def test_analysis_and_mia_on_the_tiny_model(
     args[args.index("--valid-size") + 1] = "16"
     args[args.index("--test-size") + 1] = "16"
     analysis = [*args[:2], "analysis", *args[3:]]
-    # only the paper's served pass: the other five are left out of the table and named as skipped
+    # only the paper's served pass: the other six are left out of the table and named as skipped
     part_out = tmp_path / "part"
     partial_run = [*analysis, "--out", str(part_out), "--served", "paper"]
     assert main(partial_run) == 0
@@ -514,7 +514,7 @@ def test_analysis_and_mia_on_the_tiny_model(
     part = json.loads((part_out / "analysis.json").read_text())
     assert "APA(D)" in part["table"]["methods"] and "APA(D) - Retraining" in part["table"]["differences"]
     assert not {"uniform D", "APA(ND)"} & set(part["table"]["methods"])
-    assert len(part["served_skipped"]) == 5 and "APA(ND)" in part["served_skipped"]
+    assert len(part["served_skipped"]) == 6 and "APA(ND)" in part["served_skipped"]
     assert "Served passes not run" in (part_out / "analysis.md").read_text()
     assert main(analysis) == 0
     result = json.loads((out / "analysis.json").read_text())
@@ -526,6 +526,11 @@ def test_analysis_and_mia_on_the_tiny_model(
         assert low <= methods[name]["auc"] <= high or not np.isfinite(low)
     assert "APA(D) - Retraining" in result["table"]["differences"]
     assert "APA(D) - SISA" in result["table"]["differences"]
+    # APA(ND) is also served with the τ/n that validation selected for APA(D), and compared
+    best = result["selection"]["paper"]["best"]
+    nd_selected = f"APA(ND) τ={best['tau']:g}, n={best['top_n']} (valid-selected)"
+    assert nd_selected in methods and f"{nd_selected} - SISA" in result["table"]["differences"]
+    assert f"{nd_selected} - Retraining" in result["table"]["differences"]
     assert result["selection"]["paper"]["best"]["tau"] in stages_taus()
     assert result["weights_tau1000_n20"]["paper"]["matches_library"]
     assert len(result["shards"]) == 2 and all("test_auc" in s for s in result["shards"])

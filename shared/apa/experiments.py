@@ -1399,7 +1399,8 @@ def experiment_command(
         only: stages: Retraining's and the K shards' stages (both), or one of them (two processes
             can then share the store: `retraining` leaves the zero-shot and embedding stages to the other).
         served: analysis: which served (aggregated, model-running) test passes to run, some of uniform,
-            paper, selected, nd, centred, rank, or none (default: all six; each takes minutes on a CPU).
+            paper, selected, nd, nd_selected, centred, rank, or none (default: all seven; each takes
+            minutes on a CPU).
         stages_for: stages and plan: build (or count) the adapters (and their predictions) of these figures, some of
             analysis, table1, fig4, fig5, fig6 (default: analysis, i.e. Retraining and the semantic K
             shards); table1 and fig4 add SISA's, GraphEraser's and RecEraser's shards, fig6 the other K;

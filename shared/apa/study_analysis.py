@@ -40,9 +40,9 @@ from apa.stages import AdapterStage, MissingStageError, run_free_first
 if TYPE_CHECKING:
     from apa.experiments import Study
 
-SERVED_PASSES = ("uniform", "paper", "selected", "nd", "centred", "rank")
+SERVED_PASSES = ("uniform", "paper", "selected", "nd", "nd_selected", "centred", "rank")
 """The served test passes of `analysis`, in their default order: uniform D, APA(D) τ=1000 n=20,
-APA(D) with the valid-selected τ/n, APA(ND), and the centred / rank error variants."""
+APA(D) with the valid-selected τ/n, APA(ND) with each of the two, and the centred / rank error variants."""
 
 
 def served_passes(names: Sequence[str] | None) -> tuple[str, ...]:
@@ -399,6 +399,10 @@ def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None =
                 lambda: study.aggregated(md, "decomposition", selected)[0],
             ),
             "nd": ("APA(ND)", lambda: study.aggregated(md, "non_decomposition", paper_w)[0]),
+            "nd_selected": (
+                f"APA(ND) τ={best['tau']:g}, n={best['top_n']} (valid-selected)",
+                lambda: study.aggregated(md, "non_decomposition", selected)[0],
+            ),
         }
         for kind in ("centred", "rank"):
             alt = result["selection"][kind]["best"]
@@ -422,7 +426,7 @@ def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None =
     ]
     names = list(scores)
     for name in names:
-        if name.startswith("APA(D) ") and "Retraining" in scores:
+        if name.startswith(("APA(D) ", "APA(ND) ")) and "Retraining" in scores:
             diffs += [(name, "Retraining"), (name, "SISA")]
     result["table"] = paired_bootstrap(yt, scores, diffs, draws=draws, seed=seed)
     result["speedup"] = speedup(result["training"])
