@@ -151,6 +151,16 @@ def test_retraining_can_take_its_own_learning_rate_while_the_shards_keep_theirs(
     )
 
 
+def test_patience_reaches_the_adapters_and_zero_is_an_error_naming_the_field(capsys: Any) -> None:
+    assert ExperimentConfig.from_preset("cpu").train.patience == 2
+    assert ExperimentConfig.from_preset("cpu", patience=3).train_for(1).patience == 3
+    # patience 0 would stop after the first epoch that does not improve, i.e. behave as 1
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        ExperimentConfig.from_preset("cpu", patience=0)
+    assert experiments.experiment_command("plan", patience=0) == 1
+    assert "patience must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_an_unknown_served_pass_is_an_error_naming_the_field(tmp_path: Path, capsys: Any) -> None:
     code = experiments.experiment_command("analysis", data=str(tmp_path / "d"), served=["paper", "bogus"])
     err = capsys.readouterr().err

@@ -222,7 +222,7 @@ def test_an_epoch_record_reads_as_words():
     assert str(EpochRecord(1, 8, 0.5)) == "8 steps, loss 0.5000, valid AUC not evaluated"
 
 
-def test_without_validation_every_epoch_runs_and_the_last_is_kept(tiny_llama):
+def test_without_validation_every_epoch_runs_and_the_last_is_kept(tiny_llama, caplog):
     """valid_eval_size=0 (`apa experiment --early_stopping false`): the adapter fits its shard."""
     model, tok = tiny_llama
     bb = tiny_backbone(model, tok)
@@ -230,8 +230,13 @@ def test_without_validation_every_epoch_runs_and_the_last_is_kept(tiny_llama):
         **{**FAST.to_json(), "target_modules": ("q_proj",), "epochs": 3, "patience": 1, "lr": 0.5}
     )
     train, valid = make_samples(16, seed=1), make_samples(16, "valid", seed=2)
-    result = train_adapter(bb, train, valid, replace(config, valid_eval_size=0))
+    with caplog.at_level(logging.INFO, logger="apa.training"):
+        result = train_adapter(bb, train, valid, replace(config, valid_eval_size=0))
     assert [m.epoch for m in result.metrics] == [1, 2, 3]
+    # the log does not speak of a patience that plays no part
+    lines = [r.getMessage() for r in caplog.records if " epoch " in r.getMessage()]
+    assert len(lines) == 3 and all("latest epoch is kept" in line for line in lines)
+    assert not any("patience" in line for line in lines)
     assert result.best_epoch == 3 and all(m.valid_auc is None for m in result.metrics)
     # the kept state is the last epoch's: training one epoch less gives a different adapter
     shorter = train_adapter(bb, train, valid, replace(config, valid_eval_size=0, epochs=2))

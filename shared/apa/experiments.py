@@ -174,7 +174,9 @@ class ExperimentConfig:
                 "cpu", epochs=e, seed=seed, valid_eval_size=0 if e == 1 else 200, patience=patience
             )
         elif preset == "cpu":
-            train = TrainConfig.preset("cpu", epochs=e, seed=seed, patience=patience or 2)
+            train = TrainConfig.preset(
+                "cpu", epochs=e, seed=seed, patience=2 if patience is None else patience
+            )
         else:
             train = TrainConfig.preset("tallrec", epochs=e, seed=seed)
         if lr is not None:

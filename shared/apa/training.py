@@ -78,7 +78,7 @@ class TrainConfig:
     are then shared by the micro-batch's rows."""
 
     def __post_init__(self) -> None:
-        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "micro_batch_size"):
+        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "micro_batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -352,15 +352,20 @@ def train_adapter(
                 result.adapter_state = _lora_state(peft_model)
             else:
                 stale_epochs += 1
-            log.info(
-                "%s epoch %d: %s; best epoch %d, %d of patience %d without improvement",
-                desc,
-                epoch,
-                record,
-                result.best_epoch,
-                stale_epochs,
-                config.patience,
-            )
+            if record.valid_auc is None:
+                log.info(
+                    "%s epoch %d: %s; no validation AUC, so the latest epoch is kept", desc, epoch, record
+                )
+            else:
+                log.info(
+                    "%s epoch %d: %s; best epoch %d, %d of patience %d without improvement",
+                    desc,
+                    epoch,
+                    record,
+                    result.best_epoch,
+                    stale_epochs,
+                    config.patience,
+                )
             if not improved and stale_epochs >= config.patience:
                 break
         result.samples_per_second = seen / max(fit_seconds, 1e-9)
