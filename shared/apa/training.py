@@ -346,8 +346,7 @@ def train_adapter(
             result.metrics.append(record)
             # no validation (or one-class validation): keep the latest epoch
             current = record.valid_auc if record.valid_auc is not None else float(epoch)
-            improved = current > best_auc
-            if improved:
+            if current > best_auc:
                 best_auc, result.best_epoch, stale_epochs = current, epoch, 0
                 result.adapter_state = _lora_state(peft_model)
             else:
@@ -366,7 +365,7 @@ def train_adapter(
                     stale_epochs,
                     config.patience,
                 )
-            if not improved and stale_epochs >= config.patience:
+            if stale_epochs >= config.patience:  # patience >= 1: an improving epoch never stops
                 break
         result.samples_per_second = seen / max(fit_seconds, 1e-9)
     result.train_seconds = time.perf_counter() - started
