@@ -28,6 +28,7 @@ from apa.experiments import ExperimentConfig, Study, load_data, runs_dir
 from apa.metrics import auc
 from apa.partition import Partition, partition
 from apa.stages import StageStore, data_stage, partition_config
+from apa.study_analysis import entropy_stats
 
 SIZES = {"train": 256, "valid": 250, "test": 1000}
 CONFIG = ExperimentConfig.from_preset(
@@ -102,14 +103,15 @@ def main(which: str) -> None:
             valid_labels=valid_labels,
             valid_predictions=pv,
         )
+        omega = entropy_stats(w)
         report[name] = {
             "shard Yes rate": [round(float(np.mean([by_id[i].label for i in s])), 3) for s in p.shards],
             "shard mean P(Yes) on valid": [round(float(pv[:, k].mean()), 3) for k in range(4)],
             "shard test AUC": [round(auc(study.labels, pt[:, k]), 4) for k in range(4)],
             "share of test requests whose largest ω is this shard's": [
-                round(float(np.mean(w.argmax(1) == k)), 3) for k in range(4)
+                round(x, 3) for x in omega["argmax_share"]
             ],
-            "mean max ω": round(float(w.max(1).mean()), 3),
+            "mean max ω": round(omega["mean_max_weight"], 3),
             "APA(D) test AUC, prediction level": round(auc(study.labels, (w * pt).sum(1)), 4),
             "SISA over these shards (mean prediction)": round(auc(study.labels, pt.mean(1)), 4),
         }
