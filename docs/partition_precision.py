@@ -11,6 +11,10 @@ It embeds the training prompts in fp32 (the study's embeddings are bf16-autocast
 native), partitions them with the study's semantic K=4 config, trains those shards' adapters with the
 study's settings and compares APA(D) (τ=1000, n=20) at the prediction level (Σ_k ω_k P_k) on both
 partitions; `report` also moves the bf16 embeddings by Gaussian noise to show the partition's scale.
+
+Since this finding the study and `apa train` partition fp32 embeddings on every machine
+(`Backbone.embed_for_partition`), so the fp32 partition here is the study's own, and the bf16 one
+is rebuilt from the bf16 training embeddings (the configured autocast where bf16 is native).
 """
 
 from __future__ import annotations
@@ -65,7 +69,10 @@ def main(which: str) -> None:
     )
     ids, by_id = [s.sample_id for s in train], {s.sample_id: s for s in train}
     config = partition_config("semantic", 4, 0)
-    p32, p16 = partition(ids, config, np.load(FP32_CACHE)), study.partition("semantic", 4)
+    # bf16: the configured autocast where bf16 is native (the study's partition before it moved to
+    # fp32 embeddings, `Backbone.embed_for_partition`); the same embeddings and partition function
+    e16 = study.embeddings("train")
+    p32, p16 = partition(ids, config, np.load(FP32_CACHE)), partition(ids, config, e16)
     print(f"fp32 against bf16 embeddings: {moved(p16, p32)} of {len(ids)} samples change shard")
 
     def adapters(p: Partition, shards: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -80,7 +87,6 @@ def main(which: str) -> None:
     if which != "report":
         adapters(p32, [int(k) for k in which.split(",")])
         return
-    e16 = study.embeddings("train")
     rng = np.random.default_rng(0)
     for rel in (1e-4, 1e-3, 4e-3):
         draws = [
@@ -93,7 +99,10 @@ def main(which: str) -> None:
     valid_labels = np.array([s.label for s in splits["valid"]])
     valid_emb, test_emb = study.embeddings("valid"), study.embeddings("test")
     report = {}
-    for name, p in (("bf16 embeddings (Table 1's partition)", p16), ("fp32 embeddings", p32)):
+    for name, p in (
+        ("bf16 embeddings (the fourteenth session's Table 1 partition)", p16),
+        ("fp32 embeddings", p32),
+    ):
         preds = adapters(p, list(range(4)))
         pv, pt = np.stack([v for v, _ in preds], 1), np.stack([t for _, t in preds], 1)
         w = aggregation_weights(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -151,3 +153,23 @@ def test_embeddings_with_the_shared_prefix_run_once_equal_each_prompt_alone(tiny
     np.testing.assert_allclose(bb.embed_full_rows(prompts), shared, atol=1e-5)
     assert embed_shared_prefix(bb, prompts[:1]) is None
     assert embed_shared_prefix(tiny_backbone(model, tok, max_length=16), prompts) is None  # truncated
+
+
+def test_the_partitions_embeddings_are_fp32_whatever_the_configured_autocast(tiny_llama):
+    """bf16 rounds differently on different CPUs and balanced K-means turns rounding into different
+    shards, so the partition's embeddings are fp32 even where serving embeds under bf16."""
+    from apa.backbone import Backbone
+
+    model, tok = tiny_llama
+    fp32 = tiny_backbone(model, tok, batch_size=3)
+    bf16 = Backbone(
+        model, tok, replace(fp32.config, bf16_autocast=True), model_id="tiny-llama", model_digest="0" * 64
+    )
+    prompts = [s.prompt for s in make_samples(7, seed=4)]
+    reference = fp32.embed(prompts)
+    # the configured autocast rounds (so this test can tell the two apart) ...
+    assert not np.allclose(bf16.embed(prompts), reference, atol=1e-5)
+    # ... and the partition's embeddings do not: the shared-prefix path and full rows alike
+    np.testing.assert_array_equal(bf16.embed_for_partition(prompts), reference)
+    np.testing.assert_array_equal(bf16.embed([prompts[0]], bf16=False), fp32.embed([prompts[0]]))
+    np.testing.assert_array_equal(bf16.embed_full_rows(prompts, bf16=False), fp32.embed_full_rows(prompts))

@@ -186,3 +186,29 @@ def test_scorer_from_model_dir_verifies_each_adapter_against_its_manifest(built:
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")
     with pytest.raises(ArtifactError, match="sha256"):
         AggregatedScorer.from_model_dir(bb, md)
+
+
+def test_a_models_semantic_partition_clusters_fp32_embeddings_under_a_bf16_backbone(
+    tiny_llama: Any, tmp_path: Path
+) -> None:
+    """The partition recorded for a model is the one fp32 embeddings give, whatever the backbone's
+    autocast: the same shards and centroids wherever `apa train` runs."""
+    from apa.backbone import Backbone
+    from apa.partition import partition
+
+    model, tok = tiny_llama
+    fp32 = tiny_backbone(model, tok)
+    bf16 = Backbone(
+        model, tok, replace(fp32.config, bf16_autocast=True), model_id="tiny-llama", model_digest="0" * 64
+    )
+    splits = {"train": make_samples(16, seed=5), "valid": make_samples(8, "valid", seed=6), "test": []}
+    config = PartitionConfig(strategy="semantic", num_shards=2, seed=0)
+    build_model(bf16, splits, tmp_path / "m", config, FAST, pseudonymizer=KEY, progress=False)
+    recorded = ModelDir(tmp_path / "m").partition()
+    ids, prompts = [s.sample_id for s in splits["train"]], [s.prompt for s in splits["train"]]
+    expected = partition(ids, config, embeddings=fp32.embed(prompts))
+    assert [sorted(shard) for shard in recorded.shards] == [sorted(shard) for shard in expected.shards]
+    np.testing.assert_array_equal(recorded.centroids, expected.centroids)
+    # the configured (bf16) embeddings would have recorded other centroids
+    rounded = partition(ids, config, embeddings=bf16.embed(prompts))
+    assert not np.array_equal(rounded.centroids, expected.centroids)

@@ -22,11 +22,13 @@ import apa.stages as stages
 from apa.backbone import Backbone, BackboneConfig
 from apa.cli import main
 from apa.data import write_jsonl
+from apa.data.samples import sample_digest
 from apa.experiments import ExperimentConfig, Study, stage_models
+from apa.modeldir import ModelDir
 from apa.partition import PartitionConfig
 from apa.pseudonyms import Pseudonymizer
 from apa.sharded import build_model
-from apa.stages import StageStore, adopt_model_dir, chunked
+from apa.stages import StageStore, adopt_model_dir, chunked, embeddings_key, partition_config
 from model_fixtures import make_samples
 
 
@@ -534,6 +536,11 @@ def test_analysis_and_mia_on_the_tiny_model(
     assert result["selection"]["paper"]["best"]["tau"] in stages_taus()
     assert result["weights_tau1000_n20"]["paper"]["matches_library"]
     assert len(result["shards"]) == 2 and all("test_auc" in s for s in result["shards"])
+    # each shard names its samples by digest, so runs on other machines can compare partitions
+    semantic = next((out / "models").glob("semantic-K2-*"))
+    digests = [sample_digest(shard) for shard in ModelDir(semantic).partition().shards]
+    assert [s["samples_digest"] for s in result["shards"]] == digests
+    assert f"| 0 | {result['shards'][0]['size']} | {digests[0][:12]} |" in (out / "analysis.md").read_text()
     assert result["training"]["Retraining"]["steps"] > 0
     assert result["speedup"]["speedup_vs_mean_shard"] > 0
     sp = result["speedup"]
@@ -605,7 +612,6 @@ def test_analysis_and_mia_on_the_tiny_model(
     # the served scores are computed in chunks behind a bar: the same numbers as one call
     from apa.aggregation import AggregatedScorer, WeightConfig
     from apa.mia import score_in_chunks
-    from apa.modeldir import ModelDir
 
     unlearned = ModelDir(out / "mia" / "model")
     prompts = [s.prompt for split in unlearned.splits().values() for s in split]
@@ -786,3 +792,33 @@ def test_convergence_means_the_patience_ran_out_not_that_the_cap_was_reached() -
     table = "\n".join(training_lines({"Retraining": stopped, "shards": [at_cap_rising, None]}))
     assert "| 4 / 10 | 2 | yes | 16 (8) |" in table and "| no (cap) |" in table
     assert "| shard 1 | - | not trained yet |" in table
+
+
+def test_the_studys_partition_clusters_fp32_embeddings_under_a_bf16_backbone(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """As `apa train`'s: the study's semantic partition is the one fp32 embeddings give, so it is the
+    same on every CPU (bf16 moved 38 of 256 samples on one Xeon); valid/test keep the configured
+    autocast (ω's neighbours)."""
+    from apa.data import load_splits
+    from apa.partition import partition
+
+    bf16 = Backbone.load(BackboneConfig(model=str(tiny_model_dir), bf16_autocast=True))
+    fp32 = Backbone.load(BackboneConfig(model=str(tiny_model_dir), bf16_autocast=False))
+    config = ExperimentConfig.from_preset("quick", num_shards=2, train_size=12, valid_size=8, test_size=8)
+    splits = load_splits(data_dir)
+    study = Study(
+        bf16, splits, config, tmp_path / "out", progress=False, store=StageStore(tmp_path / "store")
+    )
+    got = study.partition("semantic", 2)
+    train = splits["train"]
+    ids, prompts = [s.sample_id for s in train], [s.prompt for s in train]
+    expected = partition(ids, partition_config("semantic", 2, config.seed), embeddings=fp32.embed(prompts))
+    assert got.shards == expected.shards
+    np.testing.assert_array_equal(got.centroids, expected.centroids)
+    # the stage store holds the train split's fp32 embeddings beside the configured ones of valid
+    assert study.store.done("embeddings", embeddings_key(bf16, train, bf16=False))
+    assert not study.store.done("embeddings", embeddings_key(bf16, train))
+    study.embeddings("valid")
+    assert study.store.done("embeddings", embeddings_key(bf16, splits["valid"]))
+    assert not study.store.done("embeddings", embeddings_key(bf16, splits["valid"], bf16=False))

@@ -317,27 +317,46 @@ class Backbone:
 
     @torch.no_grad()
     def embed(
-        self, prompts: Sequence[str], batch_size: int | None = None, progress: bool = False
+        self,
+        prompts: Sequence[str],
+        batch_size: int | None = None,
+        progress: bool = False,
+        bf16: bool | None = None,
     ) -> np.ndarray:
         """Base-model hidden state of each prompt at `config.embed_layer` (an early exit when it is
         not the last), pooled per `config.pooling`, fp32 (`self.model` never carries adapters:
         training and scorers wrap forks of it). The prompts' shared prefix tokens run once
-        (`apa.shared_prefix.embed_shared_prefix`); full rows where nothing is shared."""
+        (`apa.shared_prefix.embed_shared_prefix`); full rows where nothing is shared. `bf16`
+        overrides the configured autocast (`embed_for_partition` passes False)."""
         from apa.shared_prefix import embed_shared_prefix  # it builds on this module
 
-        shared = embed_shared_prefix(self, prompts, batch_size, progress)
-        return shared if shared is not None else self.embed_full_rows(prompts, batch_size, progress)
+        shared = embed_shared_prefix(self, prompts, batch_size, progress, bf16)
+        return shared if shared is not None else self.embed_full_rows(prompts, batch_size, progress, bf16)
+
+    def embed_for_partition(self, prompts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """`embed` in fp32 whatever the configured autocast: the embeddings the semantic, bekm and
+        user partitions cluster. bf16 kernels round differently on different CPUs (and against
+        fp32), and balanced K-means turns such rounding into different shards: on one Xeon, bf16
+        instead of fp32 moved 38 of 256 training samples (docs/RESULTS.md, fourteenth session).
+        fp32 kernels differ between CPUs only in summation order, and noise of 1e-4 x the mean
+        |embedding| moved no sample there. It runs once per model, so fp32 costs little."""
+        return self.embed(prompts, progress=progress, bf16=False)
 
     @torch.no_grad()
     def embed_full_rows(
-        self, prompts: Sequence[str], batch_size: int | None = None, progress: bool = False
+        self,
+        prompts: Sequence[str],
+        batch_size: int | None = None,
+        progress: bool = False,
+        bf16: bool | None = None,
     ) -> np.ndarray:
         """`embed` with every prompt run in full (left-padded batches): the reference the
         shared-prefix path equals, and what it falls back to."""
         rows: list[np.ndarray] = [np.zeros(0)] * len(prompts)
+        autocast = functools.partial(self.autocast, bf16)
         for idx in _progress(list(self.batches(prompts, batch_size)), progress, "embed"):
             batch = self.encode([prompts[i] for i in idx])
-            hidden = hidden_state(self.model, batch, self.config.embed_layer, self.autocast).float()
+            hidden = hidden_state(self.model, batch, self.config.embed_layer, autocast).float()
             pooled = self._pool(hidden, batch["attention_mask"])
             for row, i in enumerate(idx):
                 rows[i] = pooled[row].cpu().numpy()

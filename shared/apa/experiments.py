@@ -427,9 +427,10 @@ class Study:
 
     # -- stages: embeddings, partitions, adapters, predictions -------------------------------------
 
-    def embeddings(self, split: str) -> np.ndarray:
-        """Base-model embeddings of a split (stage `embeddings`)."""
-        return split_embeddings(self.store, self.backbone, self.splits[split], split, self.progress)
+    def embeddings(self, split: str, bf16: bool | None = None) -> np.ndarray:
+        """Base-model embeddings of a split (stage `embeddings`); `bf16` overrides the configured
+        autocast (the partition's embeddings are fp32, as `Backbone.embed_for_partition`'s)."""
+        return split_embeddings(self.store, self.backbone, self.splits[split], split, self.progress, bf16)
 
     def partition(self, strategy: StrategyName, k: int) -> Partition:
         """The partition of the training split for (strategy, K) (stage `partition`)."""
@@ -441,7 +442,7 @@ class Study:
                 "partition", partition_key(self.backbone, train, config)
             ):
                 raise MissingStageError(f"the {strategy} K={k} partition is not in the store yet")
-            embeddings = self.embeddings("train")
+            embeddings = self.embeddings("train", bf16=False)
         return partition_stage(self.store, self.backbone, train, config, embeddings)
 
     def adapter(self, samples: list[Sample], train_config: TrainConfig, label: str) -> AdapterStage:

@@ -120,7 +120,7 @@ def build_model(
         and partition_config.strategy in ("semantic", "bekm", "user")
         and partition_config.num_shards > 1
     ):
-        embeddings = backbone.embed([s.prompt for s in train], progress=progress)
+        embeddings = backbone.embed_for_partition([s.prompt for s in train], progress=progress)
     parts = partition(
         [s.sample_id for s in train],
         partition_config,

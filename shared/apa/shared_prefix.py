@@ -19,6 +19,7 @@ back through the shared keys and values, summed over rows).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -186,13 +187,18 @@ def score_shared_prefix(
 
 @torch.no_grad()
 def embed_shared_prefix(
-    backbone: Backbone, prompts: Sequence[str], batch_size: int | None = None, progress: bool = False
+    backbone: Backbone,
+    prompts: Sequence[str],
+    batch_size: int | None = None,
+    progress: bool = False,
+    bf16: bool | None = None,
 ) -> np.ndarray | None:
     """`backbone.embed` with the prompts' shared prefix run once: each prompt's base-model hidden
     state at `config.embed_layer`, pooled per `config.pooling` (the last token, or the mean over
     prefix and suffix tokens), fp32. None where nothing can be shared (fewer than two prompts, a
     prompt the backbone would truncate, no shared token, or an exit after zero layers): the caller
-    then embeds full rows. Equal to full rows up to float summation order (tested)."""
+    then embeds full rows. Equal to full rows up to float summation order (tested). `bf16`
+    overrides the configured autocast."""
     layers = backbone.config.embed_layer
     if layers == 0:
         return None
@@ -200,12 +206,13 @@ def embed_shared_prefix(
     if shared < 1:
         return None
     prefix_ids = torch.tensor([ids[0][:shared]], device=backbone.device)
-    kv, prefix_hidden = run_prefix(backbone.model, prefix_ids, backbone.autocast, layers)
+    autocast = functools.partial(backbone.autocast, bf16)
+    kv, prefix_hidden = run_prefix(backbone.model, prefix_ids, autocast, layers)
     prefix_sum = prefix_hidden[0].float().sum(0)
     out = np.zeros((len(ids), int(prefix_hidden.shape[-1])), dtype=np.float32)
     size = batch_size or backbone.config.batch_size
     for idx, batch in _suffix_chunks(backbone, ids, shared, size, "embed" if progress else None):
-        hidden = suffix_hidden(backbone.model, kv, batch, backbone.autocast, layers).float()
+        hidden = suffix_hidden(backbone.model, kv, batch, autocast, layers).float()
         for row, i in enumerate(idx):
             n = int(batch["lengths"][row])
             if backbone.config.pooling == "last":

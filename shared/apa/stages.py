@@ -270,14 +270,20 @@ def stage_seconds(path: Path) -> float:
         return 0.0
 
 
-def embeddings_key(backbone: Backbone, samples: Sequence[Sample]) -> dict[str, Any]:
-    return {"samples": split_digest(samples), "embedding": embedding_key(backbone)}
+def embeddings_key(backbone: Backbone, samples: Sequence[Sample], bf16: bool | None = None) -> dict[str, Any]:
+    return {"samples": split_digest(samples), "embedding": embedding_key(backbone, bf16)}
 
 
 def split_embeddings(
-    store: StageStore, backbone: Backbone, samples: Sequence[Sample], label: str = "", progress: bool = False
+    store: StageStore,
+    backbone: Backbone,
+    samples: Sequence[Sample],
+    label: str = "",
+    progress: bool = False,
+    bf16: bool | None = None,
 ) -> np.ndarray:
-    """(n x d) base-model embeddings of `samples`, in their order (stage `embeddings`, chunked)."""
+    """(n x d) base-model embeddings of `samples`, in their order (stage `embeddings`, chunked);
+    `bf16` overrides the configured autocast (False: the partition's fp32 embeddings)."""
     ids = [s.sample_id for s in samples]
     prompts = [s.prompt for s in samples]
 
@@ -285,7 +291,7 @@ def split_embeddings(
         emb = chunked(
             work,
             len(prompts),
-            lambda a, b: backbone.embed(prompts[a:b]),
+            lambda a, b: backbone.embed(prompts[a:b], bf16=bf16),
             desc=f"embed {label}",
             progress=progress,
         )
@@ -293,7 +299,7 @@ def split_embeddings(
             work / "embeddings.npz", sample_ids=np.array(ids, dtype=str), embeddings=emb.astype(np.float32)
         )
 
-    path = store.run("embeddings", embeddings_key(backbone, samples), build, label)
+    path = store.run("embeddings", embeddings_key(backbone, samples, bf16), build, label)
     with np.load(path / "embeddings.npz", allow_pickle=False) as data:
         by_id = dict(zip(data["sample_ids"].tolist(), data["embeddings"], strict=True))
     if not ids:
@@ -320,7 +326,8 @@ def partition_key(backbone: Backbone, train: Sequence[Sample], config: Partition
         "train": split_digest(train),
         "users": users,
         "config": asdict(config),
-        "embedding": embedding_key(backbone) if uses_embeddings else None,
+        # the partition clusters fp32 embeddings (`Backbone.embed_for_partition`)
+        "embedding": embedding_key(backbone, bf16=False) if uses_embeddings else None,
     }
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from apa.aggregation import WeightConfig, aggregation_weights, nearest_neighbours
+from apa.data.samples import sample_digest
 from apa.metrics import auc
 from apa.stages import AdapterStage, MissingStageError, run_free_first
 
@@ -329,6 +330,8 @@ def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None =
         {
             "shard": j,
             "size": len(ids),
+            # which samples, comparable across runs and machines (the partition is fp32 everywhere)
+            "samples_digest": sample_digest(ids),
             "yes_rate": float(np.mean([by_id[i].label for i in ids])),
             "users": len({by_id[i].user_id for i in ids}),
             "trained": shards[j] is not None,
@@ -708,12 +711,13 @@ def analysis_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
     lines += [
         "",
-        "| shard | size | Yes rate | users | test AUC | valid AUC | mean P(Yes) valid |",
-        "|---|---|---|---|---|---|---|",
+        "| shard | size | samples (sha256, first 12) | Yes rate | users | test AUC | valid AUC | mean P(Yes) valid |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in r["shards"]:
         lines.append(
-            f"| {s['shard']} | {s['size']} | {_f(s['yes_rate'])} | {s['users']} | {_f(s.get('test_auc'))} | "
+            f"| {s['shard']} | {s['size']} | {s['samples_digest'][:12]} | {_f(s['yes_rate'])} | {s['users']} | "
+            f"{_f(s.get('test_auc'))} | "
             f"{_f(s.get('valid_auc'))} | {_f(s.get('mean_p_yes_valid'))} |"
         )
     lines += training_lines(r["training"])

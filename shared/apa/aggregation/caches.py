@@ -31,8 +31,9 @@ ScoreFn = Callable[[list[str]], np.ndarray]
 """`score_fn(prompts) -> P(Yes)` of shape (len(prompts),), e.g. `Backbone.score` with one adapter active."""
 
 
-def embedding_key(backbone: Any) -> str:
-    """What base-model embeddings depend on: the weights' digest and the embedding settings."""
+def embedding_key(backbone: Any, bf16: bool | None = None) -> str:
+    """What base-model embeddings depend on: the weights' digest and the embedding settings
+    (`bf16` overrides the configured autocast, as `Backbone.embed`'s does)."""
     cfg = backbone.config
     payload = {
         "digest": backbone.model_digest,
@@ -40,7 +41,7 @@ def embedding_key(backbone: Any) -> str:
         "pooling": cfg.pooling,
         "embed_layer": cfg.embed_layer,
         "max_length": cfg.max_length,
-        "bf16": cfg.bf16_autocast,
+        "bf16": cfg.bf16_autocast if bf16 is None else bf16,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
