@@ -35,7 +35,7 @@ import numpy as np
 
 from apa.aggregation import WeightConfig, aggregation_weights, nearest_neighbours
 from apa.data.samples import sample_digest
-from apa.metrics import auc
+from apa.metrics import auc, auc_rows
 from apa.stages import AdapterStage, MissingStageError, run_free_first
 
 if TYPE_CHECKING:
@@ -71,19 +71,6 @@ ERRORS = ("paper", "centred", "rank")
 # -- statistics ---------------------------------------------------------------------------------------
 
 
-def fast_auc(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC AUC of each row of `scores` (B x n) against the matching row of `labels` (ties averaged)."""
-    from scipy.stats import rankdata
-
-    y = np.atleast_2d(labels).astype(bool)
-    s = np.atleast_2d(scores)
-    ranks = rankdata(s, axis=1)
-    n1 = y.sum(axis=1)
-    n0 = y.shape[1] - n1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (np.where(y, ranks, 0.0).sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
 def paired_bootstrap(
     labels: np.ndarray,
     scores: dict[str, np.ndarray],
@@ -97,7 +84,7 @@ def paired_bootstrap(
     n = len(labels)
     idx = rng.integers(0, n, size=(draws, n))
     y = labels[idx]
-    boot = {name: fast_auc(y, s[idx]) for name, s in scores.items()}
+    boot = {name: auc_rows(y, s[idx]) for name, s in scores.items()}
     out: dict[str, Any] = {"draws": draws, "methods": {}, "differences": {}}
     for name, s in scores.items():
         b = boot[name][np.isfinite(boot[name])]
@@ -176,7 +163,7 @@ def neighbour_error(
         out = np.empty((len(requests), preds.shape[1]))
         y = pool_labels[nearest]
         for k in range(preds.shape[1]):
-            a_k = fast_auc(y, preds[nearest, k])
+            a_k = auc_rows(y, preds[nearest, k])
             out[:, k] = 1 - np.where(np.isfinite(a_k), a_k, 0.5)
         return out
     raise ValueError(f"unknown error {kind!r}")
@@ -475,7 +462,7 @@ def label_prior_diagnostic(
     y, p = labels[pool], preds[pool]
     err = np.abs(y[near][:, :, None] - p[near]).mean(axis=1)  # (h x K)
     prior_gap = np.abs(y[near].mean(axis=1)[:, None] - p[near].mean(axis=1))  # (h x K)
-    rank = np.stack([fast_auc(y[near50], p[near50, j]) for j in range(p.shape[1])], axis=1)
+    rank = np.stack([auc_rows(y[near50], p[near50, j]) for j in range(p.shape[1])], axis=1)
     rank = np.where(np.isfinite(rank), rank, 0.5)
     chosen = err.argmin(axis=1)
     x = (prior_gap - prior_gap.mean(axis=1, keepdims=True)).ravel()
@@ -789,7 +776,6 @@ __all__ = [
     "PAPER",
     "analysis_markdown",
     "entropy_stats",
-    "fast_auc",
     "halves",
     "neighbour_users",
     "label_prior_diagnostic",
