@@ -34,7 +34,9 @@ def main(train_size: int, valid_size: int, test_size: int) -> None:
         0,
         lambda: load_data("data/ml-100k", "ml-100k", sizes, 0),
     )
-    config = ExperimentConfig.from_preset("cpu", "ml-100k", **sizes)
+    config = ExperimentConfig.from_preset(
+        "cpu", "ml-100k", train_size=train_size, valid_size=valid_size, test_size=test_size
+    )
     backbone = Backbone.load(BackboneConfig())
     study = Study(backbone, splits, config, Path("/tmp/apa-partition-digests"), store=store)
     start = time.perf_counter()
