@@ -25,13 +25,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from partition_digests import study_splits  # docs/, beside this script
 
 from apa.aggregation import aggregation_weights
 from apa.backbone import Backbone, BackboneConfig
-from apa.experiments import ExperimentConfig, Study, load_data, runs_dir
+from apa.experiments import ExperimentConfig, Study
 from apa.metrics import auc
 from apa.partition import Partition, partition
-from apa.stages import StageStore, data_stage, partition_config
+from apa.stages import partition_config
 from apa.study_analysis import entropy_stats
 
 SIZES = {"train": 256, "valid": 250, "test": 1000}
@@ -51,14 +52,7 @@ def moved(a: Partition, b: Partition) -> int:
 
 
 def main(which: str) -> None:
-    store = StageStore(runs_dir() / "store", progress=False)
-    splits = data_stage(
-        store,
-        "data/ml-100k",
-        {**SIZES, "dataset": "ml-100k"},
-        0,
-        lambda: load_data("data/ml-100k", "ml-100k", SIZES, 0),
-    )
+    store, splits = study_splits(SIZES)
     train = splits["train"]
     if not FP32_CACHE.exists():
         fp32 = Backbone.load(BackboneConfig(bf16_autocast=False))
