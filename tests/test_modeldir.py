@@ -90,6 +90,14 @@ def test_model_info_round_trips_and_validates() -> None:
         pseudonym_key_id=KEY.key_id,
     )
     assert ModelInfo.from_json(json.loads(json.dumps(info.to_json()))) == info
+    assert info.to_json()["partition_bf16"] is False  # partitions cluster fp32 embeddings
+    # a model.json from before the field: its partition used the backbone's autocast
+    old = {k: v for k, v in info.to_json().items() if k != "partition_bf16"}
+    assert ModelInfo.from_json(old).partition_bf16 is False
+    old["backbone_config"] = {**old["backbone_config"], "bf16_autocast": True}
+    assert ModelInfo.from_json(old).partition_bf16 is True
+    with pytest.raises(ModelDirError, match="partition_bf16"):
+        ModelInfo.from_json({**info.to_json(), "partition_bf16": "no"})
     broken = {**info.to_json(), "partition_config": {"strategy": "nope"}}
     with pytest.raises(ModelDirError, match="strategy"):
         ModelInfo.from_json(broken)

@@ -494,6 +494,38 @@ def test_existing_model_directories_are_adopted_not_retrained(
     assert all(m.metrics for m in study.manifests(md))
 
 
+def test_a_model_directory_whose_partition_clustered_bf16_embeddings_gives_its_adapters_not_its_partition(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """The partition stage's key promises fp32 embeddings: a partition recorded from bf16 ones (a
+    model directory built before partitions were fp32 everywhere) is not adopted under it."""
+    from apa.data import load_splits
+    from apa.stages import partition_key
+
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_model_dir)))
+    config = ExperimentConfig.from_preset("quick", num_shards=2, train_size=12, valid_size=8, test_size=8)
+    splits = load_splits(data_dir)
+    pconfig = PartitionConfig(strategy="semantic", num_shards=2, seed=0)
+    built = tmp_path / "built"
+    key = Pseudonymizer(b"another key of the lead, 32 bytes", source="t")
+    build_model(backbone, splits, built, pconfig, config.train_for(2), pseudonymizer=key, progress=False)
+    model_json = built / "model.json"
+    info = json.loads(model_json.read_text())
+    del info["partition_bf16"]  # as written before the field, by a backbone under bf16 autocast
+    info["backbone_config"]["bf16_autocast"] = True
+    model_json.write_text(json.dumps(info))
+    store = StageStore(tmp_path / "store")
+    assert adopt_model_dir(store, backbone, built) == [0, 1]  # the adapters: keyed by their samples
+    assert not store.done("partition", partition_key(backbone, splits["train"], pconfig))
+    # the same directory recorded as fp32 gives its partition too
+    info["partition_bf16"] = False
+    model_json.write_text(json.dumps(info))
+    assert adopt_model_dir(StageStore(tmp_path / "store2"), backbone, built) == [0, 1]
+    assert StageStore(tmp_path / "store2").done(
+        "partition", partition_key(backbone, splits["train"], pconfig)
+    )
+
+
 def test_analysis_and_mia_on_the_tiny_model(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
 ) -> None:

@@ -437,7 +437,7 @@ class Study:
         config = partition_config(strategy, k, self.config.seed)
         train = self.splits["train"]
         embeddings = None
-        if k > 1 and config.strategy in ("semantic", "bekm", "user"):
+        if config.uses_embeddings:
             if not self.allow_training and not self.store.done(
                 "partition", partition_key(self.backbone, train, config)
             ):

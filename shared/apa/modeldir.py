@@ -238,6 +238,10 @@ class ModelInfo:
     """K."""
     pseudonym_key_id: str
     created_at: str = field(default_factory=now_iso)
+    partition_bf16: bool = False
+    """Whether the partition's embeddings ran under bf16 autocast: False since partitions cluster
+    fp32 embeddings (`Backbone.embed_for_partition`); an older model.json reads back as its
+    backbone's `bf16_autocast`, which its partition used."""
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:
@@ -254,6 +258,7 @@ class ModelInfo:
             "num_shards": self.num_shards,
             "pseudonym_key_id": self.pseudonym_key_id,
             "created_at": self.created_at,
+            "partition_bf16": self.partition_bf16,
         }
 
     @classmethod
@@ -267,17 +272,24 @@ class ModelInfo:
         try:
             backbone = _field(data, "backbone_config", dict, where)
             partition = _field(data, "partition_config", dict, where)
+            backbone_config = BackboneConfig(
+                **{k: v for k, v in backbone.items() if k in {f.name for f in fields(BackboneConfig)}}
+            )
+            partition_bf16 = (
+                _field(data, "partition_bf16", bool, where)
+                if "partition_bf16" in data
+                else backbone_config.bf16_autocast  # written before partitions were fp32 everywhere
+            )
             return cls(
                 base_model=_field(data, "base_model", str, where),
                 base_model_digest=_field(data, "base_model_digest", str, where),
-                backbone_config=BackboneConfig(
-                    **{k: v for k, v in backbone.items() if k in {f.name for f in fields(BackboneConfig)}}
-                ),
+                backbone_config=backbone_config,
                 partition_config=PartitionConfig(**partition),
                 train_config=TrainConfig.from_json(_field(data, "train_config", dict, where)),
                 num_shards=_field(data, "num_shards", int, where),
                 pseudonym_key_id=_field(data, "pseudonym_key_id", str, where),
                 created_at=_field(data, "created_at", str, where),
+                partition_bf16=partition_bf16,
             )
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ModelDirError):

@@ -65,6 +65,12 @@ class PartitionConfig:
         if self.seed >= 2**32:
             raise ValueError(f"seed must be < 2**32 (scikit-learn's limit), got {self.seed}")
 
+    @property
+    def uses_embeddings(self) -> bool:
+        """Whether this partition clusters the training prompts' embeddings (`semantic`, `bekm`,
+        `user`; K=1 is one shard and embeds nothing)."""
+        return self.num_shards > 1 and self.strategy in ("semantic", "bekm", "user")
+
     def cap(self, num_samples: int) -> int:
         """t for N = `num_samples`: `max_shard_size`, or ceil(N / K) when unset."""
         if self.max_shard_size is not None:

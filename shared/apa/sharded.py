@@ -115,11 +115,7 @@ def build_model(
     train = splits["train"]
     if partition_config.num_shards == 1:  # "Retraining": one shard, nothing to embed or cluster
         partition_config = replace(partition_config, strategy="random")
-    if (
-        embeddings is None
-        and partition_config.strategy in ("semantic", "bekm", "user")
-        and partition_config.num_shards > 1
-    ):
+    if embeddings is None and partition_config.uses_embeddings:
         embeddings = backbone.embed_for_partition([s.prompt for s in train], progress=progress)
     parts = partition(
         [s.sample_id for s in train],

@@ -38,6 +38,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -320,14 +321,13 @@ def partition_config(strategy: StrategyName, k: int, seed: int) -> PartitionConf
 
 
 def partition_key(backbone: Backbone, train: Sequence[Sample], config: PartitionConfig) -> dict[str, Any]:
-    uses_embeddings = config.num_shards > 1 and config.strategy in ("semantic", "bekm", "user")
     users = sample_digest(f"{s.sample_id}\t{s.user_id}" for s in train) if config.strategy == "user" else None
     return {
         "train": split_digest(train),
         "users": users,
         "config": asdict(config),
         # the partition clusters fp32 embeddings (`Backbone.embed_for_partition`)
-        "embedding": embedding_key(backbone, bf16=False) if uses_embeddings else None,
+        "embedding": embedding_key(backbone, bf16=False) if config.uses_embeddings else None,
     }
 
 
@@ -491,7 +491,23 @@ def adopt_model_dir(store: StageStore, backbone: Backbone, root: str | Path) -> 
     def build_partition(work: Path) -> None:
         (work / "partition.json").write_text(json.dumps(parts.to_json()))
 
-    store.run("partition", partition_key(backbone, train, pconfig), build_partition, f"adopt {root}")
+    # the partition stage's key says how its embeddings were made: adopt the recorded partition only
+    # where they were made so (fp32, the same base model and embedding settings); the adapters are
+    # keyed by their own samples, so they are adopted either way and reused wherever a shard matches
+    built_by = SimpleNamespace(
+        config=info.backbone_config, model_digest=info.base_model_digest, model_id=info.base_model
+    )
+    if not pconfig.uses_embeddings or (
+        not info.partition_bf16 and embedding_key(built_by, bf16=False) == embedding_key(backbone, bf16=False)
+    ):
+        store.run("partition", partition_key(backbone, train, pconfig), build_partition, f"adopt {root}")
+    else:
+        log.info(
+            "adopting the adapters of %s but not its partition: it clustered %s embeddings; the study "
+            "computes its own and reuses an adopted adapter wherever a shard holds the same samples",
+            root,
+            "bf16" if info.partition_bf16 else "other",
+        )
     by_id = {s.sample_id: s for s in train}
     adopted = []
     for k, manifest in enumerate(md.manifests()):
