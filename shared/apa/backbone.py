@@ -52,6 +52,11 @@ def native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+PARTITION_BF16 = False
+"""The autocast of the embeddings a partition clusters: never bf16, on any machine
+(`Backbone.embed_for_partition`, the study's partition stage and its key, `ModelInfo.partition_bf16`)."""
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     model: str = EMBEDDED_MODEL
@@ -340,7 +345,7 @@ class Backbone:
         instead of fp32 moved 38 of 256 training samples (docs/RESULTS.md, fourteenth session).
         fp32 kernels differ between CPUs only in summation order, and noise of 1e-4 x the mean
         |embedding| moved no sample there. It runs once per model, so fp32 costs little."""
-        return self.embed(prompts, progress=progress, bf16=False)
+        return self.embed(prompts, progress=progress, bf16=PARTITION_BF16)
 
     @torch.no_grad()
     def embed_full_rows(

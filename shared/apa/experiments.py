@@ -42,7 +42,7 @@ import torch
 
 from apa.aggregation import AggregatedScorer, Level, WeightConfig, embedding_key
 from apa.aggregation.caches import EMBEDDINGS_FILE, prediction_key, predictions_file
-from apa.backbone import Backbone, BackboneConfig
+from apa.backbone import PARTITION_BF16, Backbone, BackboneConfig
 from apa.data import DataConfig, Sample, load_splits, prepare, sample_splits
 from apa.data.pipeline import Dataset
 from apa.data.samples import sample_digest
@@ -442,7 +442,7 @@ class Study:
                 "partition", partition_key(self.backbone, train, config)
             ):
                 raise MissingStageError(f"the {strategy} K={k} partition is not in the store yet")
-            embeddings = self.embeddings("train", bf16=False)
+            embeddings = self.embeddings("train", bf16=PARTITION_BF16)
         return partition_stage(self.store, self.backbone, train, config, embeddings)
 
     def adapter(self, samples: list[Sample], train_config: TrainConfig, label: str) -> AdapterStage:

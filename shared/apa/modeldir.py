@@ -41,7 +41,7 @@ from apa.artifacts import (
     load_adapter_dir,
     write_adapter_files,
 )
-from apa.backbone import BackboneConfig
+from apa.backbone import PARTITION_BF16, BackboneConfig
 from apa.data import Sample, load_splits, write_jsonl
 from apa.data.samples import sample_digest
 from apa.partition import Partition, PartitionConfig
@@ -238,7 +238,7 @@ class ModelInfo:
     """K."""
     pseudonym_key_id: str
     created_at: str = field(default_factory=now_iso)
-    partition_bf16: bool = False
+    partition_bf16: bool = PARTITION_BF16
     """Whether the partition's embeddings ran under bf16 autocast: False since partitions cluster
     fp32 embeddings (`Backbone.embed_for_partition`); an older model.json reads back as its
     backbone's `bf16_autocast`, which its partition used."""

@@ -45,7 +45,7 @@ import numpy as np
 
 from apa.aggregation.caches import embedding_key, prediction_key
 from apa.artifacts import AdapterRef, LoadedAdapter, load_adapter_dir, write_adapter_files
-from apa.backbone import Backbone
+from apa.backbone import PARTITION_BF16, Backbone
 from apa.data import Sample, load_splits, write_jsonl
 from apa.data.samples import sample_digest
 from apa.modeldir import ModelDir, ModelDirError, ShardManifest
@@ -326,8 +326,7 @@ def partition_key(backbone: Backbone, train: Sequence[Sample], config: Partition
         "train": split_digest(train),
         "users": users,
         "config": asdict(config),
-        # the partition clusters fp32 embeddings (`Backbone.embed_for_partition`)
-        "embedding": embedding_key(backbone, bf16=False) if config.uses_embeddings else None,
+        "embedding": embedding_key(backbone, PARTITION_BF16) if config.uses_embeddings else None,
     }
 
 
@@ -498,7 +497,8 @@ def adopt_model_dir(store: StageStore, backbone: Backbone, root: str | Path) -> 
         config=info.backbone_config, model_digest=info.base_model_digest, model_id=info.base_model
     )
     if not pconfig.uses_embeddings or (
-        not info.partition_bf16 and embedding_key(built_by, bf16=False) == embedding_key(backbone, bf16=False)
+        info.partition_bf16 == PARTITION_BF16
+        and embedding_key(built_by, PARTITION_BF16) == embedding_key(backbone, PARTITION_BF16)
     ):
         store.run("partition", partition_key(backbone, train, pconfig), build_partition, f"adopt {root}")
     else:
