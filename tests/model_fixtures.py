@@ -62,7 +62,7 @@ def tiny_backbone(model, tokenizer, **config) -> Backbone:  # type: ignore[no-un
     return Backbone(
         model,
         tokenizer,
-        BackboneConfig(bf16_autocast=False, **config),
+        BackboneConfig(**{"bf16_autocast": False, **config}),  # fp32 unless a test asks for bf16
         model_id="tiny-llama",
         model_digest="0" * 64,
     )

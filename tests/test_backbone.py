@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -158,13 +156,9 @@ def test_embeddings_with_the_shared_prefix_run_once_equal_each_prompt_alone(tiny
 def test_the_partitions_embeddings_are_fp32_whatever_the_configured_autocast(tiny_llama):
     """bf16 rounds differently on different CPUs and balanced K-means turns rounding into different
     shards, so the partition's embeddings are fp32 even where serving embeds under bf16."""
-    from apa.backbone import Backbone
-
     model, tok = tiny_llama
     fp32 = tiny_backbone(model, tok, batch_size=3)
-    bf16 = Backbone(
-        model, tok, replace(fp32.config, bf16_autocast=True), model_id="tiny-llama", model_digest="0" * 64
-    )
+    bf16 = tiny_backbone(model, tok, batch_size=3, bf16_autocast=True)
     prompts = [s.prompt for s in make_samples(7, seed=4)]
     reference = fp32.embed(prompts)
     # the configured autocast rounds (so this test can tell the two apart) ...

@@ -201,14 +201,10 @@ def test_a_models_semantic_partition_clusters_fp32_embeddings_under_a_bf16_backb
 ) -> None:
     """The partition recorded for a model is the one fp32 embeddings give, whatever the backbone's
     autocast: the same shards and centroids wherever `apa train` runs."""
-    from apa.backbone import Backbone
     from apa.partition import partition
 
     model, tok = tiny_llama
-    fp32 = tiny_backbone(model, tok)
-    bf16 = Backbone(
-        model, tok, replace(fp32.config, bf16_autocast=True), model_id="tiny-llama", model_digest="0" * 64
-    )
+    fp32, bf16 = tiny_backbone(model, tok), tiny_backbone(model, tok, bf16_autocast=True)
     splits = {"train": make_samples(16, seed=5), "valid": make_samples(8, "valid", seed=6), "test": []}
     config = PartitionConfig(strategy="semantic", num_shards=2, seed=0)
     build_model(bf16, splits, tmp_path / "m", config, FAST, pseudonymizer=KEY, progress=False)
