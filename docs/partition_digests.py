@@ -19,28 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from apa.backbone import Backbone, BackboneConfig
-from apa.data.samples import Sample, sample_digest
-from apa.experiments import ExperimentConfig, Study, load_data, runs_dir
-from apa.stages import StageStore, data_stage
-
-
-def study_splits(sizes: dict[str, int]) -> tuple[StageStore, dict[str, list[Sample]]]:
-    """The study's stage store and its ML-100K splits of these sizes, seed 0 (stage `data`, as
-    `apa experiment` builds them from the directory it runs in)."""
-    store = StageStore(runs_dir() / "store", progress=False)
-    splits = data_stage(
-        store,
-        "data/ml-100k",
-        {**sizes, "dataset": "ml-100k"},
-        0,
-        lambda: load_data("data/ml-100k", "ml-100k", sizes, 0),
-    )
-    return store, splits
+from apa.data.samples import sample_digest
+from apa.experiments import ExperimentConfig, Study, runs_dir, study_splits
+from apa.stages import StageStore
 
 
 def main(train_size: int, valid_size: int, test_size: int) -> None:
     sizes = {"train": train_size, "valid": valid_size, "test": test_size}
-    store, splits = study_splits(sizes)
+    store = StageStore(runs_dir() / "store", progress=False)
+    splits = study_splits(store, "data/ml-100k", "ml-100k", sizes, 0)
     config = ExperimentConfig.from_preset(
         "cpu", "ml-100k", train_size=train_size, valid_size=valid_size, test_size=test_size
     )

@@ -25,14 +25,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from partition_digests import study_splits  # docs/, beside this script
 
 from apa.aggregation import aggregation_weights
 from apa.backbone import Backbone, BackboneConfig
-from apa.experiments import ExperimentConfig, Study
+from apa.experiments import ExperimentConfig, Study, runs_dir, study_splits
 from apa.metrics import auc
 from apa.partition import Partition, partition
-from apa.stages import partition_config
+from apa.stages import StageStore, partition_config
 from apa.study_analysis import entropy_stats
 
 SIZES = {"train": 256, "valid": 250, "test": 1000}
@@ -52,7 +51,8 @@ def moved(a: Partition, b: Partition) -> int:
 
 
 def main(which: str) -> None:
-    store, splits = study_splits(SIZES)
+    store = StageStore(runs_dir() / "store", progress=False)
+    splits = study_splits(store, "data/ml-100k", "ml-100k", SIZES, 0)
     train = splits["train"]
     if not FP32_CACHE.exists():
         fp32 = Backbone.load(BackboneConfig(bf16_autocast=False))

@@ -392,6 +392,15 @@ def load_data(data: str, dataset: Dataset, sizes: dict[str, int], seed: int) -> 
     return {str(k): v for k, v in drawn.items()}
 
 
+def study_splits(
+    store: StageStore, data: str, dataset: Dataset, sizes: dict[str, int], seed: int
+) -> dict[str, list[Sample]]:
+    """The study's splits (`load_data`) through the store's `data` stage: drawn once, then read."""
+    return data_stage(
+        store, data, {**sizes, "dataset": dataset}, seed, lambda: load_data(data, dataset, sizes, seed)
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # the study
 
@@ -1435,13 +1444,7 @@ def experiment_command(
         stage_models(config, figures_staged)  # an unknown figure is an error before any work
         sizes = {"train": config.train_size, "valid": config.valid_size, "test": config.test_size}
         stage_store = StageStore(Path(store) if store else base_dir / "store", progress=True)
-        splits = data_stage(
-            stage_store,
-            data,
-            {**sizes, "dataset": dataset},
-            seed,
-            lambda: load_data(data, dataset, sizes, seed),
-        )
+        splits = study_splits(stage_store, data, dataset, sizes, seed)
     except (FileNotFoundError, ValueError) as err:
         print(f"apa experiment: error: {err}", file=sys.stderr)
         return 1
@@ -1567,6 +1570,7 @@ def experiment_command(
 __all__ = [
     "FIGURES",
     "runs_dir",
+    "study_splits",
     "PRESETS",
     "ExperimentConfig",
     "Method",
