@@ -21,14 +21,14 @@ import apa.experiments as experiments
 import apa.stages as stages
 from apa.backbone import Backbone, BackboneConfig
 from apa.cli import main
-from apa.data import write_jsonl
+from apa.data import load_splits, write_jsonl
 from apa.data.samples import sample_digest
 from apa.experiments import ExperimentConfig, Study, stage_models
 from apa.modeldir import ModelDir
 from apa.partition import PartitionConfig
 from apa.pseudonyms import Pseudonymizer
 from apa.sharded import build_model
-from apa.stages import StageStore, adopt_model_dir, chunked, embeddings_key, partition_config
+from apa.stages import StageStore, adopt_model_dir, chunked, embeddings_key, partition_config, split_digest
 from model_fixtures import make_samples
 
 
@@ -168,15 +168,16 @@ def test_stages_for_training_trains_the_analysiss_adapters_and_scores_nothing(
     assert main(dry) == 0  # a dry run: counts what is left, builds nothing
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("plan: ", "left "))]
     assert (
-        lines[0].startswith("plan: 0 of 5 stages done") and lines[1] == "left to run: 2 partition, 3 adapter"
+        lines[0].startswith("plan: 0 of 6 stages done")
+        and lines[1] == "left to run: 2 partition, 3 adapter, 1 embeddings"  # the partition's, in fp32
     )
     assert not [p for p in store.iterdir() if p.name != "data"] and not (out / "results.json").exists()
     assert main(args) == 0
-    # the plan at the start and again after each adapter (the partitions come first)
+    # the plan at the start and again after each adapter (the partitions and their embeddings first)
     plans = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: ")]
-    assert [line.split(" stages done")[0] for line in plans] == [f"plan: {d} of 5" for d in (0, 3, 4, 5)]
+    assert [line.split(" stages done")[0] for line in plans] == [f"plan: {d} of 6" for d in (0, 4, 5, 6)]
     assert "h left" in plans[0] or "min left" in plans[0]
-    assert plans[-1].startswith("plan: 5 of 5 stages done; about 0 min left")
+    assert plans[-1].startswith("plan: 6 of 6 stages done; about 0 min left")
     assert not any("epoch cap" in line for line in plans)  # quick: one epoch, no early stopping
     # Retraining and the 2 semantic shards, and no prediction or valid/test embedding stage
     assert len(_done_stages(store, "adapter")) == 3
@@ -185,7 +186,7 @@ def test_stages_for_training_trains_the_analysiss_adapters_and_scores_nothing(
     assert main([*args, "--train", "false"]) == 0
     plans = [line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: ")]
     assert len(plans) == 1  # nothing finished: the plan is not repeated
-    assert plans[0].startswith("plan: 5 of 5 stages done")  # 2 partitions, 3 adapters
+    assert plans[0].startswith("plan: 6 of 6 stages done")  # embeddings, 2 partitions, 3 adapters
     training = [a if a != "stages" else "training" for a in _args(data_dir, tiny_model_dir, out, store)]
     assert main(training) == 0
     assert json.loads((out / "training.json").read_text())["missing"] == []
@@ -219,8 +220,9 @@ def test_stages_for_table1_and_fig6_build_every_adapter_those_figures_then_use(
     # the plan counts exactly these stages: all done, nothing left
     assert main([*args, "--train", "false"]) == 0
     plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan: "))
-    # embeddings and zero-shot on valid/test 4, partitions 6 (K=1 too), adapters 13, their predictions 22
-    assert plan.startswith("plan: 45 of 45 stages done; about 0 min left")
+    # embeddings and zero-shot on valid/test 4, the train split's fp32 embeddings 1 (one stage for
+    # every partition that clusters them), partitions 6 (K=1 too), adapters 13, their predictions 22
+    assert plan.startswith("plan: 46 of 46 stages done; about 0 min left")
     # the figures now train nothing: every adapter they use is in the store
     monkeypatch.setattr(stages, "train_adapter", lambda *a, **k: pytest.fail("a figure trained an adapter"))
     for what in ("table1", "fig4", "fig6"):
@@ -277,8 +279,18 @@ def test_a_killed_process_resumes_without_redoing_finished_stages(
         for digest, text in before.items():
             assert now[digest] == text, f"{kind} stage {digest} was redone"
     assert len(_done_stages(store, "adapter")) == 3
+    # every finished stage the rest of the run needs is reused; the training split's fp32 embeddings
+    # are needed only to build a partition, and the partitions were done before the first adapter
+    train = split_digest(load_splits(data_dir)["train"])
+    needed = [
+        digest
+        for kind, before in finished.items()
+        for digest in before
+        if kind != "embeddings"
+        or json.loads((store / kind / digest / "key.json").read_text())["samples"] != train
+    ]
     summary = json.loads((out / "results.json").read_text())
-    assert summary["stages_reused"] >= sum(len(v) for v in finished.values())
+    assert summary["stages_reused"] >= len(needed) == sum(len(v) for v in finished.values()) - 1
 
 
 def test_chunked_scoring_resumes_from_the_last_finished_chunk(tmp_path: Path) -> None:
@@ -492,6 +504,9 @@ def test_existing_model_directories_are_adopted_not_retrained(
     ]
     # the adopted adapters' metrics come along (epochs, steps, validation AUC)
     assert all(m.metrics for m in study.manifests(md))
+    # the adopted partition is read back without embedding the training split again
+    assert study.partition("semantic", 2).shards == ModelDir(built).partition().shards
+    assert not store.done("embeddings", embeddings_key(backbone, splits["train"], bf16=False))
 
 
 def test_a_model_directory_whose_partition_clustered_bf16_embeddings_gives_its_adapters_not_its_partition(

@@ -17,7 +17,7 @@ from apa.backbone import Backbone, BackboneConfig
 from apa.data import write_jsonl
 from apa.experiments import ExperimentConfig, Study, plan_line
 from apa.stages import StageStore, stage_seconds
-from apa.study_rates import DEFAULT_RATES, ONE_THREAD, runner, study_rates
+from apa.study_rates import DEFAULT_RATES, FP32_OF_BF16, ONE_THREAD, runner, study_rates
 from model_fixtures import make_samples
 
 HERE = {"host": "trainer-1", "threads": 2}
@@ -35,8 +35,18 @@ def _adapter(root: Path, name: str, rate: float, ran: dict[str, Any] = HERE, sou
     (stage / "result.json").write_text(json.dumps({"samples_per_second": rate, "source": source}))
 
 
-def _scored(root: Path, kind: str, name: str, n: int, seconds: float, ran: dict[str, Any] = HERE) -> None:
+def _scored(
+    root: Path,
+    kind: str,
+    name: str,
+    n: int,
+    seconds: float,
+    ran: dict[str, Any] = HERE,
+    embedding: str | None = None,
+) -> None:
     stage = _stage(root, kind, name, seconds, ran)
+    if embedding is not None:  # the embedding settings' digest, as the stage's key records it
+        (stage / "key.json").write_text(json.dumps({"kind": kind, "samples": name, "embedding": embedding}))
     if kind == "predictions":
         np.savez(stage / "predictions.npz", sample_ids=np.array([str(i) for i in range(n)]), p=np.zeros(n))
     else:
@@ -78,6 +88,56 @@ def test_without_measurements_each_kind_falls_back_to_this_cpus_defaults(tmp_pat
     mixed = study_rates(tmp_path / "store", native_bf16=False, here=HERE)
     assert (mixed.train_per_s, mixed.score_per_s) == (DEFAULT_RATES[False][0], pytest.approx(3.0))
     assert "measured by 1 scoring stages" in mixed.source and "defaults" in mixed.source
+
+
+def test_under_bf16_the_partitions_fp32_embeddings_run_at_their_own_speed(tmp_path: Path) -> None:
+    """The partition embeds the training split in fp32 whatever the autocast: under bf16 those stages
+    are measured apart (by their key's embedding settings), else the scoring speed x FP32_OF_BF16."""
+    root = tmp_path / "store"
+    _scored(root, "predictions", "p", 40, 10.0)  # 4 / s
+    _scored(root, "embeddings", "valid", 40, 10.0, embedding="bf16 settings")  # 4 / s
+    _scored(root, "embeddings", "train", 20, 10.0, embedding="fp32 settings")  # 2 / s
+    bf16 = study_rates(root, native_bf16=True, here=HERE, fp32_embedding="fp32 settings")
+    assert (bf16.score_per_s, bf16.partition_per_s) == (pytest.approx(4.0), pytest.approx(2.0))
+    assert "2.00 embedded in fp32 for the partition" in bf16.describe()
+    # without bf16 autocast every stage runs in fp32: one speed, the median of all three
+    fp32 = study_rates(root, native_bf16=False, here=HERE, fp32_embedding="fp32 settings")
+    assert fp32.partition_per_s == fp32.score_per_s == pytest.approx(4.0)
+    assert "for the partition" not in fp32.describe()
+    # the fp32 embedding not measured yet: the scoring speed x FP32_OF_BF16
+    (root / "embeddings" / "train" / "done.json").unlink()
+    unmeasured = study_rates(root, native_bf16=True, here=HERE, fp32_embedding="fp32 settings")
+    assert unmeasured.partition_per_s == pytest.approx(4.0 * FP32_OF_BF16)
+
+
+def test_the_plan_counts_the_partitions_fp32_embedding_once_at_its_speed(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Fig. 4's semantic, balanced k-means and user partitions share one stage of the training split's
+    fp32 embeddings (the random one embeds nothing), charged at the fp32 speed under bf16 autocast."""
+    from apa.data import load_splits
+
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", make_samples(12, "train", seed=11))
+    write_jsonl(data / "valid.jsonl", make_samples(8, "valid", seed=12))
+    write_jsonl(data / "test.jsonl", make_samples(8, "test", seed=13))
+    splits = load_splits(data)
+    config = ExperimentConfig.from_preset("cpu", num_shards=2, train_size=12, valid_size=8, test_size=8)
+    monkeypatch.setattr(study_rates_module, "DEFAULT_RATES", {True: (1.0, 1.0), False: (1.0, 1.0)})
+    monkeypatch.setattr(study_rates_module, "ONE_THREAD", 1.0)
+    monkeypatch.setattr(study_rates_module, "FP32_OF_BF16", 0.25)
+    # the plan reads no stage built here as a measurement: the defaults above stay its speeds
+    monkeypatch.setattr(study_rates_module, "runner", lambda: {"host": "another host", "threads": 2})
+    for bf16 in (False, True):
+        backbone = Backbone.load(BackboneConfig(model=str(tiny_model_dir), bf16_autocast=bf16))
+        store = StageStore(tmp_path / f"store-{bf16}")
+        study = Study(backbone, splits, config, tmp_path / "out", progress=False, store=store, train=False)
+        before = study.plan(("fig4",))
+        study.embeddings("train", bf16=False)  # the partitions' embeddings, and nothing else
+        after = study.plan(("fig4",))
+        assert before["left"]["embeddings"] - after["left"].get("embeddings", 0) == 1
+        assert after["done"] == before["done"] + 1
+        assert before["seconds_left"] - after["seconds_left"] == pytest.approx(12 / (0.25 if bf16 else 1.0))
 
 
 def test_a_finished_stage_records_its_runner_and_its_speed_is_read_back(tmp_path: Path) -> None:

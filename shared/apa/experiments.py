@@ -446,10 +446,11 @@ class Study:
         config = partition_config(strategy, k, self.config.seed)
         train = self.splits["train"]
         embeddings = None
-        if config.uses_embeddings:
-            if not self.allow_training and not self.store.done(
-                "partition", partition_key(self.backbone, train, config)
-            ):
+        built = self.store.done("partition", partition_key(self.backbone, train, config))
+        if config.uses_embeddings and not built:
+            # only a partition still to build needs the embeddings: one in the store (or adopted from
+            # a model directory) is read back without embedding the training split again
+            if not self.allow_training:
                 raise MissingStageError(f"the {strategy} K={k} partition is not in the store yet")
             embeddings = self.embeddings("train", bf16=PARTITION_BF16)
         return partition_stage(self.store, self.backbone, train, config, embeddings)
@@ -564,7 +565,11 @@ class Study:
         prompts scored, the validation scoring of each training epoch included."""
         from apa.study_rates import study_rates
 
-        rates = study_rates(self.store.root, self.backbone.config.bf16_autocast)
+        rates = study_rates(
+            self.store.root,
+            self.backbone.config.bf16_autocast,
+            fp32_embedding=embedding_key(self.backbone, PARTITION_BF16),
+        )
         total = finished = 0
         seconds = 0.0
         valid, test = self.splits["valid"], self.splits["test"]
@@ -606,12 +611,20 @@ class Study:
                 "predictions", predictions_key(self.backbone, None, samples), len(samples) / rates.score_per_s
             )
         by_id = {s.sample_id: s for s in self.splits["train"]}
+        # the training split's fp32 embeddings: one stage for every partition that clusters them, needed
+        # only while one of those is still to build (`Study.partition`), counted once done
+        embedded = False
+        ekey = embeddings_key(self.backbone, self.splits["train"], PARTITION_BF16)
         for strategy, k in stage_models(self.config, figures):
             pconfig = partition_config(strategy, k, self.config.seed)
             pkey = partition_key(self.backbone, self.splits["train"], pconfig)
             scored = [self.splits[split] for split in self.scored_splits(k)] if scoring else []
             train_config = self.config.train_for(k)
-            if not count("partition", pkey, len(by_id) / rates.score_per_s if k > 1 else 0.0):
+            needed = not self.store.done("partition", pkey) or self.store.done("embeddings", ekey)
+            if pconfig.uses_embeddings and needed and not embedded:
+                embedded = True
+                count("embeddings", ekey, len(by_id) / rates.partition_per_s)
+            if not count("partition", pkey, 0.0):  # clustering: seconds beside the embedding
                 capped = capped or stops_early(train_config)
                 unknown("adapter", k, k * train_cost(math.ceil(len(by_id) / k), train_config))
                 unknown("predictions", k * len(scored), k * sum(map(len, scored)) / rates.score_per_s)

@@ -12,6 +12,11 @@ scored samples per second (measured before the shared prompt prefix ran once, so
 on the time); without it (fp32, AVX2), 0.75 and 2.4 (with the shared prefix; 0.51 and 1.53
 without it in the same run). One thread measured 0.67 of two's speed on the AVX2 machine, and
 that factor is applied to a single-thread process.
+
+The partition clusters fp32 embeddings of the training split whatever the configured autocast
+(`apa.backbone.PARTITION_BF16`). Under bf16 autocast those run at their own speed: measured by the
+store's fp32 embedding stages (told apart by their key's `embedding`), else the scoring speed times
+`FP32_OF_BF16`. Without bf16 autocast they are the scoring stages' speed.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ DEFAULT_RATES: dict[bool, tuple[float, float]] = {True: (1.1, 3.5), False: (0.75
 """(trained, scored) samples per second on 2 threads, by whether the CPU has native bf16."""
 ONE_THREAD = 0.67
 """A single-thread process's speed as a fraction of a 2-thread one's (measured, fp32 AVX2)."""
+FP32_OF_BF16 = 4.1 / 8.8
+"""fp32 scoring speed as a fraction of bf16's on a CPU with native bf16 (measured, AMX machine)."""
 SCORED_KINDS: tuple[tuple[str, str], ...] = (
     ("predictions", "predictions.npz"),
     ("embeddings", "embeddings.npz"),
@@ -47,9 +54,21 @@ class StudyRates:
     """Prompts scored or embedded per second."""
     source: str
     """Where the speeds come from, in words."""
+    partition_embed_per_s: float = 0.0
+    """Training prompts embedded per second for the partition (fp32); 0 means `score_per_s`."""
+
+    @property
+    def partition_per_s(self) -> float:
+        """The partition's fp32 embedding speed (the scoring speed where it is not set)."""
+        return self.partition_embed_per_s or self.score_per_s
 
     def describe(self) -> str:
-        return f"{self.train_per_s:.2f} trained / {self.score_per_s:.2f} scored samples per second ({self.source})"
+        fp32 = (
+            f", {self.partition_embed_per_s:.2f} embedded in fp32 for the partition"
+            if self.partition_embed_per_s
+            else ""
+        )
+        return f"{self.train_per_s:.2f} trained / {self.score_per_s:.2f} scored samples per second{fp32} ({self.source})"
 
 
 def runner() -> dict[str, Any]:
@@ -84,11 +103,27 @@ def _train_rates(root: Path, here: dict[str, Any]) -> Iterable[float]:
             yield rate
 
 
-def _score_rates(root: Path, here: dict[str, Any]) -> Iterable[float]:
+def _embedding_of(done: Path) -> str | None:
+    """The `embedding` settings digest in a stage's key (None for a stage without one)."""
+    try:
+        return json.loads((done.parent / "key.json").read_text()).get("embedding")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _score_rates(
+    root: Path, here: dict[str, Any], fp32: str | None = None, of_fp32: bool = False
+) -> Iterable[float]:
+    """Prompts per second of this runner's scoring stages; with `fp32` (the fp32 embedding key, under
+    bf16 autocast) only the embedding stages made with it (`of_fp32`) or only the others."""
     for kind, name in SCORED_KINDS:
+        if of_fp32 and kind != "embeddings":
+            continue
         for done in sorted(root.glob(f"{kind}/*/done.json")):
             seconds = _same_runner(done, here)
             if seconds is None:
+                continue
+            if fp32 is not None and kind == "embeddings" and (_embedding_of(done) == fp32) != of_fp32:
                 continue
             try:
                 with np.load(done.parent / name, allow_pickle=False) as data:
@@ -99,11 +134,19 @@ def _score_rates(root: Path, here: dict[str, Any]) -> Iterable[float]:
                 yield n / seconds
 
 
-def study_rates(store_root: Path, native_bf16: bool, here: dict[str, Any] | None = None) -> StudyRates:
+def study_rates(
+    store_root: Path, native_bf16: bool, here: dict[str, Any] | None = None, fp32_embedding: str | None = None
+) -> StudyRates:
     """The speeds measured by the store's stages that ran here (`runner`), each kind falling back
-    to the default for this CPU (`DEFAULT_RATES`, scaled by `ONE_THREAD` for one thread)."""
+    to the default for this CPU (`DEFAULT_RATES`, scaled by `ONE_THREAD` for one thread).
+
+    `native_bf16` is whether the model runs under bf16 autocast; then `fp32_embedding` (the fp32
+    embedding settings' digest, `apa.aggregation.caches.embedding_key(backbone, False)`) tells the
+    partition's fp32 embedding stages apart, which set `partition_embed_per_s`."""
     here = here or runner()
-    train, score = list(_train_rates(store_root, here)), list(_score_rates(store_root, here))
+    fp32 = fp32_embedding if native_bf16 else None
+    train, score = list(_train_rates(store_root, here)), list(_score_rates(store_root, here, fp32))
+    partition = list(_score_rates(store_root, here, fp32, of_fp32=True)) if fp32 else []
     factor = ONE_THREAD if here["threads"] <= 1 else 1.0
     default_train, default_score = (rate * factor for rate in DEFAULT_RATES[native_bf16])
     default = (
@@ -115,11 +158,13 @@ def study_rates(store_root: Path, native_bf16: bool, here: dict[str, Any] | None
         source = f"measured by {len(train) or len(score)} {'adapter' if train else 'scoring'} stages run here; {default}"
     else:
         source = default
+    score_per_s = median(score) if score else default_score
     return StudyRates(
         median(train) if train else default_train,
-        median(score) if score else default_score,
+        score_per_s,
         source,
+        (median(partition) if partition else score_per_s * FP32_OF_BF16) if native_bf16 else 0.0,
     )
 
 
-__all__ = ["DEFAULT_RATES", "ONE_THREAD", "StudyRates", "runner", "study_rates"]
+__all__ = ["DEFAULT_RATES", "FP32_OF_BF16", "ONE_THREAD", "StudyRates", "runner", "study_rates"]
