@@ -869,3 +869,50 @@ def test_the_studys_partition_clusters_fp32_embeddings_under_a_bf16_backbone(
     study.embeddings("valid")
     assert study.store.done("embeddings", embeddings_key(bf16, splits["valid"]))
     assert not study.store.done("embeddings", embeddings_key(bf16, splits["valid"], bf16=False))
+
+
+def test_partitions_prints_each_shards_digest_and_trains_nothing(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    """`apa experiment partitions`: every shard of the partitions `--stages_for` needs, by size, Yes
+    rate and sample digest, read from the stage store's partitions; nothing trained or scored."""
+    from apa.data import load_splits
+    from apa.stages import partition_key
+
+    out, store = tmp_path / "out", tmp_path / "store"
+    base = [a if a != "stages" else "partitions" for a in _args(data_dir, tiny_model_dir, out, store)]
+    # without training allowed, a partition that needs the embeddings is not built: a one-line error
+    assert main([*base, "--train", "false"]) == 1
+    assert "the semantic K=2 partition is not in the store yet" in capsys.readouterr().err
+    monkeypatch.setattr(stages, "train_adapter", lambda *a, **k: pytest.fail("partitions trained an adapter"))
+    assert main([*base, "--stages_for", "fig4"]) == 0
+    printed = capsys.readouterr().out
+    assert _done_stages(store, "adapter") == {} and _done_stages(store, "predictions") == {}
+    result = json.loads((out / "partitions.json").read_text())
+    train = load_splits(data_dir)["train"]
+    labels = {s.sample_id: s.label for s in train}
+    assert result["train_digest"] == sample_digest(labels) and result["embeddings_bf16"] is False
+    assert [(r["strategy"], r["num_shards"]) for r in result["partitions"]] == [
+        ("semantic", 2),
+        ("random", 2),
+        ("bekm", 2),
+        ("user", 2),
+    ]
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_model_dir)))
+    for row in result["partitions"]:
+        key = partition_key(backbone, train, partition_config(row["strategy"], 2, 0))
+        stored = json.loads((StageStore(store).path("partition", key) / "partition.json").read_text())
+        shards = stored["shards"]
+        assert [s["sample_digest"] for s in row["shards"]] == [sample_digest(ids) for ids in shards]
+        assert [s["size"] for s in row["shards"]] == [len(ids) for ids in shards]
+        assert [s["yes_rate"] for s in row["shards"]] == pytest.approx(
+            [float(np.mean([labels[i] for i in ids])) for ids in shards]
+        )
+    # the table is printed and written; digests cut to 12 characters
+    table = (out / "partitions.md").read_text()
+    assert table in printed and result["train_digest"][:12] in table
+    first = result["partitions"][0]["shards"][0]
+    assert (
+        f"| semantic K=2 | 0 | {first['size']} | {first['yes_rate']:.3f} | {first['sample_digest'][:12]} |"
+        in table
+    )

@@ -90,6 +90,7 @@ What = Literal[
     "mia",
     "embedding",
     "plan",
+    "partitions",
 ]
 FIGURES: tuple[str, ...] = ("table1", "fig3", "fig4", "fig5", "fig6")
 
@@ -1385,7 +1386,9 @@ def experiment_command(
             AUC and the unlearning speed-up, read from the adapter stages alone: trains and scores
             nothing), `plan` (a dry run: the stages `--stages_for` needs, how many are done and the
             time left at this machine's speeds; trains and scores nothing, and prepares only the
-            data splits when they are missing).
+            data splits when they are missing), `partitions` (each shard of the partitions
+            `--stages_for` needs, by size, Yes rate and sample digest, to compare runs on different
+            machines; builds the partitions, trains and scores nothing).
         data: Directory with train/valid/test.jsonl (from `apa prepare`); without them, raw data of
             `dataset` (ml-100k: recbole's copy when the directory does not exist).
         out: Output directory (default: RUNS_DIR/experiments/<preset>).
@@ -1426,7 +1429,7 @@ def experiment_command(
         served: analysis: which served (aggregated, model-running) test passes to run, some of uniform,
             paper, selected, nd, nd_selected, centred, rank, or none (default: all seven; each takes
             minutes on a CPU).
-        stages_for: stages and plan: build (or count) the adapters (and their predictions) of these figures, some of
+        stages_for: stages, plan and partitions: build (or count) the adapters (and their predictions) of these figures, some of
             analysis, table1, fig4, fig5, fig6 (default: analysis, i.e. Retraining and the semantic K
             shards); table1 and fig4 add SISA's, GraphEraser's and RecEraser's shards, fig6 the other K;
             training: the analysis's adapters only, without predictions (what `training` reads).
@@ -1539,6 +1542,16 @@ def experiment_command(
                 return 1
             outputs = ["embedding.json", "embedding.md"]
             print((out_dir / "embedding.md").read_text())
+        elif name == "partitions":
+            from apa.study_partitions import run_partitions
+
+            try:
+                result = run_partitions(study, figures_staged)
+            except MissingStageError as err:
+                print(f"apa experiment: error: {err}", file=sys.stderr)
+                return 1
+            outputs = ["partitions.json", "partitions.md"]
+            print((out_dir / "partitions.md").read_text())
         elif name == "training":
             from apa.study_analysis import run_training_summary
 
