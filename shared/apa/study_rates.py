@@ -112,26 +112,28 @@ def _embedding_of(done: Path) -> str | None:
 
 
 def _score_rates(
-    root: Path, here: dict[str, Any], fp32: str | None = None, of_fp32: bool = False
-) -> Iterable[float]:
-    """Prompts per second of this runner's scoring stages; with `fp32` (the fp32 embedding key, under
-    bf16 autocast) only the embedding stages made with it (`of_fp32`) or only the others."""
+    root: Path, here: dict[str, Any], fp32: str | None = None
+) -> tuple[list[float], list[float]]:
+    """Prompts per second of this runner's scoring stages, in one pass: (the scoring speeds, the
+    partition's fp32 embedding speeds). With `fp32` (the fp32 embedding key, under bf16 autocast)
+    the embedding stages made with it go to the second list; without it that list is empty."""
+    score: list[float] = []
+    partition: list[float] = []
     for kind, name in SCORED_KINDS:
-        if of_fp32 and kind != "embeddings":
-            continue
         for done in sorted(root.glob(f"{kind}/*/done.json")):
             seconds = _same_runner(done, here)
             if seconds is None:
-                continue
-            if fp32 is not None and kind == "embeddings" and (_embedding_of(done) == fp32) != of_fp32:
                 continue
             try:
                 with np.load(done.parent / name, allow_pickle=False) as data:
                     n = len(data["sample_ids"])  # not the (larger) values
             except (OSError, ValueError, KeyError):
                 continue
-            if n:
-                yield n / seconds
+            if not n:
+                continue
+            of_fp32 = fp32 is not None and kind == "embeddings" and _embedding_of(done) == fp32
+            (partition if of_fp32 else score).append(n / seconds)
+    return score, partition
 
 
 def study_rates(
@@ -145,8 +147,8 @@ def study_rates(
     partition's fp32 embedding stages apart, which set `partition_embed_per_s`."""
     here = here or runner()
     fp32 = fp32_embedding if native_bf16 else None
-    train, score = list(_train_rates(store_root, here)), list(_score_rates(store_root, here, fp32))
-    partition = list(_score_rates(store_root, here, fp32, of_fp32=True)) if fp32 else []
+    train = list(_train_rates(store_root, here))
+    score, partition = _score_rates(store_root, here, fp32)
     factor = ONE_THREAD if here["threads"] <= 1 else 1.0
     default_train, default_score = (rate * factor for rate in DEFAULT_RATES[native_bf16])
     default = (
