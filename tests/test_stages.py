@@ -586,7 +586,7 @@ def test_analysis_and_mia_on_the_tiny_model(
     # each shard names its samples by digest, so runs on other machines can compare partitions
     semantic = next((out / "models").glob("semantic-K2-*"))
     digests = [sample_digest(shard) for shard in ModelDir(semantic).partition().shards]
-    assert [s["samples_digest"] for s in result["shards"]] == digests
+    assert [s["sample_digest"] for s in result["shards"]] == digests
     assert f"| 0 | {result['shards'][0]['size']} | {digests[0][:12]} |" in (out / "analysis.md").read_text()
     assert result["training"]["Retraining"]["steps"] > 0
     assert result["speedup"]["speedup_vs_mean_shard"] > 0

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from apa.aggregation import WeightConfig, aggregation_weights, nearest_neighbours
-from apa.data.samples import sample_digest
 from apa.metrics import auc, auc_rows
 from apa.stages import AdapterStage, MissingStageError, run_free_first
+from apa.study_partitions import shard_rows
 
 if TYPE_CHECKING:
     from apa.experiments import Study
@@ -312,18 +312,9 @@ def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None =
     if retrain is not None:
         scores["Retraining"] = study.predictions(retrain, "test")
         result["retraining_valid_auc"] = auc(yv, study.predictions(retrain, "valid"))
-    by_id = {s.sample_id: s for s in study.splits["train"]}
     result["shards"] = [
-        {
-            "shard": j,
-            "size": len(ids),
-            # which samples, comparable across runs and machines (the partition is fp32 everywhere)
-            "samples_digest": sample_digest(ids),
-            "yes_rate": float(np.mean([by_id[i].label for i in ids])),
-            "users": len({by_id[i].user_id for i in ids}),
-            "trained": shards[j] is not None,
-        }
-        for j, ids in enumerate(shard_ids)
+        {**row, "trained": shards[row["shard"]] is not None}
+        for row in shard_rows(shard_ids, study.splits["train"])
     ]
     ready = [j for j, a in enumerate(shards) if a is not None]
     pt = pv = None
@@ -703,7 +694,7 @@ def analysis_markdown(r: dict[str, Any]) -> str:
     ]
     for s in r["shards"]:
         lines.append(
-            f"| {s['shard']} | {s['size']} | {s['samples_digest'][:12]} | {_f(s['yes_rate'])} | {s['users']} | "
+            f"| {s['shard']} | {s['size']} | {s['sample_digest'][:12]} | {_f(s['yes_rate'])} | {s['users']} | "
             f"{_f(s.get('test_auc'))} | "
             f"{_f(s.get('valid_auc'))} | {_f(s.get('mean_p_yes_valid'))} |"
         )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from apa.backbone import PARTITION_BF16
-from apa.data.samples import sample_digest
+from apa.data.samples import Sample, sample_digest
 
 if TYPE_CHECKING:
     from apa.experiments import Study
@@ -25,24 +25,30 @@ DIGEST_CHARS = 12
 """Hex characters of a digest shown in `partitions.md` (the JSON keeps all 64)."""
 
 
+def shard_rows(shards: Sequence[Sequence[str]], train: Sequence[Sample]) -> list[dict[str, Any]]:
+    """Each shard's index, size, Yes rate (None when empty), users and `sample_digest` (sha256 of
+    its sorted sample ids, comparable across runs and machines: the partition is fp32 everywhere)."""
+    by_id = {s.sample_id: s for s in train}
+    return [
+        {
+            "shard": index,
+            "size": len(ids),
+            "yes_rate": float(np.mean([by_id[i].label for i in ids])) if ids else None,
+            "users": len({by_id[i].user_id for i in ids}),
+            "sample_digest": sample_digest(ids),
+        }
+        for index, ids in enumerate(shards)
+    ]
+
+
 def run_partitions(study: Study, figures: Sequence[str] = ("analysis",)) -> dict[str, Any]:
     """Each partition of `figures` (`stage_models`), shard by shard; writes `partitions.json` and
     `partitions.md` to the study's output directory."""
     from apa.experiments import stage_models, write_json
 
-    by_id = {s.sample_id: s for s in study.splits["train"]}
     rows = []
     for strategy, k in stage_models(study.config, figures):
-        parts = study.partition(strategy, k)
-        shards = [
-            {
-                "shard": index,
-                "size": len(ids),
-                "yes_rate": float(np.mean([by_id[i].label for i in ids])) if ids else None,
-                "sample_digest": sample_digest(ids),
-            }
-            for index, ids in enumerate(parts.shards)
-        ]
+        shards = shard_rows(study.partition(strategy, k).shards, study.splits["train"])
         rows.append({"strategy": strategy, "num_shards": k, "shards": shards})
     result = {
         "sizes": {name: len(samples) for name, samples in study.splits.items()},
@@ -79,4 +85,4 @@ def partitions_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DIGEST_CHARS", "partitions_markdown", "run_partitions"]
+__all__ = ["DIGEST_CHARS", "partitions_markdown", "run_partitions", "shard_rows"]
