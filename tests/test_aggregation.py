@@ -262,6 +262,25 @@ def test_score_keeps_rows_aligned_with_a_length_sorting_score_fn(lora: Any) -> N
         np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("level", ["decomposition", "prediction"])
+def test_a_long_pass_can_show_its_progress_without_changing_a_score(
+    lora: Any, level: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    peft_model, tok, _ = lora
+    mix = MixtureLoRA(peft_model, NAMES)
+
+    def score_fn(prompts: list[str]) -> np.ndarray:
+        return p_yes(peft_model, tok, prompts)
+
+    quiet = mix.score(score_fn, PROMPTS, OMEGA, level, batch_size=2)
+    assert capsys.readouterr().err == ""
+    shown = mix.score(score_fn, PROMPTS, OMEGA, level, batch_size=2, progress=True)
+    np.testing.assert_array_equal(shown, quiet)
+    # a bar over the batches (decomposition) or over the adapters' passes (prediction), on stderr
+    total = -(-len(PROMPTS) // 2) if level == "decomposition" else K
+    assert f"serve {level}" in (err := capsys.readouterr().err) and f"{total}/{total}" in err
+
+
 @pytest.mark.parametrize("level", ["decomposition", "non_decomposition"])
 def test_exported_adapter_reloaded_by_peft_reproduces_the_mixture(
     lora: Any, level: Any, tmp_path: Path

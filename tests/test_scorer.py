@@ -90,7 +90,9 @@ def test_an_excluded_shard_has_no_influence_on_the_scores(built: Any, level: Any
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_one_hot_weights_score_like_the_single_adapter(built: Any, level: Any) -> None:
+def test_one_hot_weights_score_like_the_single_adapter(
+    built: Any, level: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     bb, md, splits = built
     prompts = [s.prompt for s in splits["test"]]
     expected = {k: single_adapter_scores(bb, md, k, prompts) for k in range(K)}
@@ -98,7 +100,10 @@ def test_one_hot_weights_score_like_the_single_adapter(built: Any, level: Any) -
         for k in range(K):
             one_hot = np.zeros((len(prompts), K))
             one_hot[:, k] = 1.0
-            p, _ = scorer.score(prompts, level, omega=one_hot)
+            capsys.readouterr()
+            # the study's long served passes ask for a progress bar; it changes no score
+            p, _ = scorer.score(prompts, level, omega=one_hot, progress=k == 0)
+            assert ("serve" in capsys.readouterr().err) == (k == 0)
             np.testing.assert_allclose(p, expected[k], atol=1e-5, rtol=0)
         each = scorer.adapter_predictions(prompts)
         major, omega = scorer.score(prompts, level, WeightConfig("major", top_n=4))

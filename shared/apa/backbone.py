@@ -304,7 +304,7 @@ class Backbone:
         `bf16` overrides the configured autocast."""
         net = model if model is not None else self.model
         out = np.zeros(len(prompts), dtype=np.float64)
-        for idx in _progress(list(self.batches(prompts, batch_size)), progress, "score"):
+        for idx in progress_bar(list(self.batches(prompts, batch_size)), progress, "score"):
             logits = self.yes_no_logits(net, self.encode([prompts[i] for i in idx]), bf16)
             out[idx] = torch.softmax(logits, dim=-1)[:, 0].double().cpu().numpy()
         return out
@@ -359,7 +359,7 @@ class Backbone:
         shared-prefix path equals, and what it falls back to."""
         rows: list[np.ndarray] = [np.zeros(0)] * len(prompts)
         autocast = functools.partial(self.autocast, bf16)
-        for idx in _progress(list(self.batches(prompts, batch_size)), progress, "embed"):
+        for idx in progress_bar(list(self.batches(prompts, batch_size)), progress, "embed"):
             batch = self.encode([prompts[i] for i in idx])
             hidden = hidden_state(self.model, batch, self.config.embed_layer, autocast).float()
             pooled = self._pool(hidden, batch["attention_mask"])
@@ -383,7 +383,7 @@ class Backbone:
             raise ValueError(f"layers {bad} are not in [-1, {self.num_layers})")
         rows: dict[int, list[np.ndarray]] = {layer: [np.zeros(0)] * len(prompts) for layer in wanted}
         decoder = unwrap_causal_lm(self.model).get_decoder()
-        for idx in _progress(list(self.batches(prompts, batch_size)), progress, "embed"):
+        for idx in progress_bar(list(self.batches(prompts, batch_size)), progress, "embed"):
             batch = self.encode([prompts[i] for i in idx])
             with self.autocast():
                 out = decoder(
@@ -519,7 +519,8 @@ def last_hidden_state(
     return hidden_state(model, batch, -1, autocast)
 
 
-def _progress(items: list[Any], enabled: bool, desc: str) -> Any:
+def progress_bar(items: list[Any], enabled: bool, desc: str) -> Any:
+    """`items` under a tqdm bar counting batches when `enabled`, else `items` as they are."""
     if not enabled:
         return items
     from tqdm.auto import tqdm

@@ -793,7 +793,7 @@ class Study:
                 omega = scorer.weights(self.prompts, weights, request_embeddings=emb)
                 weight_seconds = time.perf_counter() - started
                 started = time.perf_counter()
-                p, _ = scorer.score(self.prompts, level, omega=omega)
+                p, _ = scorer.score(self.prompts, level, omega=omega, progress=self.progress)
                 pass_seconds = time.perf_counter() - started
             return np.concatenate([p, [weight_seconds, pass_seconds]])
 
@@ -815,7 +815,7 @@ class Study:
 
         def compute(_work: Path) -> np.ndarray:
             with self.scorer(md) as scorer:
-                p, _ = scorer.score(self.prompts, level, omega=omega)
+                p, _ = scorer.score(self.prompts, level, omega=omega, progress=self.progress)
             return p
 
         key = {

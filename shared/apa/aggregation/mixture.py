@@ -37,7 +37,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
 from apa.aggregation.weights import AllShardsExcludedError
-from apa.backbone import base_only
+from apa.backbone import base_only, progress_bar
 
 Level = Literal["decomposition", "non_decomposition", "prediction"]
 LEVELS: tuple[str, ...] = ("decomposition", "non_decomposition", "prediction")
@@ -241,11 +241,16 @@ class MixtureLoRA:
                 self.peft_model.active_adapter = previous_attr
 
     def predict(
-        self, score_fn: ScoreFn, prompts: Sequence[str], weights: torch.Tensor | np.ndarray | None = None
+        self,
+        score_fn: ScoreFn,
+        prompts: Sequence[str],
+        weights: torch.Tensor | np.ndarray | None = None,
+        *,
+        progress: bool = False,
     ) -> np.ndarray:
         """`prediction` level: Σ_k ω_bk P_k(Yes), one `score_fn` call per adapter with weight > 0.
 
-        `weights=None` is SISA's plain average of the K adapters.
+        `weights=None` is SISA's plain average of the K adapters; `progress` shows a bar over them.
         """
         n = len(prompts)
         w = (
@@ -260,7 +265,7 @@ class MixtureLoRA:
         if not used:
             raise AllShardsExcludedError("every adapter has weight 0 in every row")
         total = np.zeros(n, dtype=np.float64)
-        for k in used:
+        for k in progress_bar(used, progress, "serve prediction (adapters)"):
             with self.only(self.adapter_names[k]):
                 p = np.asarray(score_fn(list(prompts)), dtype=np.float64).reshape(-1)
             total += wn[:, k] * p
@@ -274,8 +279,10 @@ class MixtureLoRA:
         level: Level = "decomposition",
         *,
         batch_size: int = 16,
+        progress: bool = False,
     ) -> np.ndarray:
-        """P(Yes) under the mixture at `level`, `batch_size` prompts per `score_fn` call (in input order).
+        """P(Yes) under the mixture at `level`, `batch_size` prompts per `score_fn` call (in input order);
+        `progress` shows a bar over the batches (over the adapters' passes at `prediction`).
 
         ω rows are matched to batch rows by position, so each `score_fn` call must run its prompts as
         ONE forward batch, either in the given order or stably sorted by `len(prompt)` (what
@@ -283,13 +290,14 @@ class MixtureLoRA:
         A `score_fn` that splits a chunk is caught (batch size mismatch -> ValueError).
         """
         if level == "prediction":
-            return self.predict(score_fn, prompts, weights)
+            return self.predict(score_fn, prompts, weights, progress=progress)
         w = self._as_weights(weights)
         if w.shape[0] != len(prompts):
             raise ValueError(f"{w.shape[0]} weight rows for {len(prompts)} prompts")
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable
         out = np.zeros(len(prompts), dtype=np.float64)
-        for start in range(0, len(order), batch_size):
+        starts = list(range(0, len(order), batch_size))
+        for start in progress_bar(starts, progress, f"serve {level}"):
             idx = order[start : start + batch_size]
             with self.apply(w[idx], level):
                 out[idx] = np.asarray(score_fn([prompts[i] for i in idx]), dtype=np.float64).reshape(-1)

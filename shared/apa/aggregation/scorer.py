@@ -458,8 +458,10 @@ class AggregatedScorer:
         request_embeddings: np.ndarray | None = None,
         omega: np.ndarray | None = None,
         batch_size: int | None = None,
+        progress: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(P(Yes) per prompt, ω (n x K)) under the aggregated adapter at `level`.
+        """(P(Yes) per prompt, ω (n x K)) under the aggregated adapter at `level`; `progress` shows a
+        bar over the forward passes (for long offline passes, such as the study's served ones).
 
         `decomposition` / `non_decomposition`: one forward pass per batch of `batch_size` prompts;
         `prediction`: one pass per adapter with weight > 0 (SISA's cost). `request_embeddings` skips
@@ -492,9 +494,12 @@ class AggregatedScorer:
                     lambda chunk: self.backbone.score(chunk, model=self.peft_model, batch_size=size),
                     prompts,
                     columns,
+                    progress=progress,
                 )
             else:
-                p = self._mix().score(self._score_fn, prompts, columns, level, batch_size=size)
+                p = self._mix().score(
+                    self._score_fn, prompts, columns, level, batch_size=size, progress=progress
+                )
             return p, omega
 
     def score_request(
