@@ -20,7 +20,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -519,10 +519,13 @@ def last_hidden_state(
     return hidden_state(model, batch, -1, autocast)
 
 
-def progress_bar(items: list[Any], enabled: bool, desc: str) -> Any:
-    """`items` under a tqdm bar counting batches when `enabled`, else `items` as they are."""
+def progress_bar(
+    items: Iterable[Any], enabled: bool, desc: str, unit: str = "batch", leave: bool = True
+) -> Iterable[Any]:
+    """`items` under a tqdm bar counting `unit`s when `enabled` (`leave=False` clears it when done),
+    else `items` as they are."""
     if not enabled:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="batch")
+    return tqdm(items, desc=desc, unit=unit, leave=leave)

@@ -42,7 +42,7 @@ import torch
 
 from apa.aggregation import AggregatedScorer, Level, WeightConfig, embedding_key
 from apa.aggregation.caches import EMBEDDINGS_FILE, prediction_key, predictions_file
-from apa.backbone import PARTITION_BF16, Backbone, BackboneConfig
+from apa.backbone import PARTITION_BF16, Backbone, BackboneConfig, progress_bar
 from apa.data import DataConfig, Sample, load_splits, prepare, sample_splits
 from apa.data.pipeline import Dataset
 from apa.data.samples import sample_digest
@@ -346,14 +346,6 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _bar(items: Sequence[Any], desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="step")
 
 
 def machine_info(backbone: Backbone) -> dict[str, Any]:
@@ -851,7 +843,7 @@ class Study:
         dirs = {(m.strategy, m.num_shards): self.model_dir(m.strategy, m.num_shards) for m in methods}
         rows: list[dict[str, Any]] = []
         scored: dict[str, np.ndarray] = {}
-        for method in _bar(methods, "table1", self.progress):
+        for method in progress_bar(methods, self.progress, "table1", unit="step"):
             md = dirs[(method.strategy, method.num_shards)]
             each, each_seconds = self.adapter_predictions(md)
             before, per_shard = self._before_aggregation(each)
@@ -990,7 +982,7 @@ class Study:
         strategies: list[StrategyName] = ["semantic", "random", "user", "bekm"]
         dirs = {s: self.model_dir(s, k) for s in strategies}
         rows, scores = [], {}
-        for strategy in _bar(strategies, "fig4", self.progress):
+        for strategy in progress_bar(strategies, self.progress, "fig4", unit="step"):
             scores[strategy], _ = self.aggregated(dirs[strategy], "decomposition", self.config.weights)
             before, _ = self._before_aggregation(self.adapter_predictions(dirs[strategy])[0])
             rows.append(
@@ -1023,7 +1015,7 @@ class Study:
         md = self.model_dir("semantic", k)
         rows, scores = [], {}
         names = ["adaptive", "average", "major", "semantic"]
-        for strategy in _bar(names, "fig5", self.progress):
+        for strategy in progress_bar(names, self.progress, "fig5", unit="step"):
             weights = replace(self.config.weights, strategy=strategy)
             scores[strategy], _ = self.aggregated(md, "decomposition", weights)
             rows.append({"weights": strategy, "auc": self._auc(scores[strategy])})
@@ -1051,7 +1043,7 @@ class Study:
         retrain_md = self.model_dir("random", 1)
         dirs = {k: self.model_dir("semantic", k) for k in self.config.shard_counts}
         points, scores = [], {}
-        for k in _bar(list(self.config.shard_counts), "fig6", self.progress):
+        for k in progress_bar(list(self.config.shard_counts), self.progress, "fig6", unit="step"):
             md = dirs[k]
             scores[f"K={k}"], _ = self.aggregated(md, "decomposition", self.config.weights)
             manifests = self.manifests(md)

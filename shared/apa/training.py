@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from apa.backbone import Backbone, last_hidden_state, native_bf16, unwrap_causal_lm, with_positions
+from apa.backbone import (
+    Backbone,
+    last_hidden_state,
+    native_bf16,
+    progress_bar,
+    unwrap_causal_lm,
+    with_positions,
+)
 from apa.data import Sample
 from apa.metrics import auc
 from apa.shared_prefix import (
@@ -320,7 +327,9 @@ def train_adapter(
             losses: list[float] = []
             epoch_started = time.perf_counter()
             steps = range(0, len(order), config.batch_size)
-            for start in _bar(steps, progress, f"{desc} epoch {epoch}/{config.epochs}"):
+            for start in progress_bar(
+                steps, progress, f"{desc} epoch {epoch}/{config.epochs}", unit="step", leave=False
+            ):
                 step_ids = order[start : start + config.batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 for micro in range(0, len(step_ids), config.micro_batch_size):
@@ -408,14 +417,6 @@ def _lora_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
-
-
-def _bar(items: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="step", leave=False)
 
 
 __all__ = [

@@ -296,8 +296,7 @@ class MixtureLoRA:
             raise ValueError(f"{w.shape[0]} weight rows for {len(prompts)} prompts")
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable
         out = np.zeros(len(prompts), dtype=np.float64)
-        starts = list(range(0, len(order), batch_size))
-        for start in progress_bar(starts, progress, f"serve {level}"):
+        for start in progress_bar(range(0, len(order), batch_size), progress, f"serve {level}"):
             idx = order[start : start + batch_size]
             with self.apply(w[idx], level):
                 out[idx] = np.asarray(score_fn([prompts[i] for i in idx]), dtype=np.float64).reshape(-1)
