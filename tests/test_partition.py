@@ -69,6 +69,7 @@ def problems(draw: st.DrawFn) -> dict[str, Any]:
         "seed": draw(st.integers(0, 2**32 - 1)),
         "data_seed": draw(st.integers(0, 1000)),
         "users": [users[i] for i in order],
+        "labels": [draw(st.integers(0, 1)) for _ in range(n)],
     }
 
 
@@ -82,10 +83,10 @@ def test_shards_are_disjoint_complete_capped_and_deterministic(
     t = math.ceil(n / k) + problem["slack"]
     ids = _ids(n)
     x = np.random.default_rng(problem["data_seed"]).normal(size=(n, 3))
-    users = problem["users"]
+    users, labels = problem["users"], problem["labels"]
     config = PartitionConfig(strategy=strategy, num_shards=k, max_shard_size=t, seed=problem["seed"])
 
-    p = partition(ids, config, embeddings=x, user_ids=users)
+    p = partition(ids, config, embeddings=x, user_ids=users, labels=labels)
 
     flat = [s for shard in p.shards for s in shard]
     assert len(flat) == len(set(flat)) == n and set(flat) == set(ids)
@@ -96,16 +97,25 @@ def test_shards_are_disjoint_complete_capped_and_deterministic(
         assert max(p.sizes) <= t + largest_user - 1
         for u in set(users):
             assert len({p.shard_of(s) for s, owner in zip(ids, users, strict=True) if owner == u}) == 1
+    elif strategy == "stratified":  # each label split as evenly as it divides, whatever t
+        for c in set(labels):
+            per_shard = [sum(labels[ids.index(s)] == c for s in shard) for shard in p.shards]
+            assert set(per_shard) <= {labels.count(c) // k, math.ceil(labels.count(c) / k)}
+        assert max(p.sizes) <= math.ceil(n / k) + len(set(labels)) - 1
     else:
         assert max(p.sizes) <= t
     if strategy == "random":
         assert max(p.sizes) - min(p.sizes) <= 1
 
-    again = partition(ids, config, embeddings=x, user_ids=users)
+    again = partition(ids, config, embeddings=x, user_ids=users, labels=labels)
     assert again == p
     shuffled = np.random.default_rng(problem["data_seed"]).permutation(n)
     permuted = partition(
-        [ids[i] for i in shuffled], config, embeddings=x[shuffled], user_ids=[users[i] for i in shuffled]
+        [ids[i] for i in shuffled],
+        config,
+        embeddings=x[shuffled],
+        user_ids=[users[i] for i in shuffled],
+        labels=[labels[i] for i in shuffled],
     )
     assert permuted.shards == p.shards
 
@@ -303,6 +313,11 @@ X5 = np.zeros((5, 2)) + np.arange(5)[:, None]
             lambda: partition(_ids(5), PartitionConfig(strategy="user", num_shards=2), user_ids=["a"] * 5),
             "user_ids",
         ),
+        (lambda: partition(_ids(5), PartitionConfig(strategy="stratified"), embeddings=X5), "labels"),
+        (
+            lambda: partition(_ids(5), PartitionConfig(strategy="stratified"), embeddings=X5, labels=[1] * 4),
+            "labels",
+        ),
         (lambda: partition(["a", "a", "b"], PartitionConfig(strategy="random", num_shards=2)), "duplicates"),
         (lambda: partition([], PartitionConfig(strategy="random")), "sample_ids"),
         (lambda: partition("abcde", PartitionConfig(strategy="random")), "sample_ids"),
@@ -322,7 +337,11 @@ def test_partition_json_round_trip(strategy: StrategyName) -> None:
     x, _ = _blobs(k=3, per_blob=7, d=4, seed=0)
     users = [f"u{i % 7}" for i in range(21)]
     p = partition(
-        _ids(21), PartitionConfig(strategy=strategy, num_shards=3, seed=11), embeddings=x, user_ids=users
+        _ids(21),
+        PartitionConfig(strategy=strategy, num_shards=3, seed=11),
+        embeddings=x,
+        user_ids=users,
+        labels=[i % 2 for i in range(21)],
     )
     data = json.loads(json.dumps(p.to_json()))
     assert data["strategy"] == strategy and data["seed"] == 11
@@ -350,3 +369,56 @@ def test_partition_rejects_inconsistent_shards() -> None:
 
 def test_every_strategy_name_has_a_registered_strategy() -> None:
     assert set(STRATEGIES) == set(ALL_STRATEGIES)
+
+
+def _yes_rates(p: Partition, label_of: dict[str, int]) -> list[float]:
+    return [float(np.mean([label_of[s] for s in shard])) for shard in p.shards]
+
+
+def test_stratified_spreads_each_label_evenly_where_semantic_shards_are_label_skewed() -> None:
+    # 4 blobs of 40; blob j is mostly Yes for j < 2 and mostly No otherwise, as semantic clusters of
+    # prompts can be (docs/RESULTS.md: shards' Yes rates 0.38-0.74 at 1024 training samples)
+    x, blob = _blobs(k=4, per_blob=40, d=6, seed=3)
+    rng = np.random.default_rng(0)
+    labels = [int(rng.random() < (0.85 if b < 2 else 0.15)) for b in blob]
+    ids = _ids(len(x))
+    label_of = dict(zip(ids, labels, strict=True))
+    semantic = partition(ids, PartitionConfig(strategy="semantic", num_shards=4), embeddings=x)
+    stratified = partition(
+        ids, PartitionConfig(strategy="stratified", num_shards=4), embeddings=x, labels=labels
+    )
+    assert np.ptp(_yes_rates(semantic, label_of)) > 0.5  # the skew is there to remove
+    yes = sum(labels)
+    for shard in stratified.shards:  # 160 samples: each shard gets its quarter of each label
+        assert sum(label_of[s] for s in shard) in (yes // 4, math.ceil(yes / 4))
+    assert max(stratified.sizes) - min(stratified.sizes) <= 2
+    # the same K-means centres: semantic ω serves against the same centroids
+    assert stratified.centroids is not None and semantic.centroids is not None
+    assert np.array_equal(stratified.centroids, semantic.centroids)
+    # each label's samples still go to their nearest centre while it has room: no shard gets more
+    # than its share of a label, and a sample only moves when its own label's share is full
+    for k, shard in enumerate(stratified.shards):
+        for c in (0, 1):
+            share = labels.count(c) // 4
+            assert sum(label_of[s] == c for s in shard) <= share + 1
+            moved_in = [s for s in shard if label_of[s] == c and semantic.shard_of(s) != k]
+            if moved_in:
+                home = {semantic.shard_of(s) for s in moved_in}
+                assert all(sum(label_of[s] == c for s in stratified.shards[h]) >= share for h in home)
+
+
+def test_stratified_equals_semantic_when_every_cluster_holds_its_share_of_each_label() -> None:
+    x, blob = _blobs(k=4, per_blob=20, d=6, seed=5)
+    labels = [0] * len(x)
+    for b in range(4):  # every blob: 10 Yes, 10 No
+        for i in np.flatnonzero(blob == b)[:10]:
+            labels[i] = 1
+    ids = _ids(len(x))
+    semantic = partition(ids, PartitionConfig(strategy="semantic", num_shards=4), embeddings=x)
+    stratified = partition(
+        ids, PartitionConfig(strategy="stratified", num_shards=4), embeddings=x, labels=labels
+    )
+    assert stratified.shards == semantic.shards
+    assert sorted(map(sorted, semantic.shards)) == sorted(
+        sorted(ids[i] for i in np.flatnonzero(blob == b)) for b in range(4)
+    )

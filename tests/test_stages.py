@@ -157,6 +157,21 @@ def test_stage_models_follow_the_issues_order_and_reject_an_unknown_figure() -> 
     assert stage_models(config, ["training"]) == stage_models(config)
     with pytest.raises(ValueError, match="stages_for"):
         stage_models(config, ["fig3"])
+    # a variant of APA's partition replaces the semantic shards everywhere but Fig. 4's comparison
+    variant = ExperimentConfig.from_preset("cpu", train_size=64, num_shards=4, apa_partition="stratified")
+    assert stage_models(variant) == [("random", 1), ("stratified", 4)]
+    assert stage_models(variant, ["fig4", "fig6"]) == [
+        ("random", 1),
+        ("stratified", 4),
+        ("semantic", 4),
+        ("random", 4),
+        ("bekm", 4),
+        ("user", 4),
+        ("stratified", 2),
+        ("stratified", 8),
+    ]
+    with pytest.raises(ValueError, match="apa_partition"):
+        ExperimentConfig.from_preset("cpu", train_size=64, apa_partition="bekm")  # type: ignore[arg-type]
 
 
 def test_stages_for_training_trains_the_analysiss_adapters_and_scores_nothing(
@@ -916,3 +931,33 @@ def test_partitions_prints_each_shards_digest_and_trains_nothing(
         f"| semantic K=2 | 0 | {first['size']} | {first['yes_rate']:.3f} | {first['sample_digest'][:12]} |"
         in table
     )
+
+
+def test_the_stratified_variant_spreads_each_label_evenly_over_the_studys_shards(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """`--apa_partition stratified`: the study's APA shards come from the label-stratified variant
+    (the training labels reach the partition), beside the same Retraining stage."""
+    from apa.stages import partition_key
+
+    out, store = tmp_path / "out", tmp_path / "store"
+    base = [a if a != "stages" else "partitions" for a in _args(data_dir, tiny_model_dir, out, store)]
+    monkeypatch.setattr(stages, "train_adapter", lambda *a, **k: pytest.fail("partitions trained an adapter"))
+    assert main([*base, "--apa_partition", "stratified"]) == 0
+    result = json.loads((out / "partitions.json").read_text())
+    assert [(r["strategy"], r["num_shards"]) for r in result["partitions"]] == [
+        ("random", 1),
+        ("stratified", 2),
+    ]
+    train = load_splits(data_dir)["train"]
+    labels = {s.sample_id: s.label for s in train}
+    backbone = Backbone.load(BackboneConfig(model=str(tiny_model_dir)))
+    key = partition_key(backbone, train, partition_config("stratified", 2, 0))
+    shards = json.loads((StageStore(store).path("partition", key) / "partition.json").read_text())["shards"]
+    for label in (0, 1):  # both labels occur, and each is split in halves as even as it divides
+        count = sum(y == label for y in labels.values())
+        assert 0 < count < len(labels)
+        assert sorted(sum(labels[i] == label for i in ids) for ids in shards) == [
+            count // 2,
+            count - count // 2,
+        ]

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -102,6 +102,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # paper: §4.1 sizes, shard size 256 -> K = 4, TALLRec training settings (a GPU)
     "paper": {"train_size": 1024, "valid_size": 500, "test_size": 1000, "num_shards": 4, "epochs": None},
 }
+ApaPartition = Literal["semantic", "stratified"]
+"""What APA's partition may be: the paper's Algorithm 1, or its label-stratified variant."""
+APA_PARTITIONS: tuple[str, ...] = get_args(ApaPartition)
 TIMING_SAMPLES = {"quick": 8, "cpu": 50, "paper": 500}
 """Test samples timed one at a time for Fig. 3 (the paper: 500 random test samples)."""
 
@@ -128,6 +131,8 @@ class ExperimentConfig:
     """Epoch cap of the K=1 Retraining adapter when it differs from the shards' (None: the same)."""
     retrain_lr: float | None = None
     """Learning rate of the K=1 Retraining adapter when it differs from the shards' (None: the same)."""
+    apa_partition: StrategyName = "semantic"
+    """APA's partition: `semantic` (the paper's Algorithm 1) or a variant such as `stratified`."""
 
     def train_for(self, k: int) -> TrainConfig:
         """The train config of a K-shard model's adapters."""
@@ -155,6 +160,7 @@ class ExperimentConfig:
         lr: float | None = None,
         retrain_lr: float | None = None,
         early_stopping: bool = True,
+        apa_partition: ApaPartition = "semantic",
     ) -> ExperimentConfig:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -168,6 +174,8 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if k < 2 or k > n:
             raise ValueError(f"num_shards must be in [2, train_size={n}], got {k}")
+        if apa_partition not in APA_PARTITIONS:
+            raise ValueError(f"apa_partition must be one of {list(APA_PARTITIONS)}, got {apa_partition!r}")
         e = epochs if epochs is not None else base["epochs"]
         if preset == "quick":
             # one epoch has nothing to early-stop on: skip validation scoring during training
@@ -203,6 +211,7 @@ class ExperimentConfig:
             seed=seed,
             retrain_epochs=retrain_epochs,
             retrain_lr=retrain_lr,
+            apa_partition=apa_partition,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -257,28 +266,29 @@ def stage_models(
     config: ExperimentConfig, figures: Sequence[str] = ("analysis",)
 ) -> list[tuple[StrategyName, int]]:
     """The (partition strategy, K) shard sets whose adapters `figures` need, in the issue's order:
-    Retraining, APA's semantic K shards, SISA's random ones, GraphEraser's (bekm), RecEraser's
-    (user), then Fig. 6's other K. An unknown figure is a ValueError naming the field."""
+    Retraining, APA's K shards (`apa_partition`: semantic, or a variant, then Fig. 4's semantic),
+    SISA's random ones, GraphEraser's (bekm), RecEraser's (user), then Fig. 6's other K (APA's
+    partition). An unknown figure is a ValueError naming the field."""
     unknown = [f for f in figures if f not in STAGE_FIGURES]
     if unknown:
         raise ValueError(f"stages_for: unknown figure {unknown}; expected some of {list(STAGE_FIGURES)}")
-    k = config.num_shards
-    others: list[tuple[StrategyName, int]] = [("semantic", c) for c in config.shard_counts if c != k]
-    order: list[tuple[StrategyName, int]] = [
-        ("random", 1),
-        ("semantic", k),
-        ("random", k),
-        ("bekm", k),
-        ("user", k),
-    ]
-    order += others
+    k, apa = config.num_shards, config.apa_partition
+    Model = tuple[StrategyName, int]
+    retraining: Model = ("random", 1)
+    shards: Model = (apa, k)
+    baselines: list[tuple[StrategyName, int]] = [("random", k), ("bekm", k), ("user", k)]
+    others: list[tuple[StrategyName, int]] = [(apa, c) for c in config.shard_counts if c != k]
+    paper: list[Model] = (
+        [("semantic", k)] if apa != "semantic" else []
+    )  # Fig. 4 compares the paper's partition
+    order: list[tuple[StrategyName, int]] = [retraining, shards, *paper, *baselines, *others]
     need_by: dict[str, set[tuple[StrategyName, int]]] = {
-        "analysis": set(order[:2]),
-        "table1": set(order[:5]),
-        "fig4": set(order[1:5]),
-        "fig5": {order[1]},
-        "fig6": {*order[:2], *others},
-        "training": set(order[:2]),
+        "analysis": {retraining, shards},
+        "table1": {retraining, shards, *baselines},
+        "fig4": {("semantic", k), *baselines},
+        "fig5": {shards},
+        "fig6": {retraining, shards, *others},
+        "training": {retraining, shards},
     }
     need: set[tuple[StrategyName, int]] = set().union(*(need_by[f] for f in figures))
     return [model for model in order if model in need]
@@ -294,14 +304,15 @@ def plan_line(plan: dict[str, Any]) -> str:
     )
 
 
-def table1_methods(k: int) -> list[Method]:
+def table1_methods(k: int, apa: StrategyName = "semantic") -> list[Method]:
+    """Table 1's columns; `apa` is APA's partition (the paper's `semantic`, or a variant)."""
     return [
         Method("Retraining", "random", 1, "single"),
         Method("SISA", "random", k, "prediction"),
         Method("GraphEraser", "bekm", k, "prediction"),
         Method("RecEraser", "user", k, "prediction"),
-        Method("APA(D)", "semantic", k, "decomposition"),
-        Method("APA(ND)", "semantic", k, "non_decomposition"),
+        Method("APA(D)", apa, k, "decomposition"),
+        Method("APA(ND)", apa, k, "non_decomposition"),
     ]
 
 
@@ -839,7 +850,7 @@ class Study:
 
     def table1(self) -> dict[str, Any]:
         k = self.config.num_shards
-        methods = table1_methods(k)
+        methods = table1_methods(k, self.config.apa_partition)
         dirs = {(m.strategy, m.num_shards): self.model_dir(m.strategy, m.num_shards) for m in methods}
         rows: list[dict[str, Any]] = []
         scored: dict[str, np.ndarray] = {}
@@ -919,7 +930,7 @@ class Study:
         k = self.config.num_shards
         retrain_md = self.model_dir("random", 1)
         sisa_md = self.model_dir("random", k)
-        apa_md = self.model_dir("semantic", k)
+        apa_md = self.model_dir(self.config.apa_partition, k)
         full_seconds = self.manifests(retrain_md)[0].train_seconds
         unlearn = self.retrain_one_shard(apa_md)
         shard_seconds = [m.train_seconds for m in self.manifests(apa_md)]
@@ -1012,7 +1023,7 @@ class Study:
 
     def fig5(self) -> dict[str, Any]:
         k = self.config.num_shards
-        md = self.model_dir("semantic", k)
+        md = self.model_dir(self.config.apa_partition, k)
         rows, scores = [], {}
         names = ["adaptive", "average", "major", "semantic"]
         for strategy in progress_bar(names, self.progress, "fig5", unit="step"):
@@ -1023,14 +1034,15 @@ class Study:
         for row in rows:
             row["auc_ci"] = cis["methods"][row["weights"]]["ci"]
             row["adaptive_minus"] = cis["differences"].get(f"adaptive - {row['weights']}")
-        result = {"num_shards": k, "partition": "semantic", "level": "decomposition", "rows": rows}
+        partition = self.config.apa_partition
+        result = {"num_shards": k, "partition": partition, "level": "decomposition", "rows": rows}
         write_json(self.out / "fig5.json", result)
         (self.out / "fig5.md").write_text(figure_markdown("fig5", result))
         plot_bars(
             [r["weights"] for r in rows],
             [r["auc"] for r in rows],
             "AUC",
-            f"APA(D) by weight strategy (semantic, K={k})",
+            f"APA(D) by weight strategy ({partition}, K={k})",
             self.out / "fig5.png",
             cis=[r["auc_ci"] for r in rows],
         )
@@ -1041,7 +1053,7 @@ class Study:
     def fig6(self) -> dict[str, Any]:
         n = len(self.splits["train"])
         retrain_md = self.model_dir("random", 1)
-        dirs = {k: self.model_dir("semantic", k) for k in self.config.shard_counts}
+        dirs = {k: self.model_dir(self.config.apa_partition, k) for k in self.config.shard_counts}
         points, scores = [], {}
         for k in progress_bar(list(self.config.shard_counts), self.progress, "fig6", unit="step"):
             md = dirs[k]
@@ -1362,6 +1374,7 @@ def experiment_command(
     only: Literal["both", "retraining", "shards"] = "both",
     served: list[str] | None = None,
     stages_for: list[str] | None = None,
+    apa_partition: ApaPartition = "semantic",
 ) -> int:
     """Reproduce the paper's study: Table 1 and Fig. 3-6 as JSON + PNG (and markdown tables) in OUT.
 
@@ -1425,6 +1438,9 @@ def experiment_command(
             analysis, table1, fig4, fig5, fig6 (default: analysis, i.e. Retraining and the semantic K
             shards); table1 and fig4 add SISA's, GraphEraser's and RecEraser's shards, fig6 the other K;
             training: the analysis's adapters only, without predictions (what `training` reads).
+        apa_partition: APA's partition: semantic (the paper's Algorithm 1) or stratified (a variant:
+            the same K-means centres, each label spread evenly over the shards). Retraining's
+            stages are shared; give the variant its own --out.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
@@ -1447,6 +1463,7 @@ def experiment_command(
             lr=lr,
             retrain_lr=retrain_lr,
             early_stopping=early_stopping,
+            apa_partition=apa_partition,
         )
         figures_staged = tuple(stages_for or ("analysis",))
         stage_models(config, figures_staged)  # an unknown figure is an error before any work

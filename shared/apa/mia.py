@@ -184,7 +184,7 @@ def mia_sets(
     rng = np.random.default_rng(seed)
     chosen_from = users
     if shards_touched is not None:
-        parts = study.partition("semantic", k)
+        parts = study.partition(study.config.apa_partition, k)
         shard_of = {i: j for j, ids in enumerate(parts.shards) for i in ids}
         _, chosen_from = confined_users(shard_of, {s.sample_id: s.user_id for s in train}, k, shards_touched)
     erased_users = set(
@@ -245,7 +245,7 @@ def reference_model(study: Study, erased_users: set[str]) -> ModelDir:
                 study.backbone,
                 remaining,
                 ref_root,
-                partition_config("semantic", k, study.config.seed),
+                partition_config(study.config.apa_partition, k, study.config.seed),
                 study.config.train_for(k),
                 pseudonymizer=study.pseudonymizer,
                 progress=study.progress,
@@ -273,7 +273,7 @@ def run_mia(
         print(f"reference model without the {len(erased_users)} erased users: {ref.root}")
         return {"reference": str(ref.root), "erased_users": len(erased_users)}
     seed = study.config.seed
-    source = study.model_dir("semantic", study.config.num_shards)
+    source = study.model_dir(study.config.apa_partition, study.config.num_shards)
 
     routing: dict[str, dict[str, Any]] = {}
 

@@ -8,6 +8,8 @@ Strategies (docs/ARCHITECTURE.md §3, paper §3.2.1 and §4.4.1), each one class
 * `random`   -- SISA: a seeded shuffle cut into K near-equal shards.
 * `user`     -- RecEraser's user-based balanced partition: a user's samples never split.
 * `bekm`     -- GraphEraser's balanced embedding K-means.
+* `stratified` -- a variant of `semantic` (not the paper's): the same K-means centres, with the
+  greedy walk run once per label so that every shard gets its share of each label.
 
 Every strategy is deterministic under `PartitionConfig.seed` and independent of the order in
 which the samples are given (samples are put in sorted-id order first).
@@ -24,7 +26,7 @@ from typing import Any, ClassVar, Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-StrategyName = Literal["semantic", "random", "user", "bekm"]
+StrategyName = Literal["semantic", "random", "user", "bekm", "stratified"]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
@@ -68,8 +70,8 @@ class PartitionConfig:
     @property
     def uses_embeddings(self) -> bool:
         """Whether this partition clusters the training prompts' embeddings (`semantic`, `bekm`,
-        `user`; K=1 is one shard and embeds nothing)."""
-        return self.num_shards > 1 and self.strategy in ("semantic", "bekm", "user")
+        `user`, `stratified`; K=1 is one shard and embeds nothing)."""
+        return self.num_shards > 1 and self.strategy in ("semantic", "bekm", "user", "stratified")
 
     def cap(self, num_samples: int) -> int:
         """t for N = `num_samples`: `max_shard_size`, or ceil(N / K) when unset."""
@@ -171,14 +173,17 @@ class Partition:
 # Building blocks shared by the strategies.
 
 
-def balanced_greedy(dist: FloatArray, cap: int, weights: IntArray | None = None) -> IntArray:
+def balanced_greedy(
+    dist: FloatArray, cap: int, weights: IntArray | None = None, overflow: bool = True
+) -> IntArray:
     """Lines 4-10 of Algorithm 1: walk all (item i, shard k) pairs in ascending `dist[i, k]`
     and put i into k if i is unassigned and shard k still has room for it (|D_k| + w_i <= t).
 
     Ties are broken by (i, k). Items of weight w_i (a user's sample count) that fit nowhere
     when the walk ends go, heaviest first, to the shard with the fewest samples (lowest index
-    on ties). Given K * cap >= sum(w): with unit weights that never happens, so every
-    |D_k| <= cap; in general every |D_k| <= cap - 1 + max(w) (see `UserStrategy`).
+    on ties); with `overflow=False` they are left at -1. Given K * cap >= sum(w): with unit
+    weights that never happens, so every |D_k| <= cap; in general every |D_k| <= cap - 1 + max(w)
+    (see `UserStrategy`).
     """
     n, k = dist.shape
     w = [1] * n if weights is None else [int(x) for x in weights]
@@ -194,7 +199,7 @@ def balanced_greedy(dist: FloatArray, cap: int, weights: IntArray | None = None)
             left -= 1
             if left == 0:
                 break
-    if left:
+    if left and overflow:
         for i in sorted((i for i in range(n) if labels[i] < 0), key=lambda i: (-w[i], i)):
             j = min(range(k), key=lambda j: (sizes[j], j))
             labels[i] = j
@@ -263,6 +268,8 @@ class ShardingTask:
     """N x d, row i is sample i (None if not given)."""
     user_ids: list[str] | None
     """Owner of sample i (None if not given)."""
+    labels: IntArray | None = None
+    """Label of sample i, 1 = Yes (None if not given)."""
 
 
 class Strategy(ABC):
@@ -270,10 +277,26 @@ class Strategy(ABC):
 
     needs_embeddings: ClassVar[bool] = False
     needs_user_ids: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False
 
     @abstractmethod
     def assign(self, task: ShardingTask) -> tuple[IntArray, FloatArray | None]:
         """(shard index per sample, K x d centroids or None)."""
+
+
+def _kmeans_centres(task: ShardingTask) -> FloatArray:
+    """Algorithm 1's centres a_k: scikit-learn KMeans (random_state=seed) on the h_i."""
+    from sklearn.cluster import KMeans
+
+    assert task.embeddings is not None
+    cfg = task.config
+    km = KMeans(
+        n_clusters=cfg.num_shards,
+        n_init=cfg.kmeans_n_init,
+        max_iter=cfg.kmeans_max_iter,
+        random_state=cfg.seed,
+    ).fit(task.embeddings)
+    return np.asarray(km.cluster_centers_, dtype=np.float64)
 
 
 class SemanticStrategy(Strategy):
@@ -283,19 +306,40 @@ class SemanticStrategy(Strategy):
     needs_embeddings = True
 
     def assign(self, task: ShardingTask) -> tuple[IntArray, FloatArray | None]:
-        from sklearn.cluster import KMeans
-
         assert task.embeddings is not None
-        cfg = task.config
-        km = KMeans(
-            n_clusters=cfg.num_shards,
-            n_init=cfg.kmeans_n_init,
-            max_iter=cfg.kmeans_max_iter,
-            random_state=cfg.seed,
-        ).fit(task.embeddings)
-        centres = np.asarray(km.cluster_centers_, dtype=np.float64)
+        centres = _kmeans_centres(task)
+        return balanced_greedy(cosine_distance(task.embeddings, centres), task.cap), centres
+
+
+class StratifiedStrategy(Strategy):
+    """`semantic` with every shard holding its share of each label (a variant, not the paper's).
+
+    The K-means centres a_k are Algorithm 1's. For each label c, its N_c samples walk the
+    (sample, centre) pairs in ascending cosine distance with cap floor(N_c / K) per shard, and
+    the N_c mod K left over walk again with one more place per shard. So every shard holds
+    floor(N_c / K) or ceil(N_c / K) samples of each label: the shards' label rates are equal up
+    to that rounding, and their sizes differ by at most the number of labels (t is not used: a
+    shard holds at most ceil(N / K) + labels - 1 samples). Semantic shards can be label-skewed
+    (Yes rates 0.38-0.74 at 1024 training samples, docs/RESULTS.md), and the paper's error then
+    picks an adapter by its label prior; this removes the skew and keeps each shard near one
+    centre. Like every partition here it is fixed once built, so erasure stays exact."""
+
+    needs_embeddings = True
+    needs_labels = True
+
+    def assign(self, task: ShardingTask) -> tuple[IntArray, FloatArray | None]:
+        assert task.embeddings is not None and task.labels is not None
+        centres = _kmeans_centres(task)
         dist = cosine_distance(task.embeddings, centres)
-        return balanced_greedy(dist, task.cap), centres
+        shards = np.empty(task.n, dtype=np.int64)
+        for label in np.unique(task.labels):
+            rows = np.flatnonzero(task.labels == label)
+            first = balanced_greedy(dist[rows], len(rows) // len(centres), overflow=False)
+            left = first < 0
+            if left.any():  # fewer than K: each goes to a different shard, nearest first
+                first[left] = balanced_greedy(dist[rows[left]], 1)
+            shards[rows] = first
+        return shards, centres
 
 
 class RandomStrategy(Strategy):
@@ -366,6 +410,7 @@ STRATEGIES: dict[str, Strategy] = {
     "random": RandomStrategy(),
     "user": UserStrategy(),
     "bekm": BEKMStrategy(),
+    "stratified": StratifiedStrategy(),
 }
 
 
@@ -374,13 +419,15 @@ def partition(
     config: PartitionConfig,
     embeddings: npt.ArrayLike | None = None,
     user_ids: Sequence[str] | None = None,
+    labels: Sequence[int] | None = None,
 ) -> Partition:
     """Split `sample_ids` into `config.num_shards` disjoint shards.
 
     `embeddings` (N x d, row i belongs to `sample_ids[i]`) are required by `semantic` and `bekm`
     and used by `user` when given; `user_ids[i]` is the owner of `sample_ids[i]` (required by
-    `user`). The result depends only on the set of (id, embedding, user) triples and the config,
-    not on their order.
+    `user`); `labels[i]` is the label of `sample_ids[i]` (required by `stratified`). The result
+    depends only on the set of (id, embedding, user, label) tuples and the config, not on their
+    order.
     """
     if isinstance(sample_ids, str):
         raise ValueError("sample_ids must be a sequence of ids, not one string")
@@ -421,10 +468,19 @@ def partition(
             raise ValueError(f"user_ids must have one entry per sample (N={n})")
         users = [str(user_ids[i]) for i in order]
 
-    labels, centroids = strategy.assign(
-        ShardingTask(n=n, cap=cap, config=config, embeddings=emb, user_ids=users)
+    ys: IntArray | None = None
+    if labels is None:
+        if strategy.needs_labels:
+            raise ValueError(f"labels are required by strategy {config.strategy!r}")
+    else:
+        if isinstance(labels, str) or len(labels) != n:
+            raise ValueError(f"labels must have one entry per sample (N={n})")
+        ys = np.asarray([int(labels[i]) for i in order], dtype=np.int64)
+
+    assigned, centroids = strategy.assign(
+        ShardingTask(n=n, cap=cap, config=config, embeddings=emb, user_ids=users, labels=ys)
     )
     shards: list[list[str]] = [[] for _ in range(k)]
-    for pos, label in zip(order, labels.tolist(), strict=True):
-        shards[label].append(ids[pos])
+    for pos, shard in zip(order, assigned.tolist(), strict=True):
+        shards[shard].append(ids[pos])
     return Partition(shards=shards, centroids=centroids, config=config)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from apa.backbone import Backbone, BackboneConfig, native_bf16
 from apa.data import Sample, load_splits
 from apa.metrics import auc
 from apa.modeldir import Journal, ModelDir, ModelInfo, ShardManifest
-from apa.partition import Partition, PartitionConfig, partition
+from apa.partition import Partition, PartitionConfig, StrategyName, partition
 from apa.pseudonyms import Pseudonymizer, pseudonymizer_from_settings
 from apa.training import Preset, TrainConfig, TrainResult, train_adapter
 
@@ -122,6 +122,7 @@ def build_model(
         partition_config,
         embeddings=embeddings,
         user_ids=[s.user_id for s in train],
+        labels=[s.label for s in train],
     )
     info = ModelInfo(
         base_model=backbone.model_id,
@@ -365,7 +366,7 @@ def train_command(
     data: str = "data/ml-100k",
     out: str = "runs/model",
     num_shards: int = 1,
-    strategy: Literal["semantic", "random", "user", "bekm"] = "semantic",
+    strategy: StrategyName = "semantic",
     preset: Preset = "cpu",
     epochs: int | None = None,
     lr: float | None = None,
@@ -386,7 +387,8 @@ def train_command(
         data: Directory with train/valid/test.jsonl (from `apa prepare`).
         out: Model directory to write (adapters, manifests, partition); must not exist yet.
         num_shards: K. 1 is "Retraining" (one adapter on all training data).
-        strategy: Partition strategy (semantic is the paper's Algorithm 1).
+        strategy: Partition strategy (semantic is the paper's Algorithm 1; stratified, a variant of it
+            with each label spread evenly over the shards).
         preset: `cpu` (lr 5e-4, 3 epochs, batch 8) or `tallrec` (lr 1e-4, 200 epochs, early stopping).
         epochs: Override the preset's maximum epochs.
         lr: Override the preset's learning rate.

@@ -341,7 +341,11 @@ def partition_stage(
 
     def build(work: Path) -> None:
         parts = partition(
-            [s.sample_id for s in train], config, embeddings=embeddings, user_ids=[s.user_id for s in train]
+            [s.sample_id for s in train],
+            config,
+            embeddings=embeddings,
+            user_ids=[s.user_id for s in train],
+            labels=[s.label for s in train],
         )
         (work / "partition.json").write_text(json.dumps(parts.to_json()))
 

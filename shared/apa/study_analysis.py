@@ -254,7 +254,7 @@ def _analysis_adapters(
     """Retraining's adapter, the K semantic shards' adapters (None where not in the store), the
     shards' sample ids, and the training records of both sides (`_training`)."""
     retrain, _ = _adapters(study, "random", 1)
-    shards, shard_ids = _adapters(study, "semantic", study.config.num_shards)
+    shards, shard_ids = _adapters(study, study.config.apa_partition, study.config.num_shards)
     training = {"Retraining": _training(retrain[0]), "shards": [_training(a) for a in shards]}
     return retrain[0], shards, shard_ids, training
 
@@ -365,7 +365,7 @@ def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None =
         result["neighbours"] = neighbour_users(et, ev, users, paper_w.top_n)
         result["pool_size"] = pool_size_effect(et, yt, pt, ev, yv, pv, paper_w, seed)
     if complete and pt is not None and pv is not None:
-        md = study.model_dir("semantic", k)
+        md = study.model_dir(study.config.apa_partition, k)
         paper_w = study.config.weights
         best = result["selection"]["paper"]["best"]
         selected = replace(paper_w, tau=float(best["tau"]), top_n=int(best["top_n"]))

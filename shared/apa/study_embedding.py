@@ -66,7 +66,7 @@ def run_embedding_study(study: Study, draws: int = 2000) -> dict[str, Any]:
     """Measure every variant (module docstring) and write embedding.json / embedding.md."""
     k = study.config.num_shards
     valid, test = study.splits["valid"], study.splits["test"]
-    shards, _ = _adapters(study, "semantic", k)
+    shards, _ = _adapters(study, study.config.apa_partition, k)
     missing = [j for j, a in enumerate(shards) if a is None]
     if missing:
         raise MissingStageError(f"semantic K={k} shards {missing} are not trained yet (run `--what stages`)")
@@ -87,7 +87,7 @@ def run_embedding_study(study: Study, draws: int = 2000) -> dict[str, Any]:
     emb = {key: _embeddings(study, t, layers, f"{key[0]} {key[1]}") for key, t in texts.items()}
     paper = study.config.weights
     weights = WeightConfig(strategy="adaptive", tau=paper.tau, top_n=min(paper.top_n, len(valid)))
-    md = study.model_dir("semantic", k)
+    md = study.model_dir(study.config.apa_partition, k)
     scores: dict[str, np.ndarray] = {}
     rows: list[dict[str, Any]] = []
     omegas: dict[str, np.ndarray] = {}
