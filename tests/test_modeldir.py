@@ -216,3 +216,33 @@ def test_a_models_semantic_partition_clusters_fp32_embeddings_under_a_bf16_backb
     # the configured (bf16) embeddings would have recorded other centroids
     rounded = partition(ids, config, embeddings=bf16.embed(prompts))
     assert not np.array_equal(rounded.centroids, expected.centroids)
+
+
+def test_a_model_built_on_the_stratified_partition_gives_each_shard_its_share_of_each_label(
+    tiny_llama: Any, tmp_path: Path
+) -> None:
+    """`apa train --strategy stratified`: the training labels reach the partition, and the model
+    directory records Algorithm 1's centroids with shards that split each label evenly."""
+    from apa.partition import partition
+
+    model, tok = tiny_llama
+    bb = tiny_backbone(model, tok)
+    splits = {"train": make_samples(16, seed=7), "valid": make_samples(8, "valid", seed=8), "test": []}
+    build_model(
+        bb, splits, tmp_path / "m", PartitionConfig(strategy="stratified", num_shards=2), FAST, pseudonymizer=KEY,
+        progress=False,
+    )  # fmt: skip
+    recorded = ModelDir(tmp_path / "m").partition()
+    label = {s.sample_id: s.label for s in splits["train"]}
+    for y in (0, 1):
+        count = sum(v == y for v in label.values())
+        assert 0 < count < 16
+        assert sorted(sum(label[i] == y for i in shard) for shard in recorded.shards) == [
+            count // 2,
+            count - count // 2,
+        ]
+    prompts = [s.prompt for s in splits["train"]]
+    semantic = partition(
+        list(label), PartitionConfig(num_shards=2), embeddings=bb.embed_for_partition(prompts)
+    )
+    np.testing.assert_array_equal(recorded.centroids, semantic.centroids)
