@@ -414,6 +414,20 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
+def _per_sample(
+    name: str, values: Sequence[Any] | None, required: bool, strategy: str, order: list[int]
+) -> list[Any] | None:
+    """`values` (one per sample) put in `order`; None when not given and the strategy does not need
+    them. A missing required argument, or one of the wrong length, is a ValueError naming it."""
+    if values is None:
+        if required:
+            raise ValueError(f"{name} are required by strategy {strategy!r}")
+        return None
+    if isinstance(values, str) or len(values) != len(order):
+        raise ValueError(f"{name} must have one entry per sample (N={len(order)})")
+    return [values[i] for i in order]
+
+
 def partition(
     sample_ids: Sequence[str],
     config: PartitionConfig,
@@ -459,23 +473,10 @@ def partition(
             raise ValueError("embeddings contain NaN or inf")
         emb = arr[order]
 
-    users: list[str] | None = None
-    if user_ids is None:
-        if strategy.needs_user_ids:
-            raise ValueError(f"user_ids are required by strategy {config.strategy!r}")
-    else:
-        if isinstance(user_ids, str) or len(user_ids) != n:
-            raise ValueError(f"user_ids must have one entry per sample (N={n})")
-        users = [str(user_ids[i]) for i in order]
-
-    ys: IntArray | None = None
-    if labels is None:
-        if strategy.needs_labels:
-            raise ValueError(f"labels are required by strategy {config.strategy!r}")
-    else:
-        if isinstance(labels, str) or len(labels) != n:
-            raise ValueError(f"labels must have one entry per sample (N={n})")
-        ys = np.asarray([int(labels[i]) for i in order], dtype=np.int64)
+    owners = _per_sample("user_ids", user_ids, strategy.needs_user_ids, config.strategy, order)
+    users = None if owners is None else [str(u) for u in owners]
+    given = _per_sample("labels", labels, strategy.needs_labels, config.strategy, order)
+    ys = None if given is None else np.asarray([int(y) for y in given], dtype=np.int64)
 
     assigned, centroids = strategy.assign(
         ShardingTask(n=n, cap=cap, config=config, embeddings=emb, user_ids=users, labels=ys)
