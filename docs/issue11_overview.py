@@ -96,6 +96,20 @@ RUNS: tuple[Run, ...] = (
         (-0.034, -0.061, -0.007),
         (+0.020, -0.005, +0.042),
     ),
+    Run(
+        "18th: 256 train, as the 16th\n(bf16 training)",
+        (-0.036, -0.062, -0.010),
+        (+0.015, -0.009, +0.040),
+        None,
+        None,
+    ),
+    Run(
+        "18th: 256, stratified partition\n(variant)",
+        (-0.131, -0.164, -0.097),
+        (-0.124, -0.151, -0.096),
+        None,
+        None,
+    ),
 )
 
 GOALS = {"retraining": -0.02, "sisa": +0.02}
