@@ -371,6 +371,23 @@ def test_every_strategy_name_has_a_registered_strategy() -> None:
     assert set(STRATEGIES) == set(ALL_STRATEGIES)
 
 
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_uses_embeddings_says_whether_the_embeddings_change_the_shards(strategy: StrategyName) -> None:
+    """`PartitionConfig.uses_embeddings` decides whether the study and `apa train` embed the
+    training prompts: it must be True exactly where two embeddings of the same samples give
+    different shards (two blob layouts of 12 users' 60 samples), and False at K=1."""
+    ids = _ids(60)
+    users = [f"u{i % 12}" for i in range(60)]
+    labels = [i % 2 for i in range(60)]
+    a, _ = _blobs(4, 15, 6, seed=1)
+    b, _ = _blobs(4, 15, 6, seed=2)
+    config = PartitionConfig(strategy=strategy, seed=0)
+    shards = [partition(ids, config, embeddings=x, user_ids=users, labels=labels).shards for x in (a, b)]
+    assert config.uses_embeddings == (shards[0] != shards[1])
+    assert config.uses_embeddings == STRATEGIES[strategy].uses_embeddings
+    assert not PartitionConfig(strategy=strategy, num_shards=1).uses_embeddings
+
+
 def _yes_rates(p: Partition, label_of: dict[str, int]) -> list[float]:
     return [float(np.mean([label_of[s] for s in shard])) for shard in p.shards]
 

@@ -69,9 +69,9 @@ class PartitionConfig:
 
     @property
     def uses_embeddings(self) -> bool:
-        """Whether this partition clusters the training prompts' embeddings (`semantic`, `bekm`,
-        `user`, `stratified`; K=1 is one shard and embeds nothing)."""
-        return self.num_shards > 1 and self.strategy in ("semantic", "bekm", "user", "stratified")
+        """Whether this partition clusters the training prompts' embeddings (its strategy's
+        `uses_embeddings`; K=1 is one shard and embeds nothing)."""
+        return self.num_shards > 1 and STRATEGIES[self.strategy].uses_embeddings
 
     def cap(self, num_samples: int) -> int:
         """t for N = `num_samples`: `max_shard_size`, or ceil(N / K) when unset."""
@@ -276,6 +276,9 @@ class Strategy(ABC):
     """Assigns each sample of a `ShardingTask` a shard index in [0, K)."""
 
     needs_embeddings: ClassVar[bool] = False
+    """`partition` refuses to run this strategy without embeddings."""
+    uses_embeddings: ClassVar[bool] = False
+    """The assignment depends on the embeddings when they are given (True wherever `needs_embeddings`)."""
     needs_user_ids: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
 
@@ -303,7 +306,7 @@ class SemanticStrategy(Strategy):
     """Algorithm 1: scikit-learn KMeans (random_state=seed) on h_i, then `balanced_greedy` on
     the cosine distances to the K-means centres a_k. Centroids are the a_k."""
 
-    needs_embeddings = True
+    needs_embeddings = uses_embeddings = True
 
     def assign(self, task: ShardingTask) -> tuple[IntArray, FloatArray | None]:
         assert task.embeddings is not None
@@ -324,7 +327,7 @@ class StratifiedStrategy(Strategy):
     picks an adapter by its label prior; this removes the skew and keeps each shard near one
     centre. Like every partition here it is fixed once built, so erasure stays exact."""
 
-    needs_embeddings = True
+    needs_embeddings = uses_embeddings = True
     needs_labels = True
 
     def assign(self, task: ShardingTask) -> tuple[IntArray, FloatArray | None]:
@@ -369,6 +372,7 @@ class UserStrategy(Strategy):
     """
 
     needs_user_ids = True
+    uses_embeddings = True
 
     def assign(self, task: ShardingTask) -> tuple[IntArray, FloatArray | None]:
         assert task.user_ids is not None
@@ -396,7 +400,7 @@ class BEKMStrategy(Strategy):
     initial centroids, then rounds of squared-Euclidean distances, greedy walk with cap t and
     centroid = shard mean, until the assignment is stable or `balanced_iters` rounds ran."""
 
-    needs_embeddings = True
+    needs_embeddings = uses_embeddings = True
 
     def assign(self, task: ShardingTask) -> tuple[IntArray, FloatArray | None]:
         assert task.embeddings is not None
