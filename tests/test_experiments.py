@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +16,7 @@ import apa.experiments as experiments
 import apa.stages as stages
 from apa.cli import main
 from apa.data import write_jsonl
-from apa.experiments import ExperimentConfig, quick_budget
+from apa.experiments import ExperimentConfig, quick_budget, write_json
 from model_fixtures import make_samples
 
 METHODS = ["Retraining", "SISA", "GraphEraser", "RecEraser", "APA(D)", "APA(ND)"]
@@ -192,3 +195,37 @@ def test_table1_markdown_marks_an_undefined_auc_and_delta_as_missing() -> None:
     assert "nan" not in table.lower()
     assert "| Δ | - | - | -0.0123 |" in table
     assert "| AUC | 0.7000 | - | 0.7000 |" in table
+
+
+def test_two_processes_writing_the_same_results_file_do_not_take_each_others_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `analysis` processes on one `--out` finish together and both write analysis.json. Both
+    have written their temporary file before either renames it (a barrier in `os.replace` forces
+    that order): each rename must find its own file, and the result is one writer's whole JSON."""
+    real_replace = os.replace
+    barrier = threading.Barrier(2, timeout=10)
+
+    def replace_after_both_wrote(src: Any, dst: Any) -> None:
+        barrier.wait()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_both_wrote)
+    path = tmp_path / "out" / "analysis.json"
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            write_json(path, {"writer": n, "auc": np.float64(0.5), "missing": float("nan")})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    result = json.loads(path.read_text())
+    assert result["writer"] in (1, 2) and result["auc"] == 0.5 and result["missing"] is None
+    assert sorted(p.name for p in path.parent.iterdir()) == ["analysis.json"]  # no temporary left

@@ -28,6 +28,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -338,11 +339,24 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` through a temporary file of this writer's own and a rename, so a
+    reader never sees half a file and two processes writing the same results (two `analysis`
+    processes on one `--out`) cannot take each other's temporary file: the last rename wins."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False))
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON (NaN/inf as null, numpy as Python), written by `write_text`."""
+    write_text(path, json.dumps(_clean(data), indent=2, sort_keys=False))
 
 
 def _now() -> str:
@@ -722,7 +736,7 @@ class Study:
                 "scorer_key": prediction_key(self.backbone),
                 "predictions": {i: float(p) for i, p in zip(ids, column, strict=True)},
             }
-            path.write_text(json.dumps(payload, sort_keys=True))
+            write_text(path, json.dumps(payload, sort_keys=True))
         emb = self.embeddings("valid")
         write_embeddings_cache(
             md.cache_dir() / EMBEDDINGS_FILE, embedding_key(self.backbone), dict(zip(ids, emb, strict=True))
@@ -894,7 +908,7 @@ class Study:
             "differences": cis["differences"],
         }
         write_json(self.out / "table1.json", result)
-        (self.out / "table1.md").write_text(table1_markdown(result))
+        write_text(self.out / "table1.md", table1_markdown(result))
         plot_table1(result, self.out / "table1.png")
         return result
 
@@ -1009,7 +1023,7 @@ class Study:
             "rows": rows,
         }
         write_json(self.out / "fig4.json", result)
-        (self.out / "fig4.md").write_text(figure_markdown("fig4", result))
+        write_text(self.out / "fig4.md", figure_markdown("fig4", result))
         plot_bars(
             [r["partition"] for r in rows],
             [r["auc"] for r in rows],
@@ -1036,7 +1050,7 @@ class Study:
         partition = self.config.apa_partition
         result = {"num_shards": k, "partition": partition, "level": "decomposition", "rows": rows}
         write_json(self.out / "fig5.json", result)
-        (self.out / "fig5.md").write_text(figure_markdown("fig5", result))
+        write_text(self.out / "fig5.md", figure_markdown("fig5", result))
         plot_bars(
             [r["weights"] for r in rows],
             [r["auc"] for r in rows],
@@ -1088,7 +1102,7 @@ class Study:
             "note": "unlearning_seconds: mean time to train one shard from scratch (what a retrain costs).",
         }
         write_json(self.out / "fig6.json", result)
-        (self.out / "fig6.md").write_text(figure_markdown("fig6", result))
+        write_text(self.out / "fig6.md", figure_markdown("fig6", result))
         plot_fig6(result, self.out / "fig6.png")
         return result
 
