@@ -229,3 +229,6 @@ def test_two_processes_writing_the_same_results_file_do_not_take_each_others_tem
     result = json.loads(path.read_text())
     assert result["writer"] in (1, 2) and result["auc"] == 0.5 and result["missing"] is None
     assert sorted(p.name for p in path.parent.iterdir()) == ["analysis.json"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user writes
