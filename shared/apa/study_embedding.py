@@ -130,8 +130,10 @@ def run_embedding_study(study: Study, draws: int = 2000) -> dict[str, Any]:
         "variants": rows,
         "bootstrap": boot,
     }
-    (study.out / "embedding.json").write_text(json.dumps(result, indent=2, default=float))
-    (study.out / "embedding.md").write_text(embedding_markdown(result))
+    from apa.experiments import write_text
+
+    write_text(study.out / "embedding.json", json.dumps(result, indent=2, default=float))
+    write_text(study.out / "embedding.md", embedding_markdown(result))
     return result
 
 
