@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from apa.aggregation import AggregatedScorer, Level, WeightConfig, embedding_key
-from apa.aggregation.caches import EMBEDDINGS_FILE, prediction_key, predictions_file
+from apa.aggregation.caches import EMBEDDINGS_FILE, prediction_key, write_valid_predictions
 from apa.backbone import PARTITION_BF16, Backbone, BackboneConfig, progress_bar
 from apa.data import DataConfig, Sample, load_splits, prepare, sample_splits
 from apa.data.pipeline import Dataset
@@ -728,14 +728,10 @@ class Study:
         ids = [s.sample_id for s in valid]
         for adapter in adapters:
             column = self.predictions(adapter, "valid")
-            path = predictions_file(md.cache_dir(), adapter.sha256)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            payload = {
-                "adapter_sha256": adapter.sha256,
-                "scorer_key": prediction_key(self.backbone),
-                "predictions": {i: float(p) for i, p in zip(ids, column, strict=True)},
-            }
-            write_text(path, json.dumps(payload, sort_keys=True))
+            predictions = {i: float(p) for i, p in zip(ids, column, strict=True)}
+            write_valid_predictions(
+                md.cache_dir(), adapter.sha256, prediction_key(self.backbone), predictions
+            )
         emb = self.embeddings("valid")
         write_embeddings_cache(
             md.cache_dir() / EMBEDDINGS_FILE, embedding_key(self.backbone), dict(zip(ids, emb, strict=True))

@@ -148,11 +148,20 @@ def valid_predictions(
         if len(scores) != len(missing):
             raise ValueError(f"score_fn returned {len(scores)} scores for {len(missing)} prompts")
         cached.update({sample_ids[i]: float(s) for i, s in zip(missing, scores, strict=True)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _replace_json(
-            path, {"adapter_sha256": adapter_sha256, "scorer_key": scorer_key, "predictions": cached}
-        )
+        write_valid_predictions(cache_dir, adapter_sha256, scorer_key, cached)
     return np.array([cached[sid] for sid in sample_ids], dtype=np.float64)
+
+
+def write_valid_predictions(
+    cache_dir: Path | str, adapter_sha256: str, scorer_key: str, predictions: dict[str, float]
+) -> None:
+    """Replace the cached validation predictions (sample id -> P(Yes)) of the adapter with this
+    sha256, in the format `valid_predictions` reads back under the same `scorer_key`."""
+    path = predictions_file(cache_dir, adapter_sha256)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_json(
+        path, {"adapter_sha256": adapter_sha256, "scorer_key": scorer_key, "predictions": predictions}
+    )
 
 
 def _cache_files(cache_dir: Path) -> tuple[Path, list[Path]]:
