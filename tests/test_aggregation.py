@@ -25,10 +25,13 @@ from apa.aggregation import (
     aggregation_weights,
     cache_sample_ids,
     cached_embeddings,
+    embedding_key,
     export_merged_adapter,
     lora_layers,
     prune_caches,
     valid_predictions,
+    write_valid_embeddings,
+    write_valid_predictions,
 )
 from apa.prompts import MOVIE_INSTRUCTION, format_prompt
 
@@ -573,19 +576,53 @@ def test_valid_predictions_are_cached_per_adapter_sha256(tmp_path: Path) -> None
     assert calls[-1] == prompts and len(calls) == 4
 
 
+class FakeBackbone:
+    """What the embedding cache reads of a backbone; `embed` records every text it embeds."""
+
+    model_digest, model_id = "0" * 64, "fake"
+    config = type("C", (), {"pooling": "last", "embed_layer": -1, "max_length": 64, "bf16_autocast": False})
+
+    def __init__(self) -> None:
+        self.embedded: list[str] = []
+
+    def embed(self, texts: list[str], **_: Any) -> np.ndarray:
+        self.embedded += texts
+        return np.ones((len(texts), 4))
+
+
+def test_seeded_caches_are_read_back_without_scoring_or_embedding(tmp_path: Path) -> None:
+    """What a study writes into a model directory's caches (`write_valid_*`) is what serving reads:
+    nothing is scored or embedded again, and a seed under another key is not trusted."""
+    ids, prompts, sha = ["v1", "v2"], ["p1", "p2"], "c" * 64
+    write_valid_predictions(tmp_path, sha, "key", {"v1": 0.25, "v2": 0.75})
+    calls: list[list[str]] = []
+    fn = counting(lambda p: np.full(len(p), 0.5), calls)
+    np.testing.assert_array_equal(
+        valid_predictions(tmp_path, sha, ids, prompts, fn, scorer_key="key"), [0.25, 0.75]
+    )
+    assert calls == []
+    np.testing.assert_array_equal(
+        valid_predictions(tmp_path, sha, ids, prompts, fn, scorer_key="other"), [0.5, 0.5]
+    )
+    assert calls == [prompts]
+
+    backbone = FakeBackbone()
+    seeded = {"v1": np.arange(4.0), "v2": np.arange(4.0) + 1}
+    write_valid_embeddings(tmp_path, embedding_key(backbone), seeded)
+    got = cached_embeddings(backbone, tmp_path / "valid-embeddings.npz", ids, prompts)
+    np.testing.assert_array_equal(got, np.stack([seeded["v1"], seeded["v2"]]))
+    assert backbone.embedded == []
+    write_valid_embeddings(tmp_path, "another model", seeded)
+    np.testing.assert_array_equal(
+        cached_embeddings(backbone, tmp_path / "valid-embeddings.npz", ids, prompts), 1.0
+    )
+    assert backbone.embedded == prompts
+
+
 def test_pruning_removes_erased_samples_from_every_cache(tmp_path: Path) -> None:
     ids, prompts = ["v1", "v2", "v3"], ["p1", "p2", "p3"]
     for sha in ("a" * 64, "b" * 64):
         valid_predictions(tmp_path, sha, ids, prompts, lambda p: np.full(len(p), 0.5))
-
-    class FakeBackbone:
-        model_digest, model_id = "0" * 64, "fake"
-        config = type(
-            "C", (), {"pooling": "last", "embed_layer": -1, "max_length": 64, "bf16_autocast": False}
-        )
-
-        def embed(self, texts: list[str], **_: Any) -> np.ndarray:
-            return np.ones((len(texts), 4))
 
     cached_embeddings(FakeBackbone(), tmp_path / "valid-embeddings.npz", ids, prompts)
     assert cache_sample_ids(tmp_path) == set(ids)

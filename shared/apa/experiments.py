@@ -41,8 +41,15 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from apa.aggregation import AggregatedScorer, Level, WeightConfig, embedding_key
-from apa.aggregation.caches import EMBEDDINGS_FILE, prediction_key, write_valid_predictions
+from apa.aggregation import (
+    AggregatedScorer,
+    Level,
+    WeightConfig,
+    embedding_key,
+    prediction_key,
+    write_valid_embeddings,
+    write_valid_predictions,
+)
 from apa.backbone import PARTITION_BF16, Backbone, BackboneConfig, progress_bar
 from apa.data import DataConfig, Sample, load_splits, prepare, sample_splits
 from apa.data.pipeline import Dataset
@@ -71,7 +78,6 @@ from apa.stages import (
     run_free_first,
     split_embeddings,
     stage_seconds,
-    write_embeddings_cache,
 )
 from apa.training import TrainConfig, train_adapter
 
@@ -733,9 +739,7 @@ class Study:
                 md.cache_dir(), adapter.sha256, prediction_key(self.backbone), predictions
             )
         emb = self.embeddings("valid")
-        write_embeddings_cache(
-            md.cache_dir() / EMBEDDINGS_FILE, embedding_key(self.backbone), dict(zip(ids, emb, strict=True))
-        )
+        write_valid_embeddings(md.cache_dir(), embedding_key(self.backbone), dict(zip(ids, emb, strict=True)))
 
     @staticmethod
     def manifests(md: ModelDir) -> list[ShardManifest]:

@@ -308,13 +308,6 @@ def split_embeddings(
     return np.stack([by_id[i] for i in ids])
 
 
-def write_embeddings_cache(path: Path, key: str, known: dict[str, np.ndarray]) -> None:
-    """Write a model directory's validation-embedding cache (`apa.aggregation.caches` format)."""
-    from apa.aggregation.caches import _write_embeddings
-
-    _write_embeddings(path, key, known)
-
-
 def partition_config(strategy: StrategyName, k: int, seed: int) -> PartitionConfig:
     """The study's partition config; K=1 ("Retraining") is one random shard."""
     return PartitionConfig(strategy="random" if k == 1 else strategy, num_shards=k, seed=seed)
@@ -637,5 +630,4 @@ __all__ = [
     "predictions_key",
     "split_digest",
     "split_embeddings",
-    "write_embeddings_cache",
 ]

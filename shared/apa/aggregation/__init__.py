@@ -15,6 +15,8 @@ from apa.aggregation.caches import (
     prediction_key,
     prune_caches,
     valid_predictions,
+    write_valid_embeddings,
+    write_valid_predictions,
 )
 from apa.aggregation.mixture import LEVELS, Level, MixtureLoRA, export_merged_adapter, lora_layers
 from apa.aggregation.scorer import AggregatedScorer, EmbeddingView
@@ -50,4 +52,6 @@ __all__ = [
     "prune_caches",
     "score_shared_prefix",
     "valid_predictions",
+    "write_valid_embeddings",
+    "write_valid_predictions",
 ]

@@ -81,6 +81,12 @@ def _write_embeddings(path: Path, key: str, known: dict[str, np.ndarray]) -> Non
     )
 
 
+def write_valid_embeddings(cache_dir: Path | str, key: str, embeddings: dict[str, np.ndarray]) -> None:
+    """Replace the cached validation embeddings (sample id -> vector) in `cache_dir`, in the format
+    `cached_embeddings` reads back under the same `key` (see `embedding_key`)."""
+    _write_embeddings(Path(cache_dir) / EMBEDDINGS_FILE, key, embeddings)
+
+
 def cached_embeddings(
     backbone: Any,
     cache: Path | str,
