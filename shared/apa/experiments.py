@@ -29,7 +29,6 @@ import platform
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -50,6 +49,7 @@ from apa.aggregation import (
     write_valid_embeddings,
     write_valid_predictions,
 )
+from apa.atomic import replace_text
 from apa.backbone import PARTITION_BF16, Backbone, BackboneConfig, progress_bar
 from apa.data import DataConfig, Sample, load_splits, prepare, sample_splits
 from apa.data.pipeline import Dataset
@@ -349,14 +349,7 @@ def write_text(path: Path, text: str) -> None:
     """Replace `path` with `text` through a temporary file of this writer's own and a rename, so a
     reader never sees half a file and two processes writing the same results (two `analysis`
     processes on one `--out`) cannot take each other's temporary file: the last rename wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # mode from the umask
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_text(path, text)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -41,6 +40,7 @@ from apa.artifacts import (
     load_adapter_dir,
     write_adapter_files,
 )
+from apa.atomic import replace_text
 from apa.backbone import PARTITION_BF16, BackboneConfig
 from apa.data import Sample, load_splits, write_jsonl
 from apa.data.samples import sample_digest
@@ -69,17 +69,7 @@ def now_iso() -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to `path` through a synced temporary file and a rename (readers never see half)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_text(path, json.dumps(data, indent=2, sort_keys=True), fsync=True)
 
 
 def _read_json(path: Path) -> Any:

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -45,6 +46,7 @@ import numpy as np
 
 from apa.aggregation.caches import embedding_key, prediction_key
 from apa.artifacts import AdapterRef, LoadedAdapter, load_adapter_dir, write_adapter_files
+from apa.atomic import replace_file
 from apa.backbone import PARTITION_BF16, Backbone
 from apa.data import Sample, load_splits, write_jsonl
 from apa.data.samples import sample_digest
@@ -220,9 +222,7 @@ def chunked(
                 part = np.load(path, allow_pickle=False)
             else:
                 part = np.asarray(compute(start, stop))
-                tmp = work / f".part-{start:07d}.tmp.npy"
-                np.save(tmp, part)
-                os.replace(tmp, path)
+                replace_file(path, partial(np.save, arr=part))
             parts.append(part)
             if bar is not None:
                 bar.update(stop - start)

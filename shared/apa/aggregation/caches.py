@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from apa.atomic import replace_file, replace_text
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,11 @@ def prediction_key(backbone: Any) -> str:
 
 
 def _replace_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, path)  # atomic: readers never see half a cache
+    replace_file(path, lambda handle: np.savez(handle, **arrays))  # type: ignore[arg-type]
 
 
 def _replace_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, sort_keys=True))
-    os.replace(tmp, path)
+    replace_text(path, json.dumps(payload, sort_keys=True))
 
 
 def _read_embeddings(path: Path) -> tuple[str, dict[str, np.ndarray]]:

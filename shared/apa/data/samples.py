@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, BinaryIO, Literal, get_args
 
+from apa.atomic import replace_file
 from apa.data.loaders import DataFormatError
 from apa.ids import id_problem
 from apa.prompts import answer_text, format_prompt
@@ -103,17 +102,12 @@ class Sample:
 
 def write_jsonl(path: str | Path, samples: Iterable[Sample]) -> None:
     """Write one JSON object per sample (UTF-8); the file is replaced atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for sample in samples:
-                f.write(json.dumps(sample.to_dict(), ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(handle: BinaryIO) -> None:
+        for sample in samples:
+            handle.write((json.dumps(sample.to_dict(), ensure_ascii=False) + "\n").encode("utf-8"))
+
+    replace_file(Path(path), write)
 
 
 def read_jsonl(path: str | Path) -> list[Sample]:
