@@ -345,16 +345,9 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` through a temporary file of this writer's own and a rename, so a
-    reader never sees half a file and two processes writing the same results (two `analysis`
-    processes on one `--out`) cannot take each other's temporary file: the last rename wins."""
-    replace_text(path, text)
-
-
 def write_json(path: Path, data: Any) -> None:
-    """`data` as indented JSON (NaN/inf as null, numpy as Python), written by `write_text`."""
-    write_text(path, json.dumps(_clean(data), indent=2, sort_keys=False))
+    """`data` as indented JSON (NaN/inf as null, numpy as Python), written by `apa.atomic.replace_text`."""
+    replace_text(path, json.dumps(_clean(data), indent=2, sort_keys=False))
 
 
 def _now() -> str:
@@ -900,7 +893,7 @@ class Study:
             "differences": cis["differences"],
         }
         write_json(self.out / "table1.json", result)
-        write_text(self.out / "table1.md", table1_markdown(result))
+        replace_text(self.out / "table1.md", table1_markdown(result))
         plot_table1(result, self.out / "table1.png")
         return result
 
@@ -1015,7 +1008,7 @@ class Study:
             "rows": rows,
         }
         write_json(self.out / "fig4.json", result)
-        write_text(self.out / "fig4.md", figure_markdown("fig4", result))
+        replace_text(self.out / "fig4.md", figure_markdown("fig4", result))
         plot_bars(
             [r["partition"] for r in rows],
             [r["auc"] for r in rows],
@@ -1042,7 +1035,7 @@ class Study:
         partition = self.config.apa_partition
         result = {"num_shards": k, "partition": partition, "level": "decomposition", "rows": rows}
         write_json(self.out / "fig5.json", result)
-        write_text(self.out / "fig5.md", figure_markdown("fig5", result))
+        replace_text(self.out / "fig5.md", figure_markdown("fig5", result))
         plot_bars(
             [r["weights"] for r in rows],
             [r["auc"] for r in rows],
@@ -1094,7 +1087,7 @@ class Study:
             "note": "unlearning_seconds: mean time to train one shard from scratch (what a retrain costs).",
         }
         write_json(self.out / "fig6.json", result)
-        write_text(self.out / "fig6.md", figure_markdown("fig6", result))
+        replace_text(self.out / "fig6.md", figure_markdown("fig6", result))
         plot_fig6(result, self.out / "fig6.png")
         return result
 

@@ -412,10 +412,11 @@ def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None =
     result["table"] = paired_bootstrap(yt, scores, diffs, draws=draws, seed=seed)
     result["speedup"] = speedup(result["training"])
     study.out.mkdir(parents=True, exist_ok=True)
-    from apa.experiments import write_json, write_text
+    from apa.atomic import replace_text
+    from apa.experiments import write_json
 
     write_json(study.out / "analysis.json", result)
-    write_text(study.out / "analysis.md", analysis_markdown(result))
+    replace_text(study.out / "analysis.md", analysis_markdown(result))
     plot_analysis(result, study.out / "analysis.png")
     print(analysis_markdown(result))
     return result
@@ -635,7 +636,8 @@ def run_training_summary(study: Study) -> dict[str, Any]:
     from the adapter stages alone: nothing is trained or scored, so it answers in seconds while the
     predictions of a long run are still to come (adapters not in the store yet show as missing).
     Writes training.json / training.md."""
-    from apa.experiments import write_json, write_text
+    from apa.atomic import replace_text
+    from apa.experiments import write_json
 
     k = study.config.num_shards
     *_, training = _analysis_adapters(study)
@@ -654,7 +656,7 @@ def run_training_summary(study: Study) -> dict[str, Any]:
     }
     write_json(study.out / "training.json", result)
     text = training_markdown(result)
-    write_text(study.out / "training.md", text)
+    replace_text(study.out / "training.md", text)
     print(text)
     return result
 

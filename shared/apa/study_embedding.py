@@ -130,10 +130,10 @@ def run_embedding_study(study: Study, draws: int = 2000) -> dict[str, Any]:
         "variants": rows,
         "bootstrap": boot,
     }
-    from apa.experiments import write_text
+    from apa.atomic import replace_text
 
-    write_text(study.out / "embedding.json", json.dumps(result, indent=2, default=float))
-    write_text(study.out / "embedding.md", embedding_markdown(result))
+    replace_text(study.out / "embedding.json", json.dumps(result, indent=2, default=float))
+    replace_text(study.out / "embedding.md", embedding_markdown(result))
     return result
 
 

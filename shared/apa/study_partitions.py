@@ -44,7 +44,8 @@ def shard_rows(shards: Sequence[Sequence[str]], train: Sequence[Sample]) -> list
 def run_partitions(study: Study, figures: Sequence[str] = ("analysis",)) -> dict[str, Any]:
     """Each partition of `figures` (`stage_models`), shard by shard; writes `partitions.json` and
     `partitions.md` to the study's output directory."""
-    from apa.experiments import stage_models, write_json, write_text
+    from apa.atomic import replace_text
+    from apa.experiments import stage_models, write_json
 
     rows = []
     for strategy, k in stage_models(study.config, figures):
@@ -58,7 +59,7 @@ def run_partitions(study: Study, figures: Sequence[str] = ("analysis",)) -> dict
         "partitions": rows,
     }
     write_json(study.out / "partitions.json", result)
-    write_text(study.out / "partitions.md", partitions_markdown(result))
+    replace_text(study.out / "partitions.md", partitions_markdown(result))
     return result
 
 

@@ -67,7 +67,6 @@ def _read_embeddings(path: Path) -> tuple[str, dict[str, np.ndarray]]:
 
 
 def _write_embeddings(path: Path, key: str, known: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     ids = sorted(known)
     width = len(next(iter(known.values()))) if known else 0
     _replace_npz(
@@ -161,7 +160,6 @@ def write_valid_predictions(
     """Replace the cached validation predictions (sample id -> P(Yes)) of the adapter with this
     sha256, in the format `valid_predictions` reads back under the same `scorer_key`."""
     path = predictions_file(cache_dir, adapter_sha256)
-    path.parent.mkdir(parents=True, exist_ok=True)
     _replace_json(
         path, {"adapter_sha256": adapter_sha256, "scorer_key": scorer_key, "predictions": predictions}
     )
