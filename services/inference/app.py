@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
 from apa import validation
+from apa.http_server import serve
 from apa.logs import configure_logging
 from apa.serving import Replica, ServiceUnavailable, UnknownItem
 from apa.settings import Settings
@@ -135,35 +135,9 @@ def serve_command(host: str = "127.0.0.1", port: int = 8080, workers: int = 1) -
         port: TCP port.
         workers: gunicorn worker processes (each loads its own copy of the model).
     """
-    from gunicorn.app.base import BaseApplication
-
     settings = Settings.from_env()
     settings.require_api_token()  # fail here, not in every worker
     configure_logging(settings.log_level)
-
-    class InferenceServer(BaseApplication):  # type: ignore[misc]
-        def __init__(self, options: dict[str, Any]) -> None:
-            self.options = options
-            super().__init__()
-
-        def load_config(self) -> None:
-            for key, value in self.options.items():
-                self.cfg.set(key, value)
-
-        def load(self) -> Flask:
-            return create_app()  # in each worker: its own replica
-
-    InferenceServer(
-        {
-            "bind": f"{host}:{port}",
-            "workers": workers,
-            "worker_class": "gthread",
-            "threads": 16,
-            "timeout": 300,
-            "accesslog": "-",
-            "limit_request_line": validation.MAX_URL_BYTES,
-            "limit_request_fields": validation.MAX_HEADER_FIELDS,
-            "limit_request_field_size": validation.MAX_HEADER_BYTES,
-        }
-    ).run()
+    # create_app runs in each worker: its own replica
+    serve(create_app, host, port, workers, worker_class="gthread", threads=16, timeout=300)
     return 0

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
@@ -45,6 +46,7 @@ from apa.events import (
     build_event_bus,
     utc_now_iso,
 )
+from apa.http_server import serve
 from apa.pseudonyms import Pseudonymizer, pseudonymizer_from_settings
 from apa.retrains import erase
 from apa.settings import Settings
@@ -493,34 +495,10 @@ def serve_command(host: str = "127.0.0.1", port: int = 8000, workers: int = 2) -
         port: TCP port.
         workers: gunicorn worker processes.
     """
-    from gunicorn.app.base import BaseApplication
-
     settings = Settings.from_env()
     settings.require_api_token()  # fail here, not in every worker
     if settings.require_replica_token() is None and not settings.allow_unauthenticated:
         log.warning("APA_REPLICA_TOKEN is not set: heartbeats are refused, no erasure gets replica-confirmed")
-
-    class RegistryServer(BaseApplication):  # type: ignore[misc]
-        def __init__(self, options: dict[str, Any]) -> None:
-            self.options = options
-            super().__init__()
-
-        def load_config(self) -> None:
-            for key, value in self.options.items():
-                self.cfg.set(key, value)
-
-        def load(self) -> Flask:
-            return create_app(start_anchoring=True)  # in each worker: its own engine and pool
-
-    RegistryServer(
-        {
-            "bind": f"{host}:{port}",
-            "workers": workers,
-            "accesslog": "-",
-            # the limits the app and its OpenAPI document declare (414, 431)
-            "limit_request_line": validation.MAX_URL_BYTES,
-            "limit_request_fields": validation.MAX_HEADER_FIELDS,
-            "limit_request_field_size": validation.MAX_HEADER_BYTES,
-        }
-    ).run()
+    # create_app runs in each worker: its own engine and pool
+    serve(partial(create_app, start_anchoring=True), host, port, workers)
     return 0
