@@ -32,6 +32,7 @@ ORDINALS = {
     "eighteenth": "18th",
     "nineteenth": "19th",
     "twentieth": "20th",
+    "twenty-first": "21st",
 }
 """A table row's session name -> the plot label's prefix."""
 INTERVAL = re.compile(rf"^({NUMBER}) \[({NUMBER}), ({NUMBER})\]$")
