@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from apa.aggregation import WeightConfig, aggregation_weights, nearest_neighbours
+from apa.atomic import replace_text
 from apa.metrics import auc, auc_rows
 from apa.stages import AdapterStage, MissingStageError, run_free_first
 from apa.study_partitions import shard_rows
@@ -412,7 +413,6 @@ def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None =
     result["table"] = paired_bootstrap(yt, scores, diffs, draws=draws, seed=seed)
     result["speedup"] = speedup(result["training"])
     study.out.mkdir(parents=True, exist_ok=True)
-    from apa.atomic import replace_text
     from apa.experiments import write_json
 
     write_json(study.out / "analysis.json", result)
@@ -636,7 +636,6 @@ def run_training_summary(study: Study) -> dict[str, Any]:
     from the adapter stages alone: nothing is trained or scored, so it answers in seconds while the
     predictions of a long run are still to come (adapters not in the store yet show as missing).
     Writes training.json / training.md."""
-    from apa.atomic import replace_text
     from apa.experiments import write_json
 
     k = study.config.num_shards

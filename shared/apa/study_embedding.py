@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from apa.aggregation import WeightConfig, aggregation_weights
+from apa.atomic import replace_text
 from apa.metrics import auc
 from apa.prompts import request_prefix
 from apa.stages import MissingStageError
@@ -130,7 +131,6 @@ def run_embedding_study(study: Study, draws: int = 2000) -> dict[str, Any]:
         "variants": rows,
         "bootstrap": boot,
     }
-    from apa.atomic import replace_text
 
     replace_text(study.out / "embedding.json", json.dumps(result, indent=2, default=float))
     replace_text(study.out / "embedding.md", embedding_markdown(result))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from apa.atomic import replace_text
 from apa.backbone import PARTITION_BF16
 from apa.data.samples import Sample, sample_digest
 
@@ -44,7 +45,6 @@ def shard_rows(shards: Sequence[Sequence[str]], train: Sequence[Sample]) -> list
 def run_partitions(study: Study, figures: Sequence[str] = ("analysis",)) -> dict[str, Any]:
     """Each partition of `figures` (`stage_models`), shard by shard; writes `partitions.json` and
     `partitions.md` to the study's output directory."""
-    from apa.atomic import replace_text
     from apa.experiments import stage_models, write_json
 
     rows = []
