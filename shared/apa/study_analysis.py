@@ -412,7 +412,6 @@ def run_analysis(study: Study, draws: int = 2000, served: Sequence[str] | None =
             diffs += [(name, "Retraining"), (name, "SISA")]
     result["table"] = paired_bootstrap(yt, scores, diffs, draws=draws, seed=seed)
     result["speedup"] = speedup(result["training"])
-    study.out.mkdir(parents=True, exist_ok=True)
     from apa.experiments import write_json
 
     write_json(study.out / "analysis.json", result)
