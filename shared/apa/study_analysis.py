@@ -556,7 +556,8 @@ def plot_analysis(r: dict[str, Any], path: Any) -> None:
     aucs = np.array([np.nan if methods[n]["auc"] is None else methods[n]["auc"] for n in names], dtype=float)
     lo = np.array([methods[n]["ci"][0] for n in names], dtype=float)
     hi = np.array([methods[n]["ci"][1] for n in names], dtype=float)
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    height = 0.45 * len(names) + 1.8
+    fig, ax = plt.subplots(figsize=(8, height))
     ax.errorbar(aucs, y, xerr=[aucs - lo, hi - aucs], fmt="o", color="#3070b0", capsize=3, label="this run")
     for i, n in enumerate(names):
         if n in PAPER:
@@ -572,8 +573,8 @@ def plot_analysis(r: dict[str, Any], path: Any) -> None:
     ax.set_title(
         f"Table 1 at {r['sizes']['train']}/{r['sizes']['valid']}/{r['sizes']['test']}, K={r['num_shards']}"
     )
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    fig.legend(fontsize=8, loc="lower center", ncol=2)  # below the axes: inside, it hid the last row
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
