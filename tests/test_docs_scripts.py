@@ -33,6 +33,7 @@ ORDINALS = {
     "nineteenth": "19th",
     "twentieth": "20th",
     "twenty-first": "21st",
+    "twenty-second": "22nd",
 }
 """A table row's session name -> the plot label's prefix."""
 INTERVAL = re.compile(rf"^({NUMBER}) \[({NUMBER}), ({NUMBER})\]$")
