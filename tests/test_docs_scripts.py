@@ -34,6 +34,7 @@ ORDINALS = {
     "twentieth": "20th",
     "twenty-first": "21st",
     "twenty-second": "22nd",
+    "twenty-third": "23rd",
 }
 """A table row's session name -> the plot label's prefix."""
 INTERVAL = re.compile(rf"^({NUMBER}) \[({NUMBER}), ({NUMBER})\]$")
