@@ -174,6 +174,27 @@ def test_stage_models_follow_the_issues_order_and_reject_an_unknown_figure() -> 
         ExperimentConfig.from_preset("cpu", train_size=64, apa_partition="bekm")  # type: ignore[arg-type]
 
 
+def test_bf16_is_part_of_every_adapters_key_and_the_partition_stays_fp32(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, capsys: Any
+) -> None:
+    """`--bf16 false` reproduces an fp32 study on any machine: its adapters are not a bf16 run's."""
+    out, store = tmp_path / "out", tmp_path / "store"
+    args = [*_args(data_dir, tiny_model_dir, out, store), "--stages_for", "training"]
+    assert main([*args, "--bf16", "false"]) == 0
+    configs = [json.loads(p.read_text()) for p in (store / "adapter").glob("*/key.json")]
+    assert len(configs) == 3 and all(c["train_config"]["bf16_autocast"] is False for c in configs)
+
+    def plan(precision: str) -> list[str]:
+        capsys.readouterr()
+        assert main([*[a if a != "stages" else "plan" for a in args], "--bf16", precision]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith(("plan: ", "left "))]
+
+    assert plan("false")[0].startswith("plan: 6 of 6 stages done")
+    # the same splits, partitions and fp32 partition embeddings; three adapters to train again in bf16
+    bf16 = plan("true")
+    assert bf16[0].startswith("plan: 3 of 6 stages done") and bf16[1] == "left to run: 3 adapter"
+
+
 def test_stages_for_training_trains_the_analysiss_adapters_and_scores_nothing(
     tiny_model_dir: Path, data_dir: Path, tmp_path: Path, capsys: Any
 ) -> None:

@@ -168,6 +168,7 @@ class ExperimentConfig:
         retrain_lr: float | None = None,
         early_stopping: bool = True,
         apa_partition: ApaPartition = "semantic",
+        bf16: bool | None = None,
     ) -> ExperimentConfig:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -200,6 +201,8 @@ class ExperimentConfig:
         if not early_stopping:
             # no validation scoring: every adapter trains all its epochs and keeps the last one
             train = replace(train, valid_eval_size=0)
+        if bf16 is not None:  # part of every adapter's stage key (`TrainConfig.to_json`)
+            train = replace(train, bf16_autocast=bf16)
         top_n = 100 if dataset == "bookcrossing" else 20
         if preset == "quick":
             top_n = min(top_n, max(1, nv // 4))
@@ -1373,6 +1376,7 @@ def experiment_command(
     served: list[str] | None = None,
     stages_for: list[str] | None = None,
     apa_partition: ApaPartition = "semantic",
+    bf16: bool | None = None,
 ) -> int:
     """Reproduce the paper's study: Table 1 and Fig. 3-6 as JSON + PNG (and markdown tables) in OUT.
 
@@ -1439,6 +1443,10 @@ def experiment_command(
         apa_partition: APA's partition: semantic (the paper's Algorithm 1) or stratified (a variant:
             the same K-means centres, each label spread evenly over the shards). Retraining's
             stages are shared; give the variant its own --out.
+        bf16: bf16 autocast for training and scoring (default: where the hardware has native bf16).
+            false reproduces an fp32 study on a bf16 machine; the precision is part of every adapter's
+            and prediction's stage key, so fp32 and bf16 stages never mix. The partition's
+            embeddings are fp32 either way.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
@@ -1462,6 +1470,7 @@ def experiment_command(
             retrain_lr=retrain_lr,
             early_stopping=early_stopping,
             apa_partition=apa_partition,
+            bf16=bf16,
         )
         figures_staged = tuple(stages_for or ("analysis",))
         stage_models(config, figures_staged)  # an unknown figure is an error before any work
@@ -1489,7 +1498,7 @@ def experiment_command(
         return 1
     out_dir = Path(out) if out else base_dir / "experiments" / preset
     out_dir.mkdir(parents=True, exist_ok=True)
-    backbone = Backbone.load(BackboneConfig(model=model))
+    backbone = Backbone.load(BackboneConfig(model=model, bf16_autocast=config.train.bf16_autocast))
     for path in adopt or []:
         shards = adopt_model_dir(stage_store, backbone, path)
         print(f"adopted {path}: shards {shards}")
