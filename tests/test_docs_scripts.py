@@ -35,6 +35,7 @@ ORDINALS = {
     "twenty-first": "21st",
     "twenty-second": "22nd",
     "twenty-third": "23rd",
+    "twenty-fourth": "24th",
 }
 """A table row's session name -> the plot label's prefix."""
 INTERVAL = re.compile(rf"^({NUMBER}) \[({NUMBER}), ({NUMBER})\]$")
