@@ -36,6 +36,7 @@ ORDINALS = {
     "twenty-second": "22nd",
     "twenty-third": "23rd",
     "twenty-fourth": "24th",
+    "twenty-fifth": "25th",
 }
 """A table row's session name -> the plot label's prefix."""
 INTERVAL = re.compile(rf"^({NUMBER}) \[({NUMBER}), ({NUMBER})\]$")
