@@ -1,15 +1,18 @@
 """Issue 11 at a glance: APA(D) against Retraining and SISA in every Table 1 run so far.
 
 Draws `docs/issue11-overview.png` (a forest plot of the paired-bootstrap differences with their 95%
-CIs, the goal's thresholds as dashed lines) from the figures below. Each figure is copied from the
-docs/RESULTS.md section named in its row, where the command that measured it is given; nothing here
-is computed from a model. Run from the repository root:
+CIs, the goal's thresholds as dashed lines) from the "At a glance" table of `docs/RESULTS.md`. The
+table is the one source: each row names the RESULTS.md section that measured its figures, and this
+script reads the rows as they stand, so a new run is one new row. Nothing here is computed from a
+model. Run from the repository root:
 
     .venv/bin/python docs/issue11_overview.py
 """
 
 from __future__ import annotations
 
+import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +22,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MultipleLocator  # noqa: E402
 
+RESULTS = Path(__file__).with_name("RESULTS.md")
+"""Where the "At a glance" table lives."""
+SECTION = "### At a glance"
+"""The heading that opens the table's section (the section ends at the next `###`)."""
+LABEL_WIDTH = 38
+"""Characters per line of a plot's row label."""
+FOOTNOTE = "¹"
+"""The table's footnote mark; a marked row keeps it in its label and the plot repeats the note."""
+
 Interval = tuple[float, float, float]
 """A difference and its 95% CI: (Δ, low, high)."""
+
+NUMBER = r"[−+-]?\d+\.\d+"
+INTERVAL = re.compile(rf"^({NUMBER}) \[({NUMBER}), ({NUMBER})\]$")
+UNITS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
+TEENS = ("tenth", "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth",
+         "seventeenth", "eighteenth", "nineteenth")  # fmt: skip
+TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50}
+TENTHS = {"twentieth": 20, "thirtieth": 30, "fortieth": 40, "fiftieth": 50}
+ORDINAL = re.compile(rf"\b(?:(?:{'|'.join(TENS)})-)?(?:{'|'.join(UNITS + TEENS + tuple(TENTHS))})\b")
+
+
+class TableError(ValueError):
+    """The "At a glance" table is not in the shape this script reads."""
 
 
 @dataclass(frozen=True)
@@ -39,164 +64,119 @@ class Run:
     """The same, minus SISA."""
 
 
-RUNS: tuple[Run, ...] = (
-    Run(
-        "2nd: 512 train, patience 2",
-        (-0.023, -0.043, -0.004),
-        (-0.001, -0.022, +0.021),
-        (-0.000, -0.012, +0.011),
-        (+0.022, +0.010, +0.035),
-    ),
-    Run(
-        "6th: 1024, patience 2, cap 3",
-        (-0.058, -0.081, -0.035),
-        (+0.013, -0.015, +0.040),
-        (-0.032, -0.048, -0.015),
-        (+0.039, +0.014, +0.062),
-    ),
-    Run(
-        "7th: 1024, shards lr 1e-3",
-        (-0.095, -0.122, -0.068),
-        (-0.037, -0.062, -0.012),
-        (-0.039, -0.057, -0.021),
-        (+0.018, +0.005, +0.032),
-    ),
-    Run(
-        "9th: 1024, shards patience 3, cap 6",
-        (-0.059, -0.082, -0.037),
-        (+0.008, -0.022, +0.037),
-        (-0.028, -0.042, -0.014),
-        (+0.039, +0.016, +0.060),
-    ),
-    Run(
-        "13th: 1024, both patience 3, cap 10",
-        (-0.071, -0.100, -0.040),
-        (-0.049, -0.073, -0.024),
-        (-0.029, -0.048, -0.010),
-        (-0.007, -0.025, +0.010),
-    ),
-    Run(
-        "17th: 1024, as the 6th\n(fp32 partition)",
-        (-0.049, -0.069, -0.031),
-        (+0.004, -0.018, +0.025),
-        (-0.030, -0.043, -0.016),
-        (+0.023, +0.011, +0.036),
-    ),
-    Run(
-        "19th: 1024, as the 9th\n(fp32 partition)",
-        (-0.095, -0.123, -0.067),
-        (-0.041, -0.074, -0.008),
-        (-0.016, -0.029, -0.005),
-        (+0.038, +0.019, +0.056),
-    ),
-    Run(
-        "21st: 1024, as the 19th\n(seed 1)",
-        (-0.058, -0.083, -0.032),
-        (-0.009, -0.036, +0.018),
-        (-0.042, -0.061, -0.022),
-        (+0.007, -0.012, +0.027),
-    ),
-    Run(
-        "22nd: 1024, as the 19th\n(seed 2)",
-        (-0.064, -0.087, -0.042),
-        (-0.046, -0.071, -0.022),
-        (-0.024, -0.033, -0.014),
-        (-0.006, -0.017, +0.004),
-    ),
-    Run(
-        "25th: 1024, as the 19th\n(seed 3)",
-        (-0.023, -0.044, -0.001),
-        (+0.001, -0.023, +0.027),
-        (-0.010, -0.023, +0.003),
-        (+0.014, -0.000, +0.030),
-    ),
-    Run(
-        "14th: 256 train, 4 epochs, lr 1e-3\n(bf16 partition; SISA: random shards)",
-        (-0.146, -0.177, -0.113),
-        (-0.137, -0.169, -0.104),
-        None,
-        None,
-    ),
-    Run(
-        "16th: 256 train, as the 14th\n(fp32 partition and training)",
-        (-0.049, -0.078, -0.021),
-        (+0.005, -0.021, +0.030),
-        (-0.034, -0.061, -0.007),
-        (+0.020, -0.005, +0.042),
-    ),
-    Run(
-        "23rd: 256 train, as the 16th\n(seed 1)",
-        (-0.097, -0.131, -0.064),
-        (+0.006, -0.029, +0.039),
-        (-0.099, -0.122, -0.074),
-        (+0.004, -0.007, +0.014),
-    ),
-    Run(
-        "23rd: 256 train, as the 16th\n(seed 2)",
-        (-0.023, -0.051, +0.005),
-        (-0.006, -0.034, +0.023),
-        (+0.002, -0.017, +0.021),
-        (+0.019, +0.000, +0.038),
-    ),
-    Run(
-        "24th: 256 train, as the 16th\n(seed 3)",
-        (-0.102, -0.136, -0.068),
-        (-0.060, -0.093, -0.027),
-        (-0.054, -0.081, -0.025),
-        (-0.011, -0.038, +0.016),
-    ),
-    Run(
-        "24th: 256 train, as the 16th\n(seed 3, bf16 training)",
-        (-0.111, -0.148, -0.076),
-        (-0.067, -0.101, -0.033),
-        (-0.066, -0.097, -0.035),
-        (-0.022, -0.050, +0.007),
-    ),
-    Run(
-        "18th: 256 train, as the 16th\n(bf16 training)",
-        (-0.036, -0.062, -0.010),
-        (+0.015, -0.009, +0.040),
-        None,
-        None,
-    ),
-    Run(
-        "18th: 256, stratified partition\n(variant)",
-        (-0.131, -0.164, -0.097),
-        (-0.124, -0.151, -0.096),
-        None,
-        None,
-    ),
-    Run(
-        "19th: 256, stratified partition\n(variant, as the 18th)",
-        (-0.125, -0.157, -0.092),
-        (-0.121, -0.149, -0.093),
-        (-0.040, -0.061, -0.019),
-        (-0.036, -0.048, -0.024),
-    ),
-)
+def ordinal_number(word: str) -> int:
+    """'twenty-fifth' -> 25 (the session names the table uses, up to the fifty-ninth)."""
+    tens, _, unit = word.rpartition("-")
+    if tens and tens not in TENS:
+        raise TableError(f"not an ordinal: {word!r}")
+    if unit in TENTHS and not tens:
+        return TENTHS[unit]
+    if unit in UNITS:
+        return TENS.get(tens, 0) + UNITS.index(unit) + 1
+    if unit in TEENS and not tens:
+        return 10 + TEENS.index(unit)
+    raise TableError(f"not an ordinal: {word!r}")
+
+
+def numeral(n: int) -> str:
+    """25 -> '25th', 21 -> '21st', 12 -> '12th'."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def plot_label(run_cell: str) -> str:
+    """A row's first cell as a short, wrapped label: session names become numerals."""
+    text = ORDINAL.sub(lambda m: numeral(ordinal_number(m.group(0))), run_cell)
+    text = text.replace(" (other train and valid samples)", "")
+    if len(text) <= LABEL_WIDTH or " (" not in text:
+        return textwrap.fill(text, LABEL_WIDTH)
+    head, note = text.split(" (", 1)  # the parenthesis on a line of its own
+    return textwrap.fill(head, LABEL_WIDTH) + "\n" + textwrap.fill("(" + note, LABEL_WIDTH)
+
+
+def interval(cell: str) -> Interval | None:
+    """'−0.023 [−0.043, −0.004]' (bold or footnote-marked allowed) -> (-0.023, -0.043, -0.004); '' -> None."""
+    text = cell.replace("**", "").replace(FOOTNOTE, "").strip()
+    if not text:
+        return None
+    match = INTERVAL.match(text)
+    if not match:
+        raise TableError(f"not a difference with its CI: {cell!r}")
+    mid, low, high = (float(g.replace("−", "-")) for g in match.groups())
+    return mid, low, high
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of each run's row in the "At a glance" table of a RESULTS.md text."""
+    if SECTION not in markdown:
+        raise TableError(f"no {SECTION!r} section")
+    section = markdown.split(SECTION, 1)[1].split("\n### ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    if not lines or "− Retraining" not in lines[0] or "− SISA" not in lines[0]:
+        raise TableError("the section's table has no '− Retraining' and '− SISA' columns")
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[1:]]
+    for cells in rows:
+        if len(cells) != 9:
+            raise TableError(f"a row with {len(cells)} cells, not 9: {cells[0]!r}")
+    return rows
+
+
+def footnote(markdown: str) -> str | None:
+    """The first clause of the section's footnote (the line that starts with the mark), if any."""
+    section = markdown.split(SECTION, 1)[1].split("\n### ", 1)[0]
+    for line in section.splitlines():
+        if line.startswith(FOOTNOTE + " "):
+            return line.split(";", 1)[0].split(". ", 1)[0]
+    return None
+
+
+def read_runs(markdown: str) -> tuple[Run, ...]:
+    """Every row of the table as a plotted run, in the table's order."""
+    runs = []
+    for cells in table_rows(markdown):
+        paper_retraining, paper_sisa = interval(cells[4]), interval(cells[5])
+        if paper_retraining is None or paper_sisa is None:
+            raise TableError(f"a row without the paper's τ differences: {cells[0]!r}")
+        marked = FOOTNOTE in "".join(cells)
+        runs.append(
+            Run(
+                plot_label(cells[0]) + (f" {FOOTNOTE}" if marked else ""),
+                paper_retraining,
+                paper_sisa,
+                interval(cells[7]),
+                interval(cells[8]),
+            )
+        )
+    return tuple(runs)
+
 
 GOALS = {"retraining": -0.02, "sisa": +0.02}
 """Issue 11's thresholds: APA(D) − Retraining ≥ −0.02 and APA(D) − SISA ≥ +0.02."""
 
 
-def draw(out: Path) -> None:
-    # half an inch a row leaves room for the two-line labels
-    fig, axes = plt.subplots(1, 2, figsize=(11, 1.6 + 0.5 * len(RUNS)), sharey=True)
-    rows = list(range(len(RUNS)))[::-1]
+def draw(out: Path, markdown: str | None = None) -> None:
+    """Plot the table of `markdown` (default: docs/RESULTS.md) into the PNG `out`."""
+    markdown = RESULTS.read_text() if markdown is None else markdown
+    runs = read_runs(markdown)
+    note = footnote(markdown)
+    # about a third of an inch a label line leaves room for the wrapped labels
+    lines = sum(run.label.count("\n") + 1 for run in runs)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 1.8 + 0.27 * lines + 0.1 * len(runs)), sharey=True)
+    rows = list(range(len(runs)))[::-1]
     for ax, side in zip(axes, ("retraining", "sisa"), strict=True):
-        for row, run in zip(rows, RUNS, strict=True):
+        for row, run in zip(rows, runs, strict=True):
             pairs = (
                 (run.paper_vs_retraining, run.selected_vs_retraining)
                 if side == "retraining"
                 else (run.paper_vs_sisa, run.selected_vs_sisa)
             )
-            for offset, interval, colour, name in (
+            for offset, pair, colour, name in (
                 (+0.15, pairs[0], "tab:red", "APA(D), paper's τ=1000, n=20"),
                 (-0.15, pairs[1], "tab:blue", "APA(D), τ/n selected on validation"),
             ):
-                if interval is None:
+                if pair is None:
                     continue
-                mid, low, high = interval
+                mid, low, high = pair
                 ax.errorbar(
                     mid, row + offset, xerr=[[mid - low], [high - mid]], fmt="o", color=colour,
                     capsize=3, label=name if row == rows[0] else None,
@@ -211,12 +191,16 @@ def draw(out: Path) -> None:
         ax.set_xlabel(f"APA(D) − {'Retraining' if side == 'retraining' else 'SISA'} (test AUC, 95% CI)")
         ax.xaxis.set_major_locator(MultipleLocator(0.05))
         ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(rows, [run.label for run in RUNS])
+    axes[0].set_yticks(rows, [run.label for run in runs], fontsize=8)
     handles, names = axes[1].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8)
+    # the legend above the footnote, both below the panels
+    fig.legend(handles, names, loc="lower center", bbox_to_anchor=(0.5, 0.018), ncol=3, fontsize=8)
+    if note:
+        fig.text(0.01, 0.004, textwrap.fill(note, 160), fontsize=7, va="bottom")
     fig.suptitle("Issue 11: APA(D) against Retraining and SISA, each Table 1 run (1000 test samples, K=4)")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
