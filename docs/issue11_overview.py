@@ -106,12 +106,16 @@ def interval(cell: str) -> Interval | None:
     return mid, low, high
 
 
-def table_rows(markdown: str) -> list[list[str]]:
-    """The cells of each run's row in the "At a glance" table of a RESULTS.md text."""
+def section(markdown: str) -> str:
+    """The text of the "At a glance" section of a RESULTS.md text, up to the next `###` heading."""
     if SECTION not in markdown:
         raise TableError(f"no {SECTION!r} section")
-    section = markdown.split(SECTION, 1)[1].split("\n### ", 1)[0]
-    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return markdown.split(SECTION, 1)[1].split("\n### ", 1)[0]
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of each run's row in the "At a glance" table of a RESULTS.md text."""
+    lines = [line for line in section(markdown).splitlines() if line.startswith("| ")]
     if not lines or "− Retraining" not in lines[0] or "− SISA" not in lines[0]:
         raise TableError("the section's table has no '− Retraining' and '− SISA' columns")
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[1:]]
@@ -123,8 +127,7 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 def footnote(markdown: str) -> str | None:
     """The first clause of the section's footnote (the line that starts with the mark), if any."""
-    section = markdown.split(SECTION, 1)[1].split("\n### ", 1)[0]
-    for line in section.splitlines():
+    for line in section(markdown).splitlines():
         if line.startswith(FOOTNOTE + " "):
             return line.split(";", 1)[0].split(". ", 1)[0]
     return None
