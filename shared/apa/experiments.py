@@ -1010,16 +1010,7 @@ class Study:
             "weights": asdict(self.config.weights),
             "rows": rows,
         }
-        write_json(self.out / "fig4.json", result)
-        replace_text(self.out / "fig4.md", figure_markdown("fig4", result))
-        plot_bars(
-            [r["partition"] for r in rows],
-            [r["auc"] for r in rows],
-            "AUC",
-            f"APA(D) by partition strategy (K={k})",
-            self.out / "fig4.png",
-            cis=[r["auc_ci"] for r in rows],
-        )
+        self._publish_bars("fig4", result, "partition", f"APA(D) by partition strategy (K={k})")
         return result
 
     def fig5(self) -> dict[str, Any]:
@@ -1037,17 +1028,23 @@ class Study:
             row["adaptive_minus"] = cis["differences"].get(f"adaptive - {row['weights']}")
         partition = self.config.apa_partition
         result = {"num_shards": k, "partition": partition, "level": "decomposition", "rows": rows}
-        write_json(self.out / "fig5.json", result)
-        replace_text(self.out / "fig5.md", figure_markdown("fig5", result))
+        self._publish_bars("fig5", result, "weights", f"APA(D) by weight strategy ({partition}, K={k})")
+        return result
+
+    def _publish_bars(self, name: str, result: dict[str, Any], label: str, title: str) -> None:
+        """Write a bar figure's `<name>.json`, `<name>.md` and `<name>.png` (one bar per row of
+        `result["rows"]`, labelled by its `label` field, with its AUC's CI)."""
+        rows = result["rows"]
+        write_json(self.out / f"{name}.json", result)
+        replace_text(self.out / f"{name}.md", figure_markdown(name, result))
         plot_bars(
-            [r["weights"] for r in rows],
+            [r[label] for r in rows],
             [r["auc"] for r in rows],
             "AUC",
-            f"APA(D) by weight strategy ({partition}, K={k})",
-            self.out / "fig5.png",
+            title,
+            self.out / f"{name}.png",
             cis=[r["auc_ci"] for r in rows],
         )
-        return result
 
     # -- Fig. 6 ------------------------------------------------------------------------------------------
 
